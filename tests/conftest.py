@@ -1,0 +1,45 @@
+"""Shared fixtures: one demo dataset per test session, repo paths, subprocess helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+TOOLS = REPO / "tools"
+
+
+@pytest.fixture(scope="session")
+def demo_datalist(tmp_path_factory) -> Path:
+    """The embedded demo dataset (tools/demo_data.py), built once per session; returns its datalist.json."""
+    from medssl.data.demo import build_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo_data")
+    return Path(build_demo_dataset(out, seed=0))
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for child processes: repo's tests importable, single-threaded BLAS, no GPU."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO / "common"), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(extra)
+    return env
+
+
+def run_cmd(cmd: list[str], cwd: Path | None = None, timeout: float = 600, **env_extra: str):
+    """Run a command, return the CompletedProcess; on failure the assertion shows the output tail."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=subprocess_env(**env_extra), capture_output=True, text=True, timeout=timeout
+    )
+    return proc
+
+
+PYTHON = sys.executable
