@@ -1,0 +1,313 @@
+"""Tests of the embedded demo dataset (medssl.data.demo, tools/demo_data.py).
+
+Reads the written files with MONAI / nibabel / pydicom / pillow directly (not medssl's readers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from medssl.data.demo import CLASSES, DEMO_VERSION, REAL_SOURCES, SEGMENTATION_LABELS, build_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("training", "validation", "test")
+CANONICAL_MODALITIES = {"CT", "MR", "XR", "US", "NM", "PT", "MG", "PATH", "FUNDUS"}
+BUILD_TIME_LIMIT_S = 60.0
+SIZE_LIMIT_BYTES = 20 * 1024 * 1024
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` except the build lock."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".medssl_demo")
+    }
+
+
+def _items(datalist: dict) -> list[tuple[str, dict]]:
+    return [(section, item) for section in SECTIONS for item in datalist[section]]
+
+
+def _read_2d(path: Path) -> np.ndarray:
+    """(H, W) or (H, W, 3) pixels of a PNG or single-file DICOM."""
+    if path.suffix == ".dcm":
+        return pydicom.dcmread(path).pixel_array
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One fresh build shared by the tests of this module: (directory, datalist dict, build seconds)."""
+    root = tmp_path_factory.mktemp("demo")
+    start = time.perf_counter()
+    datalist_path = build_demo_dataset(root, seed=0)
+    seconds = time.perf_counter() - start
+    assert datalist_path == root.resolve() / "datalist.json"
+    return root.resolve(), json.loads(datalist_path.read_text()), seconds
+
+
+def test_build_is_fast_small_and_offline(demo):
+    root, datalist, seconds = demo
+    assert seconds < BUILD_TIME_LIMIT_S, f"build took {seconds:.1f} s"
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total < SIZE_LIMIT_BYTES, f"{total / 2**20:.1f} MB"
+    assert datalist["builder"] == {"module": "medssl.data.demo", "version": DEMO_VERSION, "seed": 0}
+    # every real file found on disk in this environment was written (none failed, none needed a download)
+    used = {(source["distribution"].split("==")[0], source["path"]) for source in datalist["sources"].values()}
+    for real in REAL_SOURCES:
+        found = real.locate()
+        assert found is None or (found[0], found[1]) in used, (real.name, datalist["skipped_sources"])
+    assert len(datalist["sources"]) + len(datalist["skipped_sources"]) == len(REAL_SOURCES)
+    assert (root / "README.md").read_text().startswith("# medssl demo dataset")
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_sections_load_with_monai_and_files_exist(demo, section):
+    from monai.data import load_decathlon_datalist
+
+    root, datalist, _ = demo
+    items = load_decathlon_datalist(root / "datalist.json", is_segmentation=True, data_list_key=section)
+    assert len(items) == len(datalist[section]) > 0
+    for item in items:
+        assert set(item) <= {"image", "modality", "dim", "label"}, item
+        assert item["modality"] in CANONICAL_MODALITIES, item
+        assert item["dim"] in (2, 3), item
+        assert Path(item["image"]).is_absolute() and Path(item["image"]).exists(), item
+        label = item.get("label")
+        if isinstance(label, str):
+            assert Path(label).is_file(), item
+        elif label is not None:
+            assert isinstance(label, int) and 0 <= label < len(datalist["classes"]), item
+    # no item's modality was mistaken for a path by MONAI (a folder named like a modality would do that)
+    assert all(os.path.sep not in item["modality"] for item in items)
+
+
+def test_task_datalists_are_consistent_subsets(demo):
+    from monai.data import load_decathlon_datalist
+
+    root, datalist, _ = demo
+    kinds = {
+        "datalist_classification_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), int),
+        "datalist_segmentation_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), str),
+        "datalist_segmentation_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), str),
+    }
+    for name, keep in kinds.items():
+        task = json.loads((root / name).read_text())
+        for section in SECTIONS:
+            expected = [item for item in datalist[section] if keep(item)]
+            assert task[section] == expected and len(expected) > 0, (name, section)
+            assert len(load_decathlon_datalist(root / name, data_list_key=section)) == len(expected)
+
+
+def test_modalities_and_dims_cover_the_promise(demo):
+    _, datalist, _ = demo
+    pairs = {(item["modality"], item["dim"]) for _, item in _items(datalist)}
+    promised = {("CT", 2), ("CT", 3), ("MR", 2), ("MR", 3), ("XR", 2), ("US", 2), ("NM", 2), ("PATH", 2)}
+    promised |= {("FUNDUS", 2)}
+    assert promised <= pairs, promised - pairs
+    # the real part holds every modality whose files are installed (all seven with the optional packages)
+    real = {item["modality"] for _, item in _items(datalist) if item["image"].startswith("real/")}
+    assert real == {source.modality for source in REAL_SOURCES if source.locate() is not None}
+    # at least ~40 labelled 2D class items and ~8 labelled volumes
+    class_items = [item for _, item in _items(datalist) if isinstance(item.get("label"), int)]
+    volumes = [item for _, item in _items(datalist) if item["dim"] == 3 and isinstance(item.get("label"), str)]
+    assert len(class_items) >= 40 and len(volumes) >= 8
+    assert any(item["image"].endswith(".nii.gz") for item in volumes)  # NIfTI volumes and a DICOM series
+    assert any(not item["image"].endswith((".nii", ".nii.gz")) for item in volumes)
+
+
+@pytest.mark.parametrize("section", ["training", "validation", "test"])
+def test_every_class_is_present(demo, section):
+    _, datalist, _ = demo
+    assert datalist["classes"] == list(CLASSES) and len(CLASSES) >= 2
+    labels = [item["label"] for item in datalist[section] if isinstance(item.get("label"), int)]
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    assert (counts > 0).all() and counts.min() == counts.max(), counts  # all classes, balanced
+    # validation / test: only labelled items
+    if section != "training":
+        assert all("label" in item for item in datalist[section])
+
+
+def test_images_have_the_declared_dims_and_masks_match(demo):
+    root, datalist, _ = demo
+    for section, item in _items(datalist):
+        path = root / item["image"]
+        where = f"{section}: {item['image']}"
+        if path.is_dir():
+            slices = sorted(path.iterdir())
+            assert len(slices) > 1, where
+            shape = (*pydicom.dcmread(slices[0]).pixel_array.shape, len(slices))
+        elif path.name.endswith((".nii", ".nii.gz")):
+            shape = nib.load(path).shape
+        else:
+            pixels = _read_2d(path)
+            shape = pixels.shape[:2]
+            assert pixels.ndim == 2 or pixels.shape[-1] == 3, where
+            assert max(shape) <= 128, where
+        assert len(shape) == item["dim"], (where, shape)
+        if item["dim"] == 3:
+            assert max(shape) <= 64, (where, shape)
+        if isinstance(item.get("label"), str):
+            mask_path = root / item["label"]
+            mask = np.asanyarray(nib.load(mask_path).dataobj) if item["dim"] == 3 else _read_2d(mask_path)
+            assert mask.shape == tuple(shape), (where, mask.shape, shape)
+            values = {str(v) for v in np.unique(mask)}
+            assert values <= set(SEGMENTATION_LABELS[item["modality"]]), (where, values)
+            assert mask.max() > 0, f"{where}: empty mask"
+
+
+def test_every_image_loads_with_monai(demo):
+    import warnings
+
+    from monai.transforms import LoadImage
+
+    root, datalist, _ = demo
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    seen = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _, item in _items(datalist):
+            if item["image"] in seen:
+                continue
+            seen.add(item["image"])
+            image = load(str(root / item["image"]))
+            spatial = tuple(image.shape[1:])
+            if len(spatial) == item["dim"] + 1 and spatial[-1] == 3:  # MONAI leaves RGB DICOM samples last
+                spatial = spatial[:-1]
+            assert len(spatial) == item["dim"], (item, tuple(image.shape))
+            assert np.isfinite(image.numpy()).all() and float(image.max()) > float(image.min()), item
+
+
+def test_dicom_series_reads_back_in_hounsfield_units(demo):
+    import warnings
+
+    from monai.data import PydicomReader
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+
+    root, datalist, _ = demo
+    series = [item for _, item in _items(datalist) if (root / item["image"]).is_dir()]
+    assert len(series) == 1
+    item = series[0]
+    assert item["modality"] == "CT" and item["dim"] == 3
+    headers = [pydicom.dcmread(p) for p in sorted((root / item["image"]).iterdir())]
+    assert len({h.SeriesInstanceUID for h in headers}) == 1
+    assert len({h.SOPInstanceUID for h in headers}) == len(headers)
+    assert {h.Modality for h in headers} == {"CT"}
+    assert {(float(h.RescaleSlope), float(h.RescaleIntercept)) for h in headers} == {(1.0, -1024.0)}
+    z = sorted(float(h.ImagePositionPatient[2]) for h in headers)
+    assert np.allclose(np.diff(z), float(headers[0].SliceThickness))
+
+    load = Compose(
+        [
+            LoadImaged("image", reader=PydicomReader()),
+            LoadImaged("label"),
+            EnsureChannelFirstd(["image", "label"]),
+            Orientationd(["image", "label"], axcodes="RAS"),
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load({"image": str(root / item["image"]), "label": str(root / item["label"])})
+    image, mask = data["image"][0].numpy(), data["label"][0].numpy()
+    assert image.ndim == 3 and image.shape == mask.shape == (64, 64, len(headers))
+    assert np.allclose(data["image"].affine.numpy(), data["label"].affine.numpy(), atol=1e-3)
+    # Hounsfield units, and the NIfTI mask lands on the right voxels
+    assert image.min() >= -1024 and np.median(image[0]) < -900  # air at the patient's left edge
+    liver_hu, lesion_hu = image[mask == 1].mean(), image[mask == 2].mean()
+    assert 40 < liver_hu < 80  # liver ~60 HU
+    assert -20 < lesion_hu < liver_hu - 20  # hypodense lesions ~10 HU
+    assert (image > 500).sum() > 50  # bone
+    # the liver lies on the patient's right (RAS: +x) and low (inferior: small z)
+    xs, _, zs = np.nonzero(mask == 1)
+    assert xs.mean() > image.shape[0] / 2 and zs.mean() < image.shape[2] / 2
+
+
+def test_real_files_are_recorded_with_licence_and_documented(demo):
+    root, datalist, _ = demo
+    readme = (REPO / "common" / "medssl" / "data" / "DEMO_DATA.md").read_text()
+    assert len(datalist["sources"]) >= 10
+    for file, source in datalist["sources"].items():
+        distribution, version = source["distribution"].split("==")
+        assert importlib.metadata.version(distribution) == version
+        original = Path(str(importlib.metadata.distribution(distribution).locate_file(source["path"])))
+        assert original.is_file(), source
+        assert (root / file).is_file() and source["licence"], source
+        assert source["path"] in readme and file in readme, source
+    # only the sections are lists of objects (tools treat every list of objects as a section)
+    lists_of_objects = [k for k, v in datalist.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    assert sorted(lists_of_objects) == sorted(SECTIONS)
+    for real in REAL_SOURCES:
+        assert real.path in readme, real.path
+
+
+def test_same_seed_gives_identical_files(demo, tmp_path):
+    root, _, _ = demo
+    build_demo_dataset(tmp_path / "again", seed=0)
+    assert _digests(tmp_path / "again") == _digests(root)
+
+
+def test_reuse_force_repair_and_seed_change(demo, tmp_path):
+    root, _, _ = demo
+    out = tmp_path / "demo"
+    shutil.copytree(root, out)  # a copy of the module's build: same version and seed, so it is reused
+    datalist_path = out / "datalist.json"
+    stamp = datalist_path.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert build_demo_dataset(out, seed=0) == datalist_path.resolve()
+    assert datalist_path.stat().st_mtime_ns == stamp  # reused, not rewritten
+    build_demo_dataset(out, seed=0, force=True)
+    assert datalist_path.stat().st_mtime_ns != stamp  # rebuilt
+    victim = out / json.loads(datalist_path.read_text())["validation"][0]["image"]
+    victim.unlink()
+    build_demo_dataset(out, seed=0)
+    assert victim.is_file()  # a missing file triggers a rebuild
+    (out / "mine.txt").write_text("not the builder's")
+    build_demo_dataset(out, seed=1)  # another seed: rebuilt without force
+    assert json.loads(datalist_path.read_text())["builder"]["seed"] == 1
+    assert (out / "mine.txt").read_text() == "not the builder's"  # foreign files are left alone
+    reference, other = _digests(root), _digests(out)
+    assert other.keys() - {"mine.txt"} == reference.keys()
+    changed = {name for name in reference if other[name] != reference[name]}
+    assert any(name.startswith("synthetic/") for name in changed)
+    assert not any(name.startswith("real/") for name in changed)  # real files don't depend on the seed
+
+
+def test_refuses_to_replace_a_foreign_datalist(tmp_path):
+    foreign = {"name": "someone's data", "training": [{"image": "a.nii.gz", "modality": "CT", "dim": 3}]}
+    (tmp_path / "datalist.json").write_text(json.dumps(foreign))
+    (tmp_path / "synthetic").mkdir()
+    with pytest.raises(FileExistsError, match="datalist.json"):
+        build_demo_dataset(tmp_path, seed=0, force=True)
+    assert json.loads((tmp_path / "datalist.json").read_text()) == foreign
+    assert (tmp_path / "synthetic").is_dir() and not any((tmp_path / "synthetic").iterdir())
+
+
+def test_cli_builds_the_dataset(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "common"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "demo_data.py"), "--out", str(tmp_path / "cli"), "--seed", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    datalist = json.loads((tmp_path / "cli" / "datalist.json").read_text())
+    assert datalist["builder"]["seed"] == 3
+    assert "validation: " in result.stdout and str(tmp_path / "cli" / "datalist.json") in result.stdout
