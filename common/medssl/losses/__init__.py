@@ -1,1 +1,13 @@
-"""medssl.losses"""
+"""medssl.losses: SSL objectives, each owning its distributed logic (Sinkhorn, SwAV, DeepCluster-v2)."""
+
+from .deepcluster import IGNORE_INDEX, DeepClusterV2Loss, MemoryBank, cluster_memory_bank, spherical_kmeans
+from .sinkhorn import sinkhorn_knopp
+from .swav import (
+    PerModalityPrototypes,
+    SwAVLoss,
+    SwAVPrototypes,
+    SwAVQueue,
+    cancel_prototype_grads,
+    per_modality_swav_loss,
+    split_crops,
+)
