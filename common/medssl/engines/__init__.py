@@ -1,1 +1,31 @@
-"""medssl.engines"""
+"""medssl.engines: the Ignite SSL trainer (on monai.engines), its handlers, checkpoints and distributed set-up."""
+
+from .checkpoint import (
+    FINAL_CHECKPOINT_NAME,
+    CheckpointHandler,
+    atomic_torch_save,
+    checkpoint_name,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from .distributed import (
+    barrier,
+    destroy_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    local_device,
+)
+from .handlers import CosineScheduleHandler, TerminateOnNanHandler, TrainingLogHandler, cosine_schedule_value
+from .trainer import (
+    SSLTrainer,
+    StepOutput,
+    default_prepare_batch,
+    epoch_sampler,
+    epoch_started_fresh,
+    get_output_value,
+    output_is_finite,
+    to_device,
+)

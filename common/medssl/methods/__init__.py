@@ -1,1 +1,3 @@
-"""medssl.methods"""
+"""medssl.methods: one class per SSL method (backbone + head + loss), exposing training_step and parameter_groups."""
+
+from .base import SSLMethod, build_param_groups
