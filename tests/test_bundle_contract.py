@@ -15,7 +15,8 @@ from medssl.bundle import OFFICIAL_SCHEMA_URL, TRAIN_TOP_LEVEL_KEYS, find_bundle
 
 from conftest import BUNDLES, REPO
 
-ALL_BUNDLES = find_bundles(BUNDLES)
+# the real bundles plus the test fixture (so the contract test runs before the first method bundle exists)
+ALL_BUNDLES = find_bundles(BUNDLES) + find_bundles(REPO / "tests" / "fixtures" / "bundles")
 
 
 def _metadata(name: str) -> dict:

@@ -98,6 +98,18 @@ class ToyMethod(SSLMethod):
         return {"loss": loss, "align": align.detach(), "reg": reg.detach()}
 
 
+class ToyEncoder(nn.Module):
+    """The inference network of the toy bundle: ToyMethod's encoder + norm as one module (image -> embedding)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        method = ToyMethod(dropout=dropout)
+        self.encoder, self.norm = method.encoder, method.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.encoder(x))
+
+
 class StallAfter:
     """Test helper: after iteration ``iteration`` completed (its checkpoint and log line written by the handlers
     attached before this one), write ``marker`` and hang, so that a test can SIGKILL the process at a known point."""

@@ -44,6 +44,10 @@ _EXPORTS = {
     # 2D slices of 3D volumes
     "VolumeSliceDataset": "slices",
     "make_slice_batch_sampler": "slices",
+    # the pipeline bundles wire
+    "load_items": "pipeline",
+    "loading_transforms": "pipeline",
+    "make_dataset": "pipeline",
     # the embedded demo dataset
     "build_demo_dataset": "demo",
     "DEMO_CLASSES": ("demo", "CLASSES"),
