@@ -1,1 +1,11 @@
-"""medssl.weights"""
+"""medssl.weights: export of a pretrained encoder as a plain state dict + manifest, and loading it back."""
+
+from .export import (
+    MANIFEST_FORMAT,
+    build_encoder_from_manifest,
+    export_encoder,
+    extract_encoder_state_dict,
+    file_sha256,
+    load_encoder_state_dict,
+    load_manifest,
+)
