@@ -10,3 +10,13 @@ from .energy import (
     load_energy_reference,
     recombine_bands,
 )
+from .intensity import RandGammad, RandLinearIntensityd, RandRescaleFractiond
+from .views import (
+    SEED002_CROP_COUNTS,
+    SEED002_CROP_SIZES,
+    SEED002_SCALE_RANGE,
+    MultiCropd,
+    expand_crop_size,
+    seed002_augmentations,
+    seed002_multicrop,
+)
