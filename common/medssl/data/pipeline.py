@@ -41,7 +41,7 @@ def load_items(
     dims: Sequence[int] | int | None = None,
     modalities: Sequence[str] | None = None,
     keys: Sequence[str] | None = PIPELINE_KEYS,
-    labelled_only: bool = False,
+    labelled_only: bool | str = False,
     max_items: int | None = None,
 ) -> list[dict]:
     """Items of one datalist section for a pipeline.
@@ -53,7 +53,8 @@ def load_items(
         dims: keep items of these spatial dimensions (2, 3 or both); None keeps all.
         modalities: keep these modalities (canonical codes); None keeps all.
         keys: item keys to keep (None keeps every key); ``label`` is kept when listed here.
-        labelled_only: keep only items with a ``label``.
+        labelled_only: ``True`` keeps only items with a ``label``; ``"class"`` only items whose label is a class
+            index (int) or a multi-label vector (list); ``"mask"`` only items whose label is a mask path.
         max_items: keep the first N (after filtering), for quick runs.
     """
     items = load_datalist(datalist, section=section, dataset_dir=dataset_dir)
@@ -64,7 +65,9 @@ def load_items(
         wanted_mods = {str(m).upper() for m in modalities}
         items = [it for it in items if str(it.get("modality", "")).upper() in wanted_mods]
     if labelled_only:
-        items = [it for it in items if it.get("label") is not None]
+        items = [it for it in items if _label_kind(it.get("label")) is not None]
+        if labelled_only in ("class", "mask"):
+            items = [it for it in items if _label_kind(it.get("label")) == labelled_only]
     if max_items is not None:
         items = items[: int(max_items)]
     if not items:
@@ -81,6 +84,18 @@ def load_items(
     logger.info("%s [%s]: %d items (%s)", Path(datalist).name, section, len(items), ", ".join(
         f"{k}: {v}" for k, v in sorted(counts.items())))
     return items
+
+
+def _label_kind(label: Any) -> str | None:
+    """``"class"`` for a class index / multi-label vector, ``"mask"`` for a mask path, None for no label."""
+    if label is None:
+        return None
+    if isinstance(label, str):
+        return "mask"
+    if isinstance(label, (bool, int, float)) or (isinstance(label, (list, tuple)) and all(
+            isinstance(v, (bool, int, float)) for v in label)):
+        return "class"
+    return None
 
 
 def loading_transforms(
@@ -122,6 +137,7 @@ def make_dataset(
     on_bad_item: str = "raise",
     max_bad_items: int = 10,
     datalist_name: str | None = None,
+    index_key: str | None = None,
 ):
     """``SafeDataset(SeededDataset(Dataset | CacheDataset))`` over ``items``.
 
@@ -129,6 +145,7 @@ def make_dataset(
     fails while the cache is filled raises there, before training — run ``tools/datalist.py check`` first.
     ``on_bad_item``: ``"raise"`` (default: stop at the first unreadable file, naming it) or ``"skip"`` (replace it by
     another item of the same modality and dimension, warn, and stop after ``max_bad_items`` distinct bad files).
+    ``index_key`` (e.g. ``"index"``): put each sample's dataset index under that key (DeepCluster-v2's memory bank).
     """
     from monai.data import CacheDataset, Dataset
 
@@ -141,5 +158,5 @@ def make_dataset(
     else:
         base = Dataset(data=items, transform=transform)
     return SafeDataset(
-        SeededDataset(base), on_error=on_bad_item, max_skipped=max_bad_items, datalist_name=datalist_name
+        SeededDataset(base, index_key=index_key), on_error=on_bad_item, max_skipped=max_bad_items, datalist_name=datalist_name
     )

@@ -127,10 +127,14 @@ class SeededDataset(torch.utils.data.Dataset):
     ``ThreadDataLoader`` with workers) stay correct but serialise; process workers do not contend.
 
     ``data``, ``transform`` and other public attributes of the wrapped dataset are passed through.
+
+    ``index_key``: when set, a dict sample gets the dataset index of its item under that key (a copy of the dict, so
+    a cached item is never modified) — methods that keep per-item state (DeepCluster-v2's memory bank) need it.
     """
 
-    def __init__(self, dataset: Any) -> None:
+    def __init__(self, dataset: Any, index_key: str | None = None) -> None:
         self.dataset = dataset
+        self.index_key = index_key
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -146,13 +150,19 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, SampleKey):
+            index = int(key.index)
             transform = getattr(self.dataset, "transform", None)
             if transform is None or not hasattr(transform, "set_random_state"):
-                return self.dataset[int(key.index)]
+                return self._with_index(self.dataset[index], index)
             with self._lock:
                 transform.set_random_state(seed=int(key.seed))
-                return self.dataset[int(key.index)]
-        return self.dataset[key]
+                return self._with_index(self.dataset[index], index)
+        return self._with_index(self.dataset[key], key)
+
+    def _with_index(self, sample: Any, index: Any) -> Any:
+        if self.index_key is None or not isinstance(sample, dict) or not isinstance(index, int):
+            return sample
+        return {**sample, self.index_key: index}
 
     def __getattr__(self, name: str) -> Any:
         # dunder / private names are never delegated: e.g. a wrapped `__getitems__` would bypass the reseeding

@@ -9,6 +9,7 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
 )
+from .clustering_handlers import DeepClusterEpochHandler, FreezePrototypesHandler, SwAVQueueHandler
 from .distributed import (
     barrier,
     destroy_distributed,

@@ -1,3 +1,5 @@
 """medssl.methods: one class per SSL method (backbone + head + loss), exposing training_step and parameter_groups."""
 
 from .base import SSLMethod, build_param_groups
+from .deepcluster import DeepClusterV2
+from .swav import UNLABELLED, ClassLabeld, SwAV
