@@ -67,6 +67,11 @@ def backbone_definition(parser: Any, encoder_id: str, where: str) -> dict[str, A
     from monai.bundle.utils import ID_SEP_KEY
 
     raw = parser.get(encoder_id)
+    seen = {encoder_id}
+    while isinstance(raw, str) and raw.startswith("@") and raw[1:] not in seen:  # follow "backbone": "@backbone_2d"
+        encoder_id = raw[1:]
+        seen.add(encoder_id)
+        raw = parser.get(encoder_id)
     if raw is None:
         raise KeyError(f"{where}: no config id {encoder_id!r} (pass --encoder-id, the id of the backbone definition)")
     if not isinstance(raw, dict) or not isinstance(raw.get("_target_"), str):

@@ -19,7 +19,13 @@ from .distributed import (
     is_main_process,
     local_device,
 )
-from .handlers import CosineScheduleHandler, TerminateOnNanHandler, TrainingLogHandler, cosine_schedule_value
+from .handlers import (
+    CosineScheduleHandler,
+    HandlerGroup,
+    TerminateOnNanHandler,
+    TrainingLogHandler,
+    cosine_schedule_value,
+)
 from .trainer import (
     SSLTrainer,
     StepOutput,

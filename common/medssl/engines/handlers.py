@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -396,3 +396,23 @@ def _json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
 def _hms(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class HandlerGroup:
+    """Attach a list of handlers as one entry of a bundle's ``train#handlers``.
+
+    MONAI's tools (``ConfigWorkflow.check_properties``, MONAI Label) expect every item of ``train#handlers`` to be a
+    component definition (a dict with ``_target_``); a method-specific list of handlers (SwAV's queue and prototype
+    freezing, DeepCluster's k-means) is therefore wrapped in one ``HandlerGroup`` that an override file can replace
+    as a whole. ``None`` entries (disabled components) are skipped.
+    """
+
+    def __init__(self, handlers: Sequence[Any] | None = None) -> None:
+        self.handlers = [h for h in (handlers or []) if h is not None]
+        for h in self.handlers:
+            if not hasattr(h, "attach"):
+                raise TypeError(f"HandlerGroup: {type(h).__name__} has no attach(engine) method")
+
+    def attach(self, engine: Engine) -> None:
+        for h in self.handlers:
+            h.attach(engine)

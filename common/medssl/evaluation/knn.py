@@ -407,3 +407,51 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def knn_summary(output_dir: str | Path) -> dict[str, Any] | None:
+    """The randomly initialised encoder's kNN accuracy (epoch 0, from ``at_start=True``) and the last one, read from
+    ``<output_dir>/knn.jsonl``; None when the file is missing or empty."""
+    path = Path(output_dir) / "knn.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        return None
+    by_epoch: dict[int, dict] = {}
+    for rec in records:  # a resumed run may repeat an epoch: the last record wins
+        by_epoch[int(rec["epoch"])] = rec
+    last_epoch = max(by_epoch)
+    init = by_epoch.get(0)
+    return {
+        "random_init_acc": None if init is None else init["acc"],
+        "pretrained_acc": by_epoch[last_epoch]["acc"] if last_epoch > 0 else None,
+        "epoch": last_epoch,
+        "k": by_epoch[last_epoch].get("k"),
+        "n_train": by_epoch[last_epoch].get("n_train"),
+        "n_val": by_epoch[last_epoch].get("n_val"),
+        "file": str(path),
+    }
+
+
+def print_knn_summary(output_dir: str | Path) -> dict[str, Any] | None:
+    """Print (rank 0) the kNN accuracy of the pretrained encoder beside the randomly initialised one (see
+    :func:`knn_summary`); bundles call it in ``finalize``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    summary = knn_summary(output_dir)
+    if summary is None:
+        print(f"kNN summary: no kNN evaluation recorded in {output_dir} (knn.jsonl)")
+        return None
+
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(
+        f"kNN accuracy (k={summary['k']}, {summary['n_val']} validation vs {summary['n_train']} training items): "
+        f"random init {fmt(summary['random_init_acc'])} -> pretrained {fmt(summary['pretrained_acc'])} "
+        f"(epoch {summary['epoch']}; {summary['file']})"
+    )
+    return summary

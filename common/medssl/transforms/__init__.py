@@ -20,3 +20,4 @@ from .views import (
     seed002_augmentations,
     seed002_multicrop,
 )
+from .utility import PlainTensord

@@ -120,6 +120,8 @@ def _method_state_dict(checkpoint: Any, method_key: str | None, source: str) -> 
             f"{source}: no method state dict under {method_key!r} (the checkpoint has {_listing(entries)}); "
             "pass method_key= the entry that holds the model"
         )
+    # nn.Module.get_extra_state entries (SwAV's queue, DeepCluster's bank) are per-run state, never encoder weights
+    state = {k: v for k, v in state.items() if not str(k).endswith("_extra_state")}
     bad = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{source}: entry {method_key!r} is not a state dict (non-tensor values: {_listing(bad)})")
