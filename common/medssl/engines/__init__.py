@@ -10,6 +10,7 @@ from .checkpoint import (
     load_checkpoint,
 )
 from .clustering_handlers import DeepClusterEpochHandler, FreezePrototypesHandler, SwAVQueueHandler
+from .profiling import StepTimeProfiler, batch_size_of
 from .distributed import (
     barrier,
     destroy_distributed,

@@ -1,0 +1,461 @@
+"""medssl benchmarks: each prints its figures next to a baseline measured in the same run.
+
+    python tools/benchmark.py                      # = all: energy, then step
+    python tools/benchmark.py energy [--size 512] [--repeats 5] [--channels 1] [--mode reflect] [--goal 3]
+    python tools/benchmark.py step [--bundle DIR] [--config train.json] [--override auto] [--dataset-dir D]
+        [--datalist F] [--iters 20] [--warmup 2] [--num-workers 0] [--trainer-id train#trainer] [--threads N]
+    python tools/benchmark.py all [any option of energy and step]    (step part: --num-workers 0,2 by default)
+
+energy — the energy-band decomposition of seed 002 (``medssl.transforms.energy_bands``) against a straightforward
+    ``scipy.ndimage.gaussian_filter`` cascade (same σ cascade, border mode and truncation, float32 input, spatial axes
+    only) on ``size``×``size`` random images: ms per image for both (median over ``repeats`` images, calls
+    interleaved, after one warm-up call each; both single-threaded), the speed-up and whether the goal (ours at least
+    ``goal`` times faster, 3 by default) is met, the largest absolute difference between the two sets of bands (the
+    comparison is of the same result), and the throughput of the whole ``EnergyBandAugmentd`` transform
+    (decomposition + band energies + random recombination) in images per second.
+
+step — where a training step of a bundle goes: builds the bundle's training workflow with
+    ``monai.bundle.ConfigWorkflow`` (``config`` + override files; ``dataset_dir``, ``datalist``, ``output_dir``,
+    ``ckpt_dir``, ``epochs``, ``num_workers`` set by the tool, outputs in a temporary folder), attaches
+    ``medssl.engines.profiling.StepTimeProfiler`` to the trainer (``trainer_id``), runs the bundle's ``run`` section
+    for ``warmup`` + ``iters`` iterations and prints the data wait vs compute breakdown. ``--num-workers 0,2`` runs
+    once per value and compares them. Defaults: the bundle ``bundles/ssl_swav_multimodal_pretrain`` when it exists,
+    else the test fixture ``tests/fixtures/bundles/toy_ssl_pretrain``; the demo dataset
+    (``medssl.data.demo.build_demo_dataset``) built in a temporary folder unless ``--dataset-dir`` is given;
+    ``--override auto`` = the bundle's ``configs/demo.json`` if it has one, else its ``configs/smoke.json``, else none
+    (``--override none`` for the plain ``config``; several files as ``--override a.json,b.json``).
+
+Exit status 0 when the benchmarks ran (a missed speed goal is reported, not an error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLES = (
+    REPO / "bundles" / "ssl_swav_multimodal_pretrain",
+    REPO / "tests" / "fixtures" / "bundles" / "toy_ssl_pretrain",
+)
+AUTO_OVERRIDES = ("demo.json", "smoke.json")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# energy bands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def scipy_energy_bands(
+    image: np.ndarray, sigmas: Sequence[float], mode: str = "reflect", truncate: float = 4.0
+) -> np.ndarray:
+    """The baseline: the energy-band cascade written directly with ``scipy.ndimage.gaussian_filter``.
+
+    ``L_0 = I, L_k = G_{σ_k} * L_{k-1}, B_k = L_{k-1} − L_k``; returns ``[L_K, B_K, ..., B_1]`` stacked, as
+    ``medssl.transforms.energy_bands``. ``image`` is channel-first ``(C, *spatial)``; σ is 0 on the channel axis (no
+    filtering across channels); the output has the input's dtype (scipy filters a float32 array into float32).
+    """
+    from scipy import ndimage
+
+    previous = image
+    bands = []
+    for sigma in sigmas:
+        lowpass = ndimage.gaussian_filter(
+            previous, sigma=(0.0,) + (float(sigma),) * (image.ndim - 1), mode=mode, truncate=truncate
+        )
+        bands.append(previous - lowpass)
+        previous = lowpass
+    return np.stack([previous] + bands[::-1])
+
+
+def _timed(fn: Callable, *args, **kwargs) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def energy(
+    size: int = 512,
+    repeats: int = 5,
+    channels: int = 1,
+    sigmas: Sequence[float] | None = None,
+    mode: str = "reflect",
+    truncate: float = 4.0,
+    goal: float = 3.0,
+    seed: int = 0,
+) -> dict:
+    """Energy-band decomposition: ours against the scipy.ndimage cascade, plus EnergyBandAugmentd throughput.
+
+    Args:
+        size: images are ``size``×``size`` (2D, channel-first ``(channels, size, size)``).
+        repeats: number of timed images (distinct random images; median reported).
+        channels: channels per image.
+        sigmas: the σ cascade (default: seed 002's 1, 2, 4, 8, 16 pixels).
+        mode: border mode of both implementations.
+        truncate: Gaussian truncation of both implementations (scipy's rule).
+        goal: the speed-up the project asks for (ours ≥ goal × faster than the baseline).
+        seed: seed of the random images and of the transform.
+
+    Returns:
+        ``{"size", "channels", "repeats", "ours_ms", "ours_best_ms", "scipy_ms", "scipy_best_ms", "speedup",
+        "goal", "goal_met", "max_abs_diff", "augment_images_per_s", "augment_ms"}`` (also printed).
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    from medssl.transforms.energy import (
+        DEFAULT_SIGMAS,
+        EnergyBandAugmentd,
+        energy_bands,
+        estimate_reference_energies,
+    )
+
+    size, repeats, channels = int(size), int(repeats), int(channels)
+    if size < 2 or repeats < 1 or channels < 1:
+        raise ValueError(f"energy: size={size} (>= 2), repeats={repeats} (>= 1), channels={channels} (>= 1)")
+    sigmas = tuple(float(s) for s in (DEFAULT_SIGMAS if sigmas is None else sigmas))
+    rng = np.random.RandomState(seed)
+    warmup_image = rng.rand(channels, size, size).astype(np.float32)
+    images = [rng.rand(channels, size, size).astype(np.float32) for _ in range(repeats)]
+
+    def ours(image: np.ndarray) -> np.ndarray:
+        return energy_bands(image, sigmas=sigmas, mode=mode, truncate=truncate)
+
+    def baseline(image: np.ndarray) -> np.ndarray:
+        return scipy_energy_bands(image, sigmas, mode=mode, truncate=truncate)
+
+    print(
+        f"== energy-band decomposition: {size}x{size}, {channels} channel(s), float32, sigmas "
+        f"{', '.join(f'{s:g}' for s in sigmas)}, mode {mode}, {repeats} image(s) (median; one warm-up call each)",
+        flush=True,
+    )
+    ours(warmup_image)
+    baseline(warmup_image)
+    ours_times, scipy_times, max_diff = [], [], 0.0
+    for image in images:  # interleaved, so that a busy machine slows both alike
+        t_ours, bands_ours = _timed(ours, image)
+        t_scipy, bands_scipy = _timed(baseline, image)
+        ours_times.append(t_ours)
+        scipy_times.append(t_scipy)
+        max_diff = max(max_diff, float(np.max(np.abs(bands_ours.astype(np.float64) - bands_scipy))))
+    ours_ms, scipy_ms = 1e3 * float(np.median(ours_times)), 1e3 * float(np.median(scipy_times))
+    speedup = scipy_ms / ours_ms if ours_ms > 0 else math.inf
+    goal_met = speedup >= goal
+    print(f"  {'medssl.transforms.energy_bands':44s}{ours_ms:10.2f} ms/image (best {1e3 * min(ours_times):.2f})")
+    print(
+        f"  {'scipy.ndimage.gaussian_filter cascade':44s}{scipy_ms:10.2f} ms/image (best {1e3 * min(scipy_times):.2f})"
+        "  <- baseline"
+    )
+    print(f"  speed-up: {speedup:.2f}x (goal >= {goal:g}x: {'met' if goal_met else 'NOT met'})")
+    print(f"  max |difference| of the bands: {max_diff:.3g} (image values in [0, 1])")
+
+    # the whole augmentation, as the training pipeline calls it (MetaTensor in, one draw per call)
+    samples = [{"image": MetaTensor(torch.from_numpy(image)), "modality": "CT"} for image in images]
+    reference = estimate_reference_energies(
+        [(image, "CT") for image in [warmup_image] + images], sigmas=sigmas, mode=mode, truncate=truncate
+    )
+    transform = EnergyBandAugmentd(keys="image", reference=reference, mode=mode, truncate=truncate)
+    transform.set_random_state(seed=seed)
+    transform({"image": MetaTensor(torch.from_numpy(warmup_image)), "modality": "CT"})
+    augment_times = [_timed(transform, sample)[0] for sample in samples]
+    augment_ms = 1e3 * float(np.median(augment_times))
+    images_per_s = 1e3 / augment_ms if augment_ms > 0 else math.inf
+    print(
+        f"  EnergyBandAugmentd (bands + energies + recombination): {images_per_s:.1f} images/s "
+        f"({augment_ms:.2f} ms/image)",
+        flush=True,
+    )
+    return {
+        "size": size,
+        "channels": channels,
+        "repeats": repeats,
+        "ours_ms": ours_ms,
+        "ours_best_ms": 1e3 * min(ours_times),
+        "scipy_ms": scipy_ms,
+        "scipy_best_ms": 1e3 * min(scipy_times),
+        "speedup": speedup,
+        "goal": float(goal),
+        "goal_met": goal_met,
+        "max_abs_diff": max_diff,
+        "augment_images_per_s": images_per_s,
+        "augment_ms": augment_ms,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def default_bundle() -> Path:
+    """``bundles/ssl_swav_multimodal_pretrain`` when it exists, else the toy test-fixture bundle."""
+    for bundle in DEFAULT_BUNDLES:
+        if (bundle / "configs").is_dir():
+            return bundle
+    raise FileNotFoundError(f"no default bundle: none of {[str(b) for b in DEFAULT_BUNDLES]} exists; give --bundle")
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def resolve_configs(bundle: Path, config: str, override: Any) -> list[Path]:
+    """The config files of a run: ``config`` then the overrides (names in ``bundle/configs`` or paths);
+    ``override="auto"``: the bundle's demo.json, else smoke.json, else none; "none" / None: none."""
+    configs_dir = bundle / "configs"
+
+    def find(name: Any) -> Path:
+        path = Path(str(name))
+        for candidate in (path, configs_dir / path):
+            if candidate.is_file():
+                return candidate.resolve()
+        raise FileNotFoundError(f"{bundle}: config file {name!r} not found (looked in {configs_dir} and as a path)")
+
+    files = [find(config)]
+    if isinstance(override, str) and override.lower() == "auto":
+        files += [configs_dir / name for name in AUTO_OVERRIDES if (configs_dir / name).is_file()][:1]
+    elif not (isinstance(override, str) and override.lower() == "none"):
+        files += [find(name) for name in _as_list(override)]
+    return files
+
+
+def _ensure_import_paths(bundle: Path) -> None:
+    """Bundle code importable: the bundle root (MONAI adds it only at run time) and, for the test-fixture bundles,
+    ``tests/`` (the toy bundle's configs import ``toy_training``)."""
+    paths = [bundle]
+    tests_dir = REPO / "tests"
+    if tests_dir in bundle.parents:
+        paths.append(tests_dir)
+    for path in paths:
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+
+
+def run_bundle_steps(
+    bundle: Path,
+    configs: Sequence[Path],
+    dataset_dir: Path,
+    datalist: Path,
+    out_dir: Path,
+    iters: int,
+    warmup: int,
+    num_workers: int | None,
+    trainer_id: str = "train#trainer",
+):
+    """Run ``warmup + iters`` iterations of a bundle's training workflow with a StepTimeProfiler attached to the
+    trainer ``trainer_id``; returns ``(profiler, trainer)``."""
+    from monai.bundle import ConfigWorkflow
+
+    from medssl.engines.profiling import StepTimeProfiler
+
+    _ensure_import_paths(bundle)
+    overrides: dict[str, Any] = {
+        "bundle_root": str(bundle),
+        "dataset_dir": str(dataset_dir),
+        "datalist": str(datalist),
+        "output_dir": str(out_dir),
+        "ckpt_dir": str(out_dir / "ckpt"),
+        "epochs": warmup + iters + 1,  # each epoch has at least one iteration; the profiler stops the run
+    }
+    if num_workers is not None:
+        overrides["num_workers"] = int(num_workers)
+    meta_file = bundle / "configs" / "metadata.json"
+    workflow = ConfigWorkflow(
+        config_file=[str(c) for c in configs],
+        meta_file=str(meta_file) if meta_file.is_file() else None,
+        logging_file=False,
+        workflow_type=None,
+        **overrides,
+    )
+    workflow.initialize()
+    if trainer_id not in workflow.parser:
+        raise KeyError(f"{configs[0]}: no trainer at id {trainer_id!r} (give --trainer-id)")
+    trainer = workflow.parser.get_parsed_content(trainer_id)
+    profiler = StepTimeProfiler(warmup_iters=warmup, stop_after=iters, log_summary=False)
+    profiler.attach(trainer)
+    try:
+        workflow.run()
+    finally:
+        workflow.finalize()
+    if not profiler.records:
+        raise RuntimeError(
+            f"{configs[0]}: the run recorded no iteration: does the 'run' section run the trainer {trainer_id!r}, "
+            f"and does an epoch have more than {warmup} warm-up iterations in all?"
+        )
+    return profiler, trainer
+
+
+def step(
+    bundle: str | None = None,
+    config: str = "train.json",
+    override: Any = "auto",
+    dataset_dir: str | None = None,
+    datalist: str | None = None,
+    iters: int = 20,
+    warmup: int = 2,
+    num_workers: Any = 0,
+    trainer_id: str = "train#trainer",
+    threads: int | None = None,
+) -> dict:
+    """Training-step breakdown (data wait vs compute) of a bundle's training on the demo data (or ``dataset_dir``).
+
+    Args:
+        bundle: bundle folder (default: bundles/ssl_swav_multimodal_pretrain, else the toy test-fixture bundle).
+        config: the training config (in ``bundle/configs`` or a path).
+        override: override config file(s): "auto" (demo.json, else smoke.json, when the bundle has them), "none",
+            a name / path, or several separated by commas.
+        dataset_dir: dataset folder; default: the demo dataset built in a temporary folder.
+        datalist: datalist file; default ``dataset_dir/datalist.json``.
+        iters: measured iterations.
+        warmup: iterations run first and not measured.
+        num_workers: DataLoader workers (the bundle's ``num_workers`` key); several values (``0,2``) = one run each,
+            compared; None keeps the bundle's value.
+        trainer_id: config id of the trainer.
+        threads: ``torch.set_num_threads`` for the training process first (default: torch's own choice, printed);
+            on a machine shared with other jobs, fewer threads than cores can be much faster.
+
+    Returns:
+        ``{"bundle", "configs", "device", "runs": [{"num_workers", "summary"}, ...]}`` (also printed).
+    """
+    iters, warmup = int(iters), int(warmup)
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"step: iters={iters} must be >= 1 and warmup={warmup} >= 0")
+    bundle_path = Path(bundle).resolve() if bundle is not None else default_bundle()
+    if not (bundle_path / "configs").is_dir():
+        raise FileNotFoundError(f"{bundle_path}: not a bundle (no configs/ folder)")
+    configs = resolve_configs(bundle_path, config, override)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    worker_counts = _as_list(num_workers) if num_workers is not None else [None]
+    worker_counts = [None if w is None else int(w) for w in worker_counts] or [None]
+
+    with tempfile.TemporaryDirectory(prefix="medssl_benchmark_", ignore_cleanup_errors=True) as tmp:
+        tmp_path = Path(tmp)
+        if dataset_dir is None:
+            from medssl.data.demo import build_demo_dataset
+
+            started = time.perf_counter()
+            built = Path(build_demo_dataset(tmp_path / "demo"))
+            data_dir = built.parent
+            data_text = f"demo dataset built in {data_dir} ({time.perf_counter() - started:.1f} s)"
+        else:
+            built = None
+            data_dir = Path(dataset_dir).resolve()
+            data_text = f"dataset {data_dir}"
+        datalist_path = Path(datalist).resolve() if datalist else (built or data_dir / "datalist.json")
+        rel = bundle_path.relative_to(REPO) if REPO in bundle_path.parents else bundle_path
+        print(
+            f"== training step breakdown: bundle {rel}, configs {' + '.join(c.name for c in configs)}; {data_text}; "
+            f"datalist {datalist_path.name}; {warmup} warm-up + {iters} measured iterations; "
+            f"torch threads {_torch_threads()}",
+            flush=True,
+        )
+        runs, device = [], None
+        for index, workers in enumerate(worker_counts):
+            profiler, trainer = run_bundle_steps(
+                bundle_path,
+                configs,
+                data_dir,
+                datalist_path,
+                tmp_path / f"run{index}",
+                iters,
+                warmup,
+                workers,
+                trainer_id,
+            )
+            device = str(getattr(trainer.state, "device", None) or getattr(trainer, "device", "?"))
+            loader = getattr(trainer, "data_loader", None)
+            used_workers = getattr(loader, "num_workers", workers)
+            title = f"num_workers {used_workers}, device {device}, epoch length {trainer.state.epoch_length}"
+            print(profiler.format_summary(title=title), flush=True)
+            runs.append({"num_workers": used_workers, "summary": profiler.summary()})
+        if len(runs) > 1:
+            print("  num_workers comparison (baseline: the first), mean ms per iteration:")
+            base = runs[0]["summary"]["total"]["mean"]
+            for run in runs:
+                s = run["summary"]
+                print(
+                    f"    num_workers {run['num_workers']}: data wait {1e3 * s['data_wait']['mean']:.2f}, "
+                    f"total {1e3 * s['total']['mean']:.2f} (speed {base / s['total']['mean']:.2f}x the first), "
+                    f"data wait fraction {100.0 * s['data_wait_fraction']:.1f}%"
+                )
+    return {"bundle": str(bundle_path), "configs": [str(c) for c in configs], "device": device, "runs": runs}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# all
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def all_benchmarks(
+    size: int = 512,
+    repeats: int = 5,
+    channels: int = 1,
+    goal: float = 3.0,
+    bundle: str | None = None,
+    config: str = "train.json",
+    override: Any = "auto",
+    dataset_dir: str | None = None,
+    datalist: str | None = None,
+    iters: int = 20,
+    warmup: int = 2,
+    num_workers: Any = (0, 2),
+    trainer_id: str = "train#trainer",
+    threads: int | None = None,
+) -> dict:
+    """Both benchmarks in one run: ``energy`` (size, repeats, channels, goal) then ``step`` (the other options;
+    by default with ``num_workers`` 0 and 2, compared)."""
+    energy_result = energy(size=size, repeats=repeats, channels=channels, goal=goal)
+    print()
+    step_result = step(
+        bundle=bundle,
+        config=config,
+        override=override,
+        dataset_dir=dataset_dir,
+        datalist=datalist,
+        iters=iters,
+        warmup=warmup,
+        num_workers=num_workers,
+        trainer_id=trainer_id,
+        threads=threads,
+    )
+    return {"energy": energy_result, "step": step_result}
+
+
+COMMANDS = {"energy": energy, "step": step, "all": all_benchmarks}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command-line entry: ``all`` when no command is named; returns the command's result dict."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help")):
+        args = ["all"] + args
+    return fire.Fire(COMMANDS, command=args, name="benchmark.py", serialize=lambda result: None)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()
