@@ -2,3 +2,4 @@
 
 from .backbones import DenseNet3D, ResNetBackbone, resnet50_2d
 from .heads import PerModalityPrototypes, ProjectionHead, SwAVPrototypes
+from .dvme import ATTENTION_MODES, DVME, MetaEmbeddingAttention
