@@ -3,3 +3,14 @@
 from .backbones import DenseNet3D, ResNetBackbone, resnet50_2d
 from .heads import PerModalityPrototypes, ProjectionHead, SwAVPrototypes
 from .dvme import ATTENTION_MODES, DVME, MetaEmbeddingAttention
+from .deformable_attention import (
+    DeformableSliceAttention,
+    DeformableSliceTransformer,
+    DeformableTransformerLayer,
+    interpolate_slices,
+    interpolate_table,
+    sinusoidal_positions,
+    volume_embedding,
+)
+from .hybrid_volume import REFERENCE_PARAMETER_COUNTS, HybridVolumeEncoder, crop_or_pad_slices, random_slice_mask
+from .slice_encoder import SliceEncoder, volume_to_slices
