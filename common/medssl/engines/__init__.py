@@ -27,6 +27,13 @@ from .handlers import (
     TrainingLogHandler,
     cosine_schedule_value,
 )
+from .teacher import (
+    EMATeacherHandler,
+    FreezeLastLayerHandler,
+    PerParameterGradClipHandler,
+    clip_gradients_per_parameter,
+    ema_update_,
+)
 from .trainer import (
     SSLTrainer,
     StepOutput,

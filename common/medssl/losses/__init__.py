@@ -11,3 +11,4 @@ from .swav import (
     per_modality_swav_loss,
     split_crops,
 )
+from .dino import DINOLoss
