@@ -9,3 +9,4 @@ from .export import (
     load_encoder_state_dict,
     load_manifest,
 )
+from .convert_unimiss import ConversionReport, convert_unimiss_checkpoint, convert_unimiss_state_dict

@@ -1,0 +1,90 @@
+"""Convert published pretrained checkpoints into medssl encoder files (state dict + manifest), one subcommand per
+source.
+
+Usage:
+    python tools/convert_weights.py unimiss CKPT --out encoder.pt [--entry teacher|student] [--variant tiny|small]
+        [--decoder True|False] [--spatial_dims 2|3|[2,3]] [--transpose_2d True|False]
+        [--img_size_2d 224] [--img_size_3d "[96,96,16]"] [--strict] [--trusted]
+
+Subcommands:
+    unimiss   the UniMiSS checkpoints of YtongXie/UniMiSS-code (``UniMiss_tiny`` / ``UniMiss_small``) ->
+              ``medssl.networks.mit.MiT`` (``medssl.weights.convert_unimiss``): the teacher's (or student's) MiT
+              weights renamed to MiT's keys, 3D kernels / position grids permuted from the reference's (D, H, W)
+              to medssl's (X, Y, Z) depth-last order, 2D ones transposed to medssl's column-first 2D order.
+
+Each subcommand writes OUT (a plain state dict, ``torch.load(weights_only=True)``-able) and OUT's ``.json`` manifest
+(format ``medssl-encoder/1``, as ``tools/export_encoder.py``), prints what was mapped and every source key that was
+not, and fails with a message naming the key and both shapes when a tensor does not fit. A downstream bundle loads the
+result with ``medssl.weights.export.build_encoder_from_manifest("encoder.json")``.
+
+To add a converter: write ``medssl.weights.convert_<source>`` and a function here, and register it in ``CONVERTERS``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import fire
+
+
+def unimiss(
+    checkpoint: str,
+    out: str,
+    entry: str = "teacher",
+    variant: str | None = None,
+    decoder: bool | None = None,
+    spatial_dims: int | Sequence[int] | None = None,
+    transpose_2d: bool = True,
+    img_size_2d: int | Sequence[int] = 224,
+    img_size_3d: Sequence[int] = (96, 96, 16),
+    strict: bool = False,
+    trusted: bool = False,
+    quiet: bool = False,
+) -> None:
+    """Convert a published UniMiSS checkpoint to a medssl MiT encoder file.
+
+    Args:
+        checkpoint: the authors' checkpoint (teacher / student entries), or a plain MiT state dict.
+        out: the state dict file to write (e.g. encoder.pt); the manifest goes beside it (encoder.json).
+        entry: "teacher" (default, the EMA network) or "student".
+        variant: "tiny" or "small" (default: read from the checkpoint's block counts).
+        decoder: keep the decoder (default: when the checkpoint has one); False writes the encoder alone.
+        spatial_dims: the paths to keep: 2, 3 or [2,3] (default: those in the checkpoint).
+        transpose_2d: transpose 2D kernels / position grids to medssl's column-first 2D images (default True).
+        img_size_2d: the 2D input size the checkpoint's position embeddings are sized for (224).
+        img_size_3d: the 3D input size (X, Y, Z), depth last, of its position embeddings ([96, 96, 16]).
+        strict: fail on source keys the mapping does not know (they are always listed).
+        trusted: allow full unpickling if the checkpoint cannot be read with weights_only=True.
+        quiet: print the first few unused keys of each kind only.
+    """
+    from medssl.weights.convert_unimiss import convert_unimiss_checkpoint
+
+    if isinstance(img_size_3d, str) or isinstance(img_size_2d, str) or isinstance(spatial_dims, str):
+        raise ValueError("--img_size_2d / --img_size_3d / --spatial_dims take numbers or lists such as [96,96,16]")
+    weights, manifest, report = convert_unimiss_checkpoint(
+        checkpoint,
+        out,
+        entry=entry,
+        variant=variant,
+        decoder=decoder,
+        spatial_dims=spatial_dims,
+        transpose_2d=transpose_2d,
+        img_size_2d=img_size_2d,
+        img_size_3d=tuple(img_size_3d),
+        strict=strict,
+        trusted=trusted,
+    )
+    print(report.summary(full=not quiet))
+    print(f"wrote {weights} ({len(report.mapped)} tensors) and {manifest}")
+
+
+CONVERTERS = {"unimiss": unimiss}
+
+
+def main(argv: list[str] | None = None) -> None:
+    fire.Fire(CONVERTERS, command=argv if argv is not None else sys.argv[1:], name="convert_weights")
+
+
+if __name__ == "__main__":
+    main()
