@@ -21,3 +21,4 @@ from .views import (
     seed002_multicrop,
 )
 from .utility import PlainTensord
+from .unimiss_views import ByDimensiond, unimiss_augmentations_2d, unimiss_augmentations_3d  # unimiss_views: by module path
