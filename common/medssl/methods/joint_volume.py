@@ -1,0 +1,248 @@
+"""Stages 2 and 3 of seed 000 (joint image–volume SSL with intra/inter contrastive clustering) and the loader that
+chains the stages through ``pretrained_path``.
+
+* Stage 1 (L_2D, Eq. 1–5) reuses :class:`medssl.methods.SwAV` / :class:`medssl.methods.DeepClusterV2` on 2D slices
+  of every volume plus the 2D images, with f_intra's trunk (a :class:`medssl.networks.ResNetBackbone` returning the
+  L2-normalised multi-level features, exactly ``SliceEncoder.backbone``) as the backbone.
+* Stage 2 (L_mask, Eq. 13–15): :class:`MaskedSliceEmbeddingPrediction`. f_intra is frozen; a learnable [MASK]
+  replaces 10 % of the slice embeddings; f_inter contextualises them and f_decode (Linear D → D) predicts the
+  missing embeddings; squared error on the masked slices only.
+* Stage 3 (L_3D, Eq. 11–12): :class:`medssl.methods.SwAV` (or ``DeepClusterV2``) with
+  :class:`HybridVolumeBackbone` as backbone: the two views' volume embeddings Z_s, Z_t (L2-normalised means of
+  f_inter over slices) predict each other's Sinkhorn codes computed over the batch of volumes; f_intra and f_inter
+  are trained jointly. The clustering methods put their projection head between Z and the prototypes; the bundle
+  uses ``hidden_dim = 0`` (one linear layer), the closest to the paper's Z · Cᵀ that keeps one implementation of
+  SwAV and DeepCluster-v2.
+* :func:`load_pretrained` copies the encoder tensors of the previous stage's checkpoint into this stage's module
+  (stage 1 ``backbone`` → stage 2 ``encoder.slice_encoder.backbone``; stage 2 ``encoder`` → stage 3 ``backbone``).
+
+Axis convention: volumes are MONAI-style channel-first (B, C, X, Y, Z), depth (slice) axis LAST.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from medssl.losses._dist import get_rank
+from medssl.methods.base import SSLMethod, build_param_groups
+from medssl.methods.swav import crops_from_batch
+from medssl.networks.hybrid_volume import HybridVolumeEncoder, random_slice_mask
+
+__all__ = [
+    "HybridVolumeBackbone",
+    "MaskedSliceEmbeddingPrediction",
+    "load_pretrained",
+    "masked_embedding_loss",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- pretrained loading
+def _checkpoint_file(path: Path) -> Path:
+    if path.is_dir():
+        from medssl.engines.checkpoint import find_latest_checkpoint
+
+        found = find_latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"pretrained_path {path}: a folder without any complete checkpoint")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained_path {path}: no such checkpoint file or ckpt_dir (run the previous stage first, or pass "
+            "--pretrained_path)"
+        )
+    return path
+
+
+def load_pretrained(
+    module: nn.Module,
+    path: str | Path | None,
+    source_key: str = "backbone",
+    target_key: str = "",
+    method_key: str = "method",
+) -> nn.Module:
+    """Load the tensors of a previous stage into ``module`` (strict) and return ``module``.
+
+    Args:
+        module: the module of this stage (e.g. a :class:`HybridVolumeEncoder`).
+        path: a checkpoint written by :class:`medssl.engines.CheckpointHandler`, a ``ckpt_dir`` (its latest complete
+            checkpoint), or a plain state dict file (``tools/export_encoder.py`` output); None or "" = nothing is
+            loaded (a warning says the stage starts from random weights).
+        source_key: dotted module path of the encoder inside the checkpoint's method (stage 1: ``"backbone"``;
+            stage 2: ``"encoder"``); ``""`` = the whole state dict.
+        target_key: the sub-module of ``module`` that receives it (``"slice_encoder.backbone"``; ``""`` = ``module``).
+        method_key: the checkpoint entry holding the method's state dict.
+
+    Raises FileNotFoundError / KeyError / ValueError naming the file and the missing, unexpected or mis-shaped keys.
+    """
+    if path is None or str(path) == "":
+        logger.warning(f"load_pretrained: no pretrained_path; {type(module).__name__} starts from random weights")
+        return module
+    from medssl.weights.export import _method_state_dict, extract_encoder_state_dict, load_encoder_state_dict
+
+    file = _checkpoint_file(Path(path))
+    source = str(file)
+    checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    state = _method_state_dict(checkpoint, method_key, source)
+    encoder_state = extract_encoder_state_dict(state, source_key, source)
+    try:
+        target = module.get_submodule(target_key) if target_key else module
+    except AttributeError as e:
+        raise KeyError(f"load_pretrained({source}): {type(module).__name__} has no sub-module {target_key!r}") from e
+    load_encoder_state_dict(target, encoder_state, f"{source} [{source_key or 'all'} -> {target_key or 'all'}]")
+    logger.info(f"load_pretrained: {len(encoder_state)} tensors of {source} [{source_key}] -> {target_key or 'all'}")
+    return module
+
+
+# --------------------------------------------------------------------------------------------- stage 3 backbone
+class HybridVolumeBackbone(HybridVolumeEncoder):
+    """:class:`~medssl.networks.HybridVolumeEncoder` as a backbone of the clustering methods (stage 3).
+
+    Same arguments, sub-modules and state-dict keys; adds ``feature_dim`` = D, the size of the volume embedding Z
+    that ``forward`` returns for a (B, C, X, Y, Z) volume (depth last), which :class:`medssl.methods.SwAV` and
+    :class:`medssl.methods.DeepClusterV2` read. The [MASK] embedding (``mask_embedding``), which a backbone's forward
+    never uses, does not require a gradient (an unused trainable parameter stops DistributedDataParallel);
+    :class:`MaskedSliceEmbeddingPrediction` makes it trainable again for stage 2.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_embedding.requires_grad_(False)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.embed_dim)
+
+
+# --------------------------------------------------------------------------------------------- stage 2
+def masked_embedding_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_mask (seed 000 Eq. 15): squared error Σ_d (f_decode(h)_{b,j,d} − e_{b,j,d})² summed over the masked slices
+    only and divided by their number (the paper sums over masked slices; the mean keeps the scale independent of
+    B and F). ``prediction``, ``target``: (B, F, D); ``mask``: (B, F) bool, True = masked."""
+    if prediction.shape != target.shape or mask.shape != prediction.shape[:2]:
+        raise ValueError(
+            f"masked_embedding_loss: prediction {tuple(prediction.shape)}, target {tuple(target.shape)} and mask "
+            f"{tuple(mask.shape)} must be (B, F, D), (B, F, D) and (B, F)"
+        )
+    mask = mask.to(torch.bool)
+    if not bool(mask.any()):
+        raise ValueError("masked_embedding_loss: the mask selects no slice")
+    error = (prediction.float() - target.float()).pow(2).sum(dim=-1)  # (B, F)
+    return error[mask].sum() / mask.sum()
+
+
+class MaskedSliceEmbeddingPrediction(SSLMethod):
+    """Stage 2 of seed 000: masked slice-embedding prediction with f_intra frozen (Eq. 13–15).
+
+    One step on volumes x (B, C, X, Y, Z), depth last (``batch[crops_key]``: a list of view tensors, concatenated
+    along the batch; or ``batch[image_key]``):
+
+    1. e = f_intra(x) (B, F, D) under ``no_grad`` (``slice_encoder`` frozen: no gradient, eval-mode BatchNorm, so its
+       weights and running statistics never change);
+    2. M: ceil(``mask_ratio`` · F) slices per volume (7 of 64 at 10 %), drawn from a CPU generator reseeded at every
+       step from (``seed``, iteration, rank);
+    3. h = f_inter(e with e_M replaced by the learnable [MASK]); ê = f_decode(h) (Linear D → D);
+    4. loss = :func:`masked_embedding_loss` (ê, e, M).
+
+    The target e comes from the frozen f_intra (projection included): were the projection trainable, collapsing it to
+    zero would make the target trivially predictable.
+
+    Args:
+        encoder: f_intra + f_inter (:class:`~medssl.networks.HybridVolumeEncoder`); its ``mask_embedding`` is [MASK].
+        mask_ratio: fraction of masked slices (0.1).
+        seed: base seed of the masks.
+        crops_key, image_key: batch keys (the crops list is used when present).
+
+    Returns of :meth:`training_step`: ``{"loss": L_mask, "n_masked": masked slices in this rank's batch}``.
+    """
+
+    def __init__(
+        self,
+        encoder: HybridVolumeEncoder,
+        mask_ratio: float = 0.1,
+        seed: int = 0,
+        crops_key: str = "crops",
+        image_key: str = "image",
+    ) -> None:
+        super().__init__()
+        if not isinstance(encoder, HybridVolumeEncoder):
+            raise TypeError(
+                f"MaskedSliceEmbeddingPrediction: encoder must be a HybridVolumeEncoder, got {type(encoder).__name__}"
+            )
+        if not 0.0 < float(mask_ratio) < 1.0:
+            raise ValueError(f"MaskedSliceEmbeddingPrediction: mask_ratio must be in (0, 1), got {mask_ratio}")
+        self.encoder = encoder
+        self.decoder = nn.Linear(encoder.embed_dim, encoder.embed_dim)  # f_decode
+        self.mask_ratio = float(mask_ratio)
+        self.seed = int(seed)
+        self.crops_key, self.image_key = crops_key, image_key
+        self.generator = torch.Generator()
+        self.generator.manual_seed(self._step_seed(0))
+        for param in self.encoder.slice_encoder.parameters():
+            param.requires_grad_(False)
+        self.encoder.mask_embedding.requires_grad_(True)  # [MASK] is learnt in this stage
+        self.encoder.slice_encoder.eval()
+
+    def train(self, mode: bool = True) -> "MaskedSliceEmbeddingPrediction":
+        super().train(mode)
+        self.encoder.slice_encoder.eval()  # frozen f_intra: BatchNorm running statistics stay as loaded
+        return self
+
+    def _step_seed(self, iteration: int) -> int:
+        return (self.seed * 1_000_003 + int(iteration) * 7_919 + get_rank() * 104_729) % (2**63 - 1)
+
+    def on_iteration_start(self, engine: Any) -> None:
+        """Reseed the mask generator from (seed, iteration, rank): the masks are the same after a resume."""
+        self.generator.manual_seed(self._step_seed(engine.state.iteration))
+
+    def _volumes(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if isinstance(batch, Mapping) and self.crops_key in batch:
+            volumes = torch.cat(crops_from_batch(batch, self.crops_key, "MaskedSliceEmbeddingPrediction"), dim=0)
+        elif isinstance(batch, Mapping) and self.image_key in batch:
+            volumes = batch[self.image_key]
+            volumes = volumes.as_tensor() if hasattr(volumes, "as_tensor") else volumes
+        else:
+            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise KeyError(
+                f"MaskedSliceEmbeddingPrediction: the batch has neither {self.crops_key!r} nor {self.image_key!r}; "
+                f"batch keys: {keys}"
+            )
+        if volumes.dim() != 5:
+            raise ValueError(
+                f"MaskedSliceEmbeddingPrediction: volumes (B, C, X, Y, Z) with the depth axis last expected, got "
+                f"{tuple(volumes.shape)}"
+            )
+        return volumes
+
+    def training_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        volumes = self._volumes(batch)
+        with torch.no_grad():
+            targets = self.encoder.embed_slices(volumes)  # e: (B, F, D), frozen f_intra
+        mask = random_slice_mask(
+            targets.shape[0], targets.shape[1], self.mask_ratio, generator=self.generator, device=targets.device
+        )
+        contextual = self.encoder.contextualize(self.encoder.mask_slices(targets, mask))
+        predictions = self.decoder(contextual)
+        loss = masked_embedding_loss(predictions, targets, mask)
+        return {"loss": loss, "n_masked": int(mask.sum())}
+
+    def parameter_groups(
+        self, base_lr: float | None = None, weight_decay: float | None = None, no_decay_bias_norm: bool = True
+    ) -> list[dict[str, Any]]:
+        """Groups ``transformer_*`` (f_inter and [MASK]) and ``decoder_*`` (f_decode); f_intra is frozen."""
+        seen: set[int] = set()
+        groups = build_param_groups(
+            [(n, p) for n, p in self.encoder.named_parameters() if not n.startswith("slice_encoder.")],
+            base_lr, weight_decay, no_decay_bias_norm, name="transformer", exclude=seen,
+        )
+        groups += build_param_groups(
+            self.decoder.named_parameters(), base_lr, weight_decay, no_decay_bias_norm, name="decoder", exclude=seen
+        )
+        return groups

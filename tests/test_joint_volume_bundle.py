@@ -1,0 +1,138 @@
+"""bundles/ssl_joint_image_volume_pretrain: the three stages chained on the demo data through `pretrained_path`
+(`python -m monai.bundle run` with smoke.json), the DeepCluster-v2 variant by one override, the export of
+f_intra + f_inter and of f_intra's trunk, and the same chain under torchrun (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BUNDLES, PYTHON, REPO, run_cmd
+
+BUNDLE = BUNDLES / "ssl_joint_image_volume_pretrain"
+
+
+def _configs(configs: list[str]) -> list[str]:
+    return [str(BUNDLE / "configs" / c) for c in configs]
+
+
+def _check_outputs(out: Path) -> None:
+    assert (out / "ckpt" / "checkpoint_final.pt").is_file()
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def _run(configs: list[str], demo_datalist: Path, out: Path, **overrides) -> None:
+    """``python -m monai.bundle run`` in this process (``monai.bundle.run``, the function the command calls): the
+    import cost is paid once, so the chain of stages stays fast; the command line itself is exercised by
+    tests/test_bundle_runs.py and by the torchrun test below."""
+    from monai.bundle import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess runs (conftest: OMP_NUM_THREADS=1); tiny nets on a shared machine
+    try:
+        run(
+            config_file=_configs(configs), meta_file=str(BUNDLE / "configs" / "metadata.json"),
+            bundle_root=str(BUNDLE), dataset_dir=str(demo_datalist.parent), datalist=str(demo_datalist),
+            output_dir=str(out), ckpt_dir=str(out / "ckpt"), **overrides,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    _check_outputs(out)
+
+
+def _torchrun(configs: list[str], demo_datalist: Path, out: Path, *extra: str) -> None:
+    config_list = "[" + ",".join(f"'{c}'" for c in _configs(configs)) + "]"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+           "--config_file", config_list, "--bundle_root", str(BUNDLE), "--dataset_dir", str(demo_datalist.parent),
+           "--datalist", str(demo_datalist), "--output_dir", str(out), "--ckpt_dir", str(out / "ckpt"), *extra]
+    proc = run_cmd(cmd, cwd=BUNDLE, timeout=600)
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    )
+    _check_outputs(out)
+
+
+def _method_state(out: Path) -> dict:
+    return torch.load(out / "ckpt" / "checkpoint_final.pt", map_location="cpu", weights_only=False)["method"]
+
+
+@pytest.fixture(scope="module")
+def swav_chain(demo_datalist, tmp_path_factory):
+    """Stage 1 -> 2 -> 3 (SwAV), each stage loading the previous stage's ckpt_dir."""
+    root = tmp_path_factory.mktemp("joint_chain")
+    _run(["train.json", "train_stage1.json", "smoke.json"], demo_datalist, root / "stage1")
+    _run(["train.json", "train_stage2.json", "smoke.json"], demo_datalist, root / "stage2",
+         pretrained_path=str(root / "stage1" / "ckpt"))
+    _run(["train.json", "train_stage3.json", "smoke.json"], demo_datalist, root / "stage3",
+         pretrained_path=str(root / "stage2" / "ckpt"))
+    return root
+
+
+def test_three_stages_chain_through_pretrained_path(swav_chain):
+    root = swav_chain
+    stage1, stage2, stage3 = (_method_state(root / f"stage{k}") for k in (1, 2, 3))
+    # stage 2 starts from the stage-1 trunk and keeps it frozen: identical tensors (weights and BN statistics)
+    trunk1 = {k[len("backbone."):]: v for k, v in stage1.items() if k.startswith("backbone.")}
+    for key, value in trunk1.items():
+        assert torch.equal(stage2[f"encoder.slice_encoder.backbone.{key}"], value), key
+    # stage 3 starts from stage 2 and trains f_intra and f_inter jointly: both moved
+    moved_intra = any(
+        not torch.equal(stage3[f"backbone.slice_encoder.{k[len('encoder.slice_encoder.'):]}"], v)
+        for k, v in stage2.items() if k.startswith("encoder.slice_encoder.") and v.is_floating_point()
+    )
+    moved_inter = any(
+        not torch.equal(stage3[f"backbone.slice_transformer.{k[len('encoder.slice_transformer.'):]}"], v)
+        for k, v in stage2.items() if k.startswith("encoder.slice_transformer.") and v.is_floating_point()
+    )
+    assert moved_intra and moved_inter
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepcluster_v2_variant_by_one_override(swav_chain, demo_datalist, tmp_path, stage):
+    extra = {"pretrained_path": str(swav_chain / "stage2" / "ckpt")} if stage == 3 else {}
+    _run(["train.json", f"train_stage{stage}.json", "deepcluster_v2.json", "smoke.json"], demo_datalist, tmp_path,
+         **extra)
+    state = _method_state(tmp_path)
+    assert "memory_bank._extra_state" in state and "prototypes.heads.1.weight" in state  # DeepCluster-v2, 2 heads
+    if stage == 3:  # the stage-2 encoder was loaded, then trained
+        stage2 = _method_state(swav_chain / "stage2")
+        assert state["backbone.mask_embedding"].equal(stage2["encoder.mask_embedding"])
+
+
+def test_export_volume_encoder_and_trunk(swav_chain, tmp_path):
+    from medssl.weights import build_encoder_from_manifest
+
+    root = swav_chain
+    spec = importlib.util.spec_from_file_location("export_encoder_tool", REPO / "tools" / "export_encoder.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    configs = "configs/train.json,configs/train_stage3.json,configs/smoke.json"
+    for name, encoder_id, encoder_key in (("volume", "encoder", "backbone"),
+                                          ("trunk", "trunk", "backbone.slice_encoder.backbone")):
+        tool.main(str(BUNDLE), str(root / "stage3" / "ckpt"), str(tmp_path / f"{name}.pt"), config=configs,
+                  encoder_id=encoder_id, encoder_key=encoder_key)
+    state = _method_state(root / "stage3")
+    volume = build_encoder_from_manifest(tmp_path / "volume.json").eval()
+    for key, value in volume.state_dict().items():
+        assert torch.equal(value, state[f"backbone.{key}"]), key
+    with torch.no_grad():
+        assert volume(torch.rand(2, 1, 32, 32, 8)).shape == (2, volume.embed_dim)  # volume -> Z
+        assert volume(torch.rand(2, 1, 32, 32)).shape == (2, volume.embed_dim)  # 2D image -> slice embedding
+    trunk = build_encoder_from_manifest(tmp_path / "trunk.json").eval()
+    for key, value in trunk.state_dict().items():
+        assert torch.equal(value, state[f"backbone.slice_encoder.backbone.{key}"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stages_2_and_3_under_torchrun(swav_chain, demo_datalist, tmp_path):
+    _torchrun(["train.json", "train_stage2.json", "smoke.json", "multi_gpu_train.json"], demo_datalist, tmp_path / "s2",
+              "--pretrained_path", str(swav_chain / "stage1" / "ckpt"))
+    _torchrun(["train.json", "train_stage3.json", "smoke.json", "multi_gpu_train.json"], demo_datalist, tmp_path / "s3",
+              "--pretrained_path", str(tmp_path / "s2" / "ckpt"))
