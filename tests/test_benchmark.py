@@ -241,3 +241,18 @@ def test_cli_without_a_command_runs_both_benchmarks(demo_datalist):
     assert "== training step breakdown" in proc.stdout
     assert "2 iterations measured after 1 warm-up" in proc.stdout
     assert "torch threads 1" in proc.stdout
+
+
+def test_mit_benchmark_compares_sdpa_with_explicit_attention_on_2d_and_3d(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    result = tool.mit(variant="tiny", batch_2d=1, batch_3d=1, size_2d=64, size_3d=(64, 64, 16), repeats=1)
+    out = capsys.readouterr().out
+    assert [(r["input"][:2], r["attention"]) for r in result["rows"]] == [
+        ("2D", "sdpa"), ("2D", "explicit"), ("3D", "sdpa"), ("3D", "explicit")
+    ]
+    assert all(r["ms"] > 0 for r in result["rows"]) and result["speedup_2d"] > 0 and result["speedup_3d"] > 0
+    assert "SDPA is" in out and "MiT-tiny forward + backward" in out

@@ -4,6 +4,7 @@
     python tools/benchmark.py energy [--size 512] [--repeats 5] [--channels 1] [--mode reflect] [--goal 3]
     python tools/benchmark.py step [--bundle DIR] [--config train.json] [--override auto] [--dataset-dir D]
         [--datalist F] [--iters 20] [--warmup 2] [--num-workers 0] [--trainer-id train#trainer] [--threads N]
+    python tools/benchmark.py mit [--variant small] [--batch-2d 2] [--batch-3d 1] [--size-2d 224] [--size-3d 96,96,16]
     python tools/benchmark.py all [any option of energy and step]    (step part: --num-workers 0,2 by default)
 
 energy — the energy-band decomposition of seed 002 (``medssl.transforms.energy_bands``) against a straightforward
@@ -406,6 +407,86 @@ def step(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# mit
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def mit(
+    variant: str = "small",
+    batch_2d: int = 2,
+    batch_3d: int = 1,
+    size_2d: int = 224,
+    size_3d: Sequence[int] = (96, 96, 16),
+    repeats: int = 3,
+    amp: bool | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """MiT forward + backward time on a 2D batch (``batch_2d`` × 3 × size_2d²) and a 3D batch (``batch_3d`` × 1 ×
+    size_3d, depth last: seed 001's 16×96×96 crops are 96×96×16 here), with our attention
+    (``torch.nn.functional.scaled_dot_product_attention``) against the explicit softmax(QKᵀ)V attention, in the
+    same run on the same weights. On a GPU it runs under bf16 autocast (``amp`` default: on with CUDA).
+
+    Returns ``{"device", "variant", "amp", "rows": [{"input", "attention", "ms", "best_ms"}...], "speedup_2d",
+    "speedup_3d"}`` (also printed). The median of ``repeats`` timed iterations after one warm-up is reported.
+    """
+    import torch
+
+    from medssl.networks.mit import mit_small, mit_tiny
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    factories = {"small": mit_small, "tiny": mit_tiny}
+    if variant not in factories:
+        raise ValueError(f"mit: variant must be one of {sorted(factories)}, got {variant!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda" if amp is None else bool(amp)
+    torch.manual_seed(seed)
+    size_3d = tuple(int(v) for v in size_3d)
+    model = factories[variant](img_size_2d=int(size_2d), img_size_3d=size_3d).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {
+        f"2D {batch_2d}x3x{size_2d}x{size_2d}": torch.randn(batch_2d, 3, size_2d, size_2d, generator=generator),
+        f"3D {batch_3d}x1x{'x'.join(map(str, size_3d))}": torch.randn(batch_3d, 1, *size_3d, generator=generator),
+    }
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(x: torch.Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        out.float().square().mean().backward()
+
+    print(f"MiT-{variant} forward + backward on {device} (amp bf16: {amp}, torch threads {torch.get_num_threads()})")
+    rows = []
+    for name, x in inputs.items():
+        x = x.to(device)
+        for attention in ("sdpa", "explicit"):
+            model.set_attention(attention)
+            step(x)  # warm-up
+            sync()
+            times = []
+            for _ in range(max(1, int(repeats))):
+                start = time.perf_counter()
+                step(x)
+                sync()
+                times.append(time.perf_counter() - start)
+            row = {"input": name, "attention": attention, "ms": 1e3 * float(np.median(times)), "best_ms": 1e3 * min(times)}
+            rows.append(row)
+            print(f"  {name:<24} {attention:<9} {row['ms']:9.1f} ms (best {row['best_ms']:.1f})")
+    result = {"device": str(device), "variant": variant, "amp": amp, "rows": rows}
+    for dim in ("2D", "3D"):
+        ms = {r["attention"]: r["ms"] for r in rows if r["input"].startswith(dim)}
+        result[f"speedup_{dim.lower()}"] = ms["explicit"] / ms["sdpa"]
+        print(f"  {dim}: SDPA is {result[f'speedup_{dim.lower()}']:.2f}x the speed of the explicit attention")
+    model.set_attention("sdpa")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # all
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -445,7 +526,7 @@ def all_benchmarks(
     return {"energy": energy_result, "step": step_result}
 
 
-COMMANDS = {"energy": energy, "step": step, "all": all_benchmarks}
+COMMANDS = {"energy": energy, "step": step, "mit": mit, "all": all_benchmarks}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
