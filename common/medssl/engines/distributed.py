@@ -73,9 +73,16 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
 
 
 def destroy_distributed() -> None:
-    """Destroy the default process group if one is initialised (no-op otherwise)."""
+    """Destroy the default process group if one is initialised (no-op otherwise).
+
+    All ranks meet at a barrier first: a rank that tears its group down while another is still finishing (rank 0
+    writes the final checkpoint and the summaries) can make the other's communication threads abort at exit.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def local_device() -> torch.device:
