@@ -85,12 +85,12 @@ def load_pretrained(
     if path is None or str(path) == "":
         logger.warning(f"load_pretrained: no pretrained_path; {type(module).__name__} starts from random weights")
         return module
-    from medssl.weights.export import _method_state_dict, extract_encoder_state_dict, load_encoder_state_dict
+    from medssl.weights.export import extract_encoder_state_dict, load_encoder_state_dict, method_state_dict
 
     file = _checkpoint_file(Path(path))
     source = str(file)
     checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    state = _method_state_dict(checkpoint, method_key, source)
+    state = method_state_dict(checkpoint, method_key, source)
     encoder_state = extract_encoder_state_dict(state, source_key, source)
     try:
         target = module.get_submodule(target_key) if target_key else module

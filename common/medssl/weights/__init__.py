@@ -8,5 +8,7 @@ from .export import (
     file_sha256,
     load_encoder_state_dict,
     load_manifest,
+    method_state_dict,
+    write_encoder_files,
 )
 from .convert_unimiss import ConversionReport, convert_unimiss_checkpoint, convert_unimiss_state_dict

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import re
 from collections import OrderedDict
@@ -70,12 +69,10 @@ import medssl
 from medssl.networks.mit import MIT_VARIANTS, MiT, mit_small, mit_tiny
 from medssl.weights.export import (
     MANIFEST_FORMAT,
-    _atomic_write_bytes,
-    _json_ready,
     _listing,
     file_sha256,
     load_encoder_state_dict,
-    manifest_path_for,
+    write_encoder_files,
 )
 
 __all__ = [
@@ -627,13 +624,7 @@ def convert_unimiss_checkpoint(
         "num_params": int(sum(p.numel() for p in model.parameters())),
         "conversion": report.as_manifest_record(),
     }
-    record = _json_ready(record, "")
     del checkpoint, state
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out_path, lambda f: torch.save(converted, f))
-    record["encoder_sha256"] = file_sha256(out_path)
-    manifest_path = manifest_path_for(out_path)
-    text = json.dumps(record, indent=2) + "\n"
-    _atomic_write_bytes(manifest_path, lambda f: f.write(text.encode("utf-8")))
+    out_path, manifest_path = write_encoder_files(converted, out_path, record)
     logger.info(f"converted {len(converted)} tensors of {source} [{used}] to {out_path} (+ {manifest_path})")
     return out_path, manifest_path, report

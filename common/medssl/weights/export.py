@@ -335,18 +335,37 @@ def export_encoder(
     }
     fields.pop("num_params", None)
     record.update(fields)  # anything else the caller described (bundle name / version, notes...)
-    record = _json_ready(record, "")
     del checkpoint, state
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out_path, lambda f: torch.save(encoder_state, f))
-    record["encoder_sha256"] = file_sha256(out_path)
-    text = json.dumps(record, indent=2) + "\n"
-    _atomic_write_bytes(manifest_path, lambda f: f.write(text.encode("utf-8")))
+    write_encoder_files(encoder_state, out_path, record, manifest_path)
     logger.info(
         f"exported {len(encoder_state)} tensors of {source} [{encoder_key or 'all'}] to {out_path} (+ {manifest_path})"
     )
     return out_path, manifest_path
+
+
+def write_encoder_files(
+    state_dict: Mapping[str, torch.Tensor],
+    out_path: str | Path,
+    record: Mapping[str, Any],
+    manifest_path: str | Path | None = None,
+) -> tuple[Path, Path]:
+    """Write an encoder file (plain state dict) and its JSON manifest atomically; the manifest gets the file's
+    ``encoder_sha256``. Shared by :func:`export_encoder` and the weight converters."""
+    out_path = Path(out_path)
+    manifest_path = manifest_path_for(out_path) if manifest_path is None else Path(manifest_path)
+    record = _json_ready(dict(record), "")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(out_path, lambda f: torch.save(dict(state_dict), f))
+    record["encoder_sha256"] = file_sha256(out_path)
+    text = json.dumps(record, indent=2) + "\n"
+    _atomic_write_bytes(manifest_path, lambda f: f.write(text.encode("utf-8")))
+    return out_path, manifest_path
+
+
+def method_state_dict(checkpoint: Any, method_key: str | None = "method", source: str = "checkpoint") -> dict:
+    """The method's state dict inside a medssl checkpoint dict (or the dict itself when it already is a plain state
+    dict), without nn.Module extra-state entries; errors name ``source``."""
+    return dict(_method_state_dict(checkpoint, method_key, source))
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
