@@ -249,6 +249,18 @@ def _feature_map(tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
 
+def _transformer_stages(dims, num_heads, sr_ratios, depths, drop_path_rates, **block_kwargs) -> nn.ModuleList:
+    """``stages[i][j]``: the j-th TransformerBlock of stage i (encoder and decoder share this layout; the keys match
+    the reference checkpoints). ``drop_path_rates`` is an iterator giving one rate per block, in order."""
+    return nn.ModuleList(
+        nn.ModuleList(
+            TransformerBlock(dims[i], num_heads[i], sr_ratios[i], drop_path=next(drop_path_rates), **block_kwargs)
+            for _ in range(depths[i])
+        )
+        for i in range(len(dims))
+    )
+
+
 class MiTEncoder(nn.Module):
     """The pyramid encoder: switchable patch embedding, 4 transformer stages, the SSL token. See :class:`MiT`."""
 
@@ -297,24 +309,9 @@ class MiTEncoder(nn.Module):
         self.ssl_token_proj = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = iter(drop_path_rates)
-        self.stages = nn.ModuleList(
-            nn.ModuleList(
-                TransformerBlock(
-                    dims[i],
-                    num_heads[i],
-                    sr_ratios[i],
-                    qkv_bias=True,
-                    norm_eps=1e-6,
-                    spatial_dims=spatial_dims,
-                    mlp_ratio=mlp_ratio,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=next(rates),
-                    attention=attention,
-                )
-                for _ in range(depths[i])
-            )
-            for i in range(len(dims))
+        self.stages = _transformer_stages(
+            dims, num_heads, sr_ratios, depths, rates, qkv_bias=True, norm_eps=1e-6, spatial_dims=spatial_dims,
+            mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate, attention=attention,
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -386,24 +383,9 @@ class MiTDecoder(nn.Module):
         self.ssl_token_proj = nn.ModuleList(nn.Linear(widths[i], widths[i + 1]) for i in range(len(dims)))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = iter(drop_path_rates)
-        self.stages = nn.ModuleList(
-            nn.ModuleList(
-                TransformerBlock(
-                    dims[i],
-                    num_heads[i],
-                    sr_ratios[i],
-                    qkv_bias=False,
-                    norm_eps=1e-5,
-                    spatial_dims=spatial_dims,
-                    mlp_ratio=mlp_ratio,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=next(rates),
-                    attention=attention,
-                )
-                for _ in range(depths[i])
-            )
-            for i in range(len(dims))
+        self.stages = _transformer_stages(
+            dims, num_heads, sr_ratios, depths, rates, qkv_bias=False, norm_eps=1e-5, spatial_dims=spatial_dims,
+            mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate, attention=attention,
         )
         self.norm = nn.LayerNorm(dims[-1])
 
