@@ -12,3 +12,13 @@ from .export import (
     write_encoder_files,
 )
 from .convert_unimiss import ConversionReport, convert_unimiss_checkpoint, convert_unimiss_state_dict
+from .loading import (
+    ENCODER_ADAPTERS,
+    EncoderAdapter,
+    LoadReport,
+    default_weights_cache,
+    load_pretrained_encoder,
+    pretrained_preprocessing,
+    register_encoder_adapter,
+    resolve_pretrained_path,
+)
