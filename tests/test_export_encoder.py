@@ -203,3 +203,41 @@ def test_tool_config_errors(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_publish_url_lists_encoder_in_large_files_and_monai_downloads_it(tmp_path, capsys):
+    """--publish-url writes large_files.yml entries; MONAI's download_large_files fetches them (file:// URL); the
+    downstream loader then loads the downloaded encoder, and by URL + sha256 as well."""
+    from monai.bundle import download_large_files
+
+    from medssl.weights import load_pretrained_encoder
+
+    backbone = _trained(ResNetBackbone(**RESNET_KWARGS), (2, 1, 32, 32))
+    _save_checkpoint(ToyMethod(backbone), tmp_path / "ckpt")
+    bundle = _fake_bundle(tmp_path / "bundle")
+    (bundle / "large_files.yml").write_text("# published encoders\nlarge_files: []\n")
+    upload = tmp_path / "upload"
+    fire.Fire(_load_tool().main, command=["--bundle", str(bundle), "--checkpoint", str(tmp_path / "ckpt"),
+                                          "--out", str(upload / "encoder.pt"), "--publish-url", upload.as_uri()])
+    assert "large_files.yml" in capsys.readouterr().out
+    import yaml
+
+    text = (bundle / "large_files.yml").read_text()
+    assert text.startswith("# published encoders")
+    entries = {e["path"]: e for e in yaml.safe_load(text)["large_files"]}
+    assert set(entries) == {"models/encoder.pt", "models/encoder.json"}
+    assert entries["models/encoder.pt"]["hash_val"] == file_sha256(upload / "encoder.pt")
+    assert entries["models/encoder.pt"]["url"] == (upload / "encoder.pt").as_uri()
+
+    download_large_files(bundle_path=str(bundle))
+    downloaded = bundle / "models" / "encoder.pt"
+    assert file_sha256(downloaded) == file_sha256(upload / "encoder.pt")
+    target = ResNetBackbone(**RESNET_KWARGS)
+    report = load_pretrained_encoder(target, downloaded, encoder_prefix="", spatial_dims=2, verbose=False)
+    assert len(report.loaded) == len(backbone.state_dict())
+    assert torch.equal(target.conv1.weight, backbone.conv1.weight)
+    by_url = load_pretrained_encoder(
+        ResNetBackbone(**RESNET_KWARGS), entries["models/encoder.pt"]["url"], encoder_prefix="",
+        sha256=entries["models/encoder.pt"]["hash_val"], cache_dir=tmp_path / "cache", verbose=False,
+    )
+    assert len(by_url.loaded) == len(report.loaded) and by_url.manifest["encoder_sha256"] == file_sha256(downloaded)

@@ -3,7 +3,7 @@
 Usage:
     python tools/export_encoder.py --bundle BUNDLE_DIR --checkpoint CKPT --out encoder.pt \\
         [--config configs/train.json] [--encoder-id backbone] [--encoder-key backbone] \\
-        [--preprocessing-id preprocessing_spec] [--method-key method]
+        [--preprocessing-id preprocessing_spec] [--method-key method] [--publish-url https://host/folder]
 
 What it does:
 1. parses the bundle's configs with ``monai.bundle.ConfigParser``: ``configs/metadata.json`` plus the given config
@@ -150,6 +150,7 @@ def main(
     encoder_key: str = "backbone",
     preprocessing_id: str = "preprocessing_spec",
     method_key: str = "method",
+    publish_url: str | None = None,
 ) -> None:
     """Export the encoder of CHECKPOINT (a file or a ckpt_dir) of BUNDLE to OUT (+ OUT's .json manifest).
 
@@ -162,6 +163,10 @@ def main(
         encoder_key: module path of the encoder inside the method (prefix of its keys in the checkpoint).
         preprocessing_id: config id of the preprocessing description (skipped when absent).
         method_key: checkpoint entry holding the method's state dict.
+        publish_url: where OUT and its manifest will be uploaded (a folder URL: https://... or file://...). The
+            bundle's large_files.yml then lists both files under models/ with their URL and sha256, so that
+            ``python -m monai.bundle download_large_files --bundle_path BUNDLE`` fetches them; upload the two files
+            there yourself.
     """
     checkpoint_path = Path(checkpoint)
     if checkpoint_path.is_dir():
@@ -182,6 +187,34 @@ def main(
         f"wrote {weights} ({written['num_tensors']} tensors, {written['num_params']} parameters, feature_dim "
         f"{written['feature_dim']}, spatial_dims {written['spatial_dims']}) and {manifest_path}"
     )
+    if publish_url:
+        large_files = publish_entries(Path(bundle), [weights, manifest_path], publish_url)
+        print(f"listed {weights.name} and {manifest_path.name} at {publish_url} in {large_files}")
+
+
+def publish_entries(bundle: Path, files: list[Path], url_base: str) -> Path:
+    """Add or replace ``models/<name>`` entries (url = ``url_base/<name>``, sha256) in ``bundle/large_files.yml``,
+    keeping its other entries and its leading comment lines. Returns the file's path."""
+    import yaml
+
+    from medssl.weights.export import file_sha256
+
+    path = bundle / "large_files.yml"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    data = yaml.safe_load(text) if text.strip() else None
+    entries = list((data or {}).get("large_files") or [])
+    for file in files:
+        rel = f"models/{file.name}"
+        entries = [e for e in entries if e.get("path") != rel]
+        entries.append(
+            {"path": rel, "url": url_base.rstrip("/") + "/" + file.name, "hash_val": file_sha256(file), "hash_type": "sha256"}
+        )
+    body = yaml.safe_dump({"large_files": entries}, sort_keys=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(comments + [body]) if comments else body, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 if __name__ == "__main__":
