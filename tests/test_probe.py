@@ -1,0 +1,73 @@
+"""tools/probe.py: frozen-feature kNN / logistic-regression probes with a confidence interval over seeds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import fire
+import pytest
+import torch
+
+from conftest import TOOLS
+from medssl.networks import ResNetBackbone
+from medssl.weights import write_encoder_files
+
+KWARGS = {"spatial_dims": 2, "in_channels": 1, "layers": [1, 1, 1, 1], "block": "basic", "block_inplanes": [4, 8, 8, 16]}
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("probe_tool", TOOLS / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(**KWARGS)
+    path = tmp_path_factory.mktemp("enc") / "encoder.pt"
+    write_encoder_files(backbone.state_dict(), path, {
+        "format": "medssl-encoder/1", "weights": "encoder.pt", "spatial_dims": 2, "in_channels": 1,
+        "backbone": {"_target_": "medssl.networks.ResNetBackbone", "kwargs": KWARGS},
+        "preprocessing": {"input_size": 32},
+    })
+    return path.with_suffix(".json")
+
+
+def test_probe_knn_and_linear_with_ci_and_cache(encoder_file, demo_datalist, tmp_path, capsys):
+    tool = _tool()
+    kwargs = dict(encoder=str(encoder_file), datalist=str(demo_datalist), method="both", label_fraction=0.5,
+                  seeds=2, k=5, cache_dir=str(tmp_path / "cache"))
+    result = tool.run_probe(**kwargs)
+    assert result["n_train"] > 0 and result["n_test"] > 0 and result["seeds"] == 2
+    for method in ("knn", "linear"):
+        acc = result["results"][method]["accuracy"]
+        assert len(acc["values"]) == 2 and all(0.0 <= v <= 1.0 for v in acc["values"])
+        assert acc["mean"] == pytest.approx(sum(acc["values"]) / 2)
+        assert acc["ci95"] >= 0 and (acc["ci95"] > 0) == (len(set(acc["values"])) > 1)
+    assert "computed" in capsys.readouterr().out
+    again = tool.run_probe(**kwargs)  # embeddings come from the cache; same numbers
+    assert "(cache," in capsys.readouterr().out
+    assert again["results"]["knn"]["accuracy"]["values"] == result["results"]["knn"]["accuracy"]["values"]
+    # the command line: random baseline of the same architecture, JSON output
+    out = tmp_path / "probe.json"
+    fire.Fire(tool.main, command=["--encoder", f"random:{encoder_file}", "--datalist", str(demo_datalist),
+                                  "--method", "knn", "--seeds", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "knn" in printed and "accuracy" in printed and f"wrote {out}" in printed
+    written = json.loads(out.read_text())
+    assert written["results"]["knn"]["accuracy"]["ci95"] == 0.0
+    assert not math.isnan(written["results"]["knn"]["accuracy"]["mean"])
+
+
+def test_probe_errors(encoder_file, demo_datalist):
+    tool = _tool()
+    with pytest.raises(ValueError, match="--method"):
+        tool.run_probe(encoder=str(encoder_file), datalist=str(demo_datalist), method="svm")
+    with pytest.raises(ValueError, match="no 'nosuch' list in the datalist"):
+        tool.run_probe(encoder=str(encoder_file), datalist=str(demo_datalist), test_section="nosuch")
+    with pytest.raises(ValueError, match="needs 2 values"):
+        tool.run_probe(encoder=str(encoder_file), datalist=str(demo_datalist), image_size=[8, 8, 8])
