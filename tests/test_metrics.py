@@ -100,3 +100,10 @@ def test_cached_embeddings_second_call_reads_cache(tmp_path):
     assert encoder_fingerprint(encoder) != fp
     fourth = cached_embeddings(encoder, items, None, **kwargs)
     assert not fourth.from_cache and torch.allclose(fourth.features, first.features * 1.5)
+
+
+def test_fingerprint_handles_zero_dim_buffers():
+    bn = nn.BatchNorm1d(3)  # num_batches_tracked is a 0-d tensor
+    fp = encoder_fingerprint(bn)
+    bn.num_batches_tracked += 1
+    assert encoder_fingerprint(bn) != fp

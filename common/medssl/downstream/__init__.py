@@ -1,0 +1,48 @@
+"""medssl.downstream: fine-tuning pretrained encoders on labelled data (classification and segmentation bundles).
+
+* :class:`SupervisedTask` — a network + loss as an :class:`medssl.methods.SSLMethod`, trained by
+  :class:`medssl.engines.SSLTrainer`; ``finetune_mode`` ``finetune`` / ``linear`` / ``scratch``;
+* :func:`label_fraction_subset` — seeded, stratified label-fraction subsets;
+* :func:`prepare_network`, :func:`training_dataset` — pretrained encoder loading and the (cached-feature)
+  training set;
+* evaluation: :func:`evaluate_classification`, :class:`ClassificationValidator`, :class:`ValidationHandler` (best
+  model), :class:`ClassProbabilityWriter` (inference CSV), :func:`load_network_weights`.
+"""
+
+from .evaluation import (
+    ClassificationValidator,
+    ClassProbabilityWriter,
+    Predictions,
+    ValidationHandler,
+    add_case_ids,
+    classification_case_rows,
+    evaluate_classification,
+    load_network_weights,
+    predict_probabilities,
+)
+from .setup import as_float, cached_feature_items, no_pretrained, prepare_network, training_dataset
+from .subsets import label_fraction_subset, stratum_of
+from .task import FINETUNE_MODES, SupervisedTask, check_finetune_mode, get_submodule
+
+__all__ = [
+    "FINETUNE_MODES",
+    "SupervisedTask",
+    "check_finetune_mode",
+    "get_submodule",
+    "label_fraction_subset",
+    "stratum_of",
+    "prepare_network",
+    "training_dataset",
+    "cached_feature_items",
+    "as_float",
+    "no_pretrained",
+    "Predictions",
+    "add_case_ids",
+    "predict_probabilities",
+    "classification_case_rows",
+    "evaluate_classification",
+    "ClassificationValidator",
+    "ValidationHandler",
+    "ClassProbabilityWriter",
+    "load_network_weights",
+]

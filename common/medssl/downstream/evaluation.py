@@ -1,0 +1,476 @@
+"""Evaluation of downstream classifiers: predictions, metrics, per-case reports, validation during training, and the
+class-probability CSV of inference.
+
+* :func:`predict_probabilities` runs a network over a loader (every rank its share, gathered, in dataset order —
+  :func:`medssl.evaluation.extract_features` does the distributed bookkeeping) and applies softmax (multi-class) or
+  sigmoid (multi-label) to the logits;
+* :func:`evaluate_classification` turns them into the metrics of
+  :func:`medssl.evaluation.metrics.classification_metrics` (the one implementation of AUC / accuracy / F1 / kappa)
+  and writes a per-case CSV and a summary JSON
+  (:func:`medssl.evaluation.metrics.write_metric_reports`);
+* :class:`ClassificationValidator` is the callable a :class:`ValidationHandler` runs every N epochs of training; the
+  handler keeps the best network (by a key metric) as a plain state dict — the ``models/model.pt`` of the bundle;
+* :class:`ClassProbabilityWriter` is a handler of MONAI's ``SupervisedEvaluator`` (inference.json) writing one CSV
+  row of class probabilities per image.
+
+Images are channels-first: 2D (B, C, H, W), 3D (B, C, X, Y, Z) with the depth axis last.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+
+__all__ = [
+    "Predictions",
+    "add_case_ids",
+    "predict_probabilities",
+    "classification_case_rows",
+    "evaluate_classification",
+    "ClassificationValidator",
+    "ValidationHandler",
+    "ClassProbabilityWriter",
+    "load_network_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+CASE_KEY = "case"
+
+
+def add_case_ids(items: Sequence[dict], case_key: str = CASE_KEY, dataset_dir: str | os.PathLike | None = None) -> list:
+    """Items with ``case_key`` = the image path (relative to ``dataset_dir`` when given and inside it): the id of
+    each row in per-case reports and probability CSVs (it survives the loading transforms and collation as a str)."""
+    out = []
+    for item in items:
+        case = str(item.get("image", ""))
+        if dataset_dir is not None:
+            try:
+                case = str(Path(case).resolve().relative_to(Path(dataset_dir).resolve()))
+            except ValueError:
+                pass
+        out.append({**item, case_key: case})
+    return out
+
+
+@dataclass
+class Predictions:
+    """Predictions on N cases in dataset order: ``probs`` (N, C) float32, ``labels`` (N,) / (N, C) or None,
+    ``cases`` (ids, ``"#<index>"`` when the batches hold none), ``indices`` (dataset index of each row)."""
+
+    probs: torch.Tensor
+    labels: torch.Tensor | None
+    cases: list[str]
+    indices: list[int]
+
+
+def _activation(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+
+
+def predict_probabilities(
+    network: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    data_loader: Any,
+    *,
+    multi_label: bool = False,
+    device: torch.device | str | None = None,
+    image_key: str = "image",
+    label_key: str | None = "label",
+    case_key: str = CASE_KEY,
+    amp: bool | str = False,
+) -> Predictions:
+    """Class probabilities of every item of ``data_loader`` (collective in a distributed run: every rank calls it
+    with its share of the items and gets all of them). The network runs in eval mode under no_grad."""
+    from medssl.evaluation.features import extract_features
+
+    logits, labels, extras = extract_features(
+        network,
+        data_loader,
+        device=device,
+        image_key=image_key,
+        label_key=label_key,
+        amp=amp,
+        extra_keys=(case_key,),
+        log_every=0,
+        description="predictions",
+    )
+    indices = extras.get("indices")
+    indices = [int(i) for i in indices] if indices is not None else list(range(logits.shape[0]))
+    cases = extras.get(case_key)
+    if cases is not None and len(cases) == logits.shape[0]:
+        cases = [str(c) for c in cases]
+    else:
+        cases = [f"#{i}" for i in indices]
+    return Predictions(_activation(logits, multi_label), labels, cases, indices)
+
+
+def _label_value(label: torch.Tensor) -> Any:
+    if label.dim() == 0:
+        return int(label.item()) if not label.is_floating_point() or float(label).is_integer() else float(label)
+    return json.dumps([int(v) if float(v).is_integer() else float(v) for v in label.tolist()])
+
+
+def classification_case_rows(
+    predictions: Predictions, class_names: Sequence[str], multi_label: bool = False
+) -> list[dict[str, Any]]:
+    """One row per case: ``case``, ``label`` (when known), ``predicted`` (class name; for multi-label the ``;``-joined
+    names at probability >= 0.5), ``correct`` (single-label, when the label is known), ``prob/<class>``..."""
+    names = [str(n) for n in class_names]
+    probs = predictions.probs
+    if probs.shape[1] != len(names):
+        raise ValueError(f"classification_case_rows: {probs.shape[1]} probabilities per case for {len(names)} classes")
+    rows = []
+    for i, case in enumerate(predictions.cases):
+        row: dict[str, Any] = {"case": case}
+        if multi_label:
+            predicted = ";".join(n for n, p in zip(names, probs[i].tolist()) if p >= 0.5)
+        else:
+            predicted_index = int(probs[i].argmax())
+            predicted = names[predicted_index]
+        if predictions.labels is not None:
+            row["label"] = _label_value(predictions.labels[i])
+        row["predicted"] = predicted
+        if predictions.labels is not None and not multi_label:
+            row["correct"] = int(int(predictions.labels[i].reshape(-1)[0]) == predicted_index)
+        for name, p in zip(names, probs[i].tolist()):
+            row[f"prob/{name}"] = float(p)
+        rows.append(row)
+    return rows
+
+
+def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    if class_names is None:
+        return [str(i) for i in range(num_classes)]
+    names = [str(n) for n in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names {names} has {len(names)} names but the network gives {num_classes} outputs")
+    return names
+
+
+def evaluate_classification(
+    network: nn.Module,
+    data_loader: Any,
+    *,
+    output_dir: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    multi_label: bool = False,
+    ordinal: bool = False,
+    device: torch.device | str | None = None,
+    name: str = "metrics",
+    amp: bool | str = False,
+) -> dict[str, float]:
+    """Metrics of ``network`` on the labelled items of ``data_loader``; rank 0 writes ``<output_dir>/<name>.csv``
+    (per case: label, prediction, probabilities) and ``<output_dir>/<name>_summary.json`` (the metrics of
+    :func:`medssl.evaluation.metrics.classification_metrics`, plus the task description). Returns the metrics."""
+    from medssl.engines.distributed import is_main_process
+    from medssl.evaluation.metrics import classification_metrics, write_metric_reports
+
+    predictions = predict_probabilities(network, data_loader, multi_label=multi_label, device=device, amp=amp)
+    if predictions.labels is None:
+        raise ValueError(
+            "evaluate_classification: the batches hold no numeric 'label'; evaluation needs labelled items"
+        )
+    names = _class_names(class_names, predictions.probs.shape[1])
+    metrics = classification_metrics(
+        predictions.probs, predictions.labels, multi_label=multi_label, ordinal=ordinal, class_names=names
+    )
+    if is_main_process():
+        rows = classification_case_rows(predictions, names, multi_label=multi_label)
+        summary = dict(metrics)
+        summary.update({"class_names": names, "multi_label": bool(multi_label), "ordinal": bool(ordinal)})
+        csv_path, json_path = write_metric_reports(rows, summary, output_dir, name=name)
+        logger.info(f"evaluation on {len(rows)} cases: {_format_metrics(metrics)}; wrote {csv_path} and {json_path}")
+    return metrics
+
+
+def _format_metrics(metrics: Mapping[str, float]) -> str:
+    return " ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k and k != "num_cases"
+    )
+
+
+class ClassificationValidator:
+    """``validator(network) -> metrics`` on a validation loader (see :func:`predict_probabilities` and
+    :func:`medssl.evaluation.metrics.classification_metrics`); what :class:`ValidationHandler` calls."""
+
+    def __init__(
+        self,
+        data_loader: Any,
+        *,
+        class_names: Sequence[str] | None = None,
+        multi_label: bool = False,
+        ordinal: bool = False,
+        device: torch.device | str | None = None,
+        amp: bool | str = False,
+    ) -> None:
+        self.data_loader = data_loader
+        self.class_names = class_names
+        self.multi_label, self.ordinal = bool(multi_label), bool(ordinal)
+        self.device, self.amp = device, amp
+
+    def __call__(self, network: nn.Module) -> dict[str, float]:
+        from medssl.evaluation.metrics import classification_metrics
+
+        predictions = predict_probabilities(
+            network, self.data_loader, multi_label=self.multi_label, device=self.device, amp=self.amp
+        )
+        if predictions.labels is None:
+            raise ValueError("ClassificationValidator: the validation batches hold no numeric 'label'")
+        names = _class_names(self.class_names, predictions.probs.shape[1])
+        return classification_metrics(
+            predictions.probs, predictions.labels, multi_label=self.multi_label, ordinal=self.ordinal, class_names=names
+        )
+
+
+def _unwrap(module: Any) -> Any:
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return module
+
+
+class ValidationHandler:
+    """Validate every ``every_n_epochs`` epochs of training and keep the best network.
+
+    Args:
+        evaluate: ``evaluate(network) -> {metric: value}`` (e.g. :class:`ClassificationValidator`, or a segmentation
+            bundle's own callable); called on EVERY rank (the evaluation may be collective).
+        network: the module whose state dict is saved (the task's network, not the task).
+        key_metric: the metric that decides "best" (``auc_macro``, ``dice_mean``...).
+        best_model_path: where rank 0 saves the best network's ``state_dict()`` (atomically, loadable with
+            ``torch.load(weights_only=True)``; ``<stem>_metrics.json`` beside it records the epoch and the
+            metrics). None: no file.
+        every_n_epochs: validation period; 0 turns validation off (the network is then saved at the end of training).
+        higher_is_better: direction of ``key_metric``.
+        output_dir: rank 0 appends one JSON line per validation to ``<output_dir>/<log_name>``.
+
+    A validation whose key metric is NaN (undefined, e.g. an AUC on a single-class set) only counts as the best when
+    nothing was saved yet. When the run ends without any validation, the final network is saved. The best score
+    is part of :meth:`state_dict` (add the handler to the checkpoint's objects so that a resumed run keeps it).
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable[[nn.Module], Mapping[str, float]],
+        network: nn.Module,
+        key_metric: str = "auc_macro",
+        best_model_path: str | os.PathLike | None = None,
+        every_n_epochs: int = 1,
+        higher_is_better: bool = True,
+        output_dir: str | os.PathLike | None = None,
+        log_name: str = "val_log.jsonl",
+    ) -> None:
+        if every_n_epochs < 0:
+            raise ValueError(f"ValidationHandler: every_n_epochs={every_n_epochs} must be >= 0")
+        self.evaluate = evaluate
+        self.network = network
+        self.key_metric = key_metric
+        self.best_model_path = Path(best_model_path) if best_model_path else None
+        self.every_n_epochs = int(every_n_epochs)
+        self.higher_is_better = bool(higher_is_better)
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.log_name = log_name
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.saved = False
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ state (checkpointed)
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "saved": self.saved}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best_score = state.get("best_score")
+        self.best_epoch = state.get("best_epoch")
+        self.saved = bool(state.get("saved", False))
+
+    # ------------------------------------------------------------------ events
+    def attach(self, engine: Engine) -> None:
+        if self.every_n_epochs:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs), self.run)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _improves(self, score: float) -> bool:
+        if not self.saved or self.best_score is None:
+            return True
+        if math.isnan(score):
+            return False
+        if math.isnan(self.best_score):
+            return True
+        return score > self.best_score if self.higher_is_better else score < self.best_score
+
+    def run(self, engine: Engine | None = None) -> dict[str, float]:
+        """Evaluate now; save the network when the key metric improves. Returns the metrics."""
+        from medssl.engines.distributed import is_main_process
+
+        epoch = int(engine.state.epoch) if engine is not None else None
+        network = _unwrap(self.network)
+        metrics = dict(self.evaluate(network))
+        if self.key_metric not in metrics:
+            raise KeyError(
+                f"ValidationHandler: key_metric {self.key_metric!r} is not among the validation metrics "
+                f"{sorted(metrics)}"
+            )
+        score = float(metrics[self.key_metric])
+        improved = self._improves(score)
+        if improved:
+            self.best_score, self.best_epoch = score, epoch
+            self._save(network, epoch, metrics)
+        record = {"epoch": epoch, "iteration": int(engine.state.iteration) if engine is not None else None}
+        record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()})
+        record["best"] = improved
+        self.history.append(record)
+        if is_main_process():
+            logger.info(
+                f"validation epoch {epoch}: {_format_metrics(metrics)}"
+                + (f" (best {self.key_metric}, saved)" if improved and self.best_model_path else "")
+            )
+            if self.output_dir is not None:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.output_dir / self.log_name, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+        return metrics
+
+    def _on_completed(self, engine: Engine) -> None:
+        if not self.saved:
+            self._save(_unwrap(self.network), int(engine.state.epoch), {})
+
+    def _save(self, network: nn.Module, epoch: int | None, metrics: Mapping[str, float]) -> None:
+        from medssl.engines.checkpoint import atomic_torch_save
+        from medssl.engines.distributed import is_main_process
+
+        self.saved = True
+        if self.best_model_path is None or not is_main_process():
+            return
+        self.best_model_path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        atomic_torch_save(state, self.best_model_path)
+        info = {"epoch": epoch, "key_metric": self.key_metric, "metrics": dict(metrics)}
+        info["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        self.best_model_path.with_name(self.best_model_path.stem + "_metrics.json").write_text(json.dumps(info) + "\n")
+
+
+class ClassProbabilityWriter:
+    """Handler of MONAI's ``SupervisedEvaluator`` writing ``<output_dir>/<filename>``: one row per image — ``case``
+    (the item's ``case`` id, else the image file from its meta data), ``predicted`` (class name; multi-label: the
+    ``;``-joined names at >= 0.5) and ``prob/<class>`` for every class. The engine's decollated output must hold
+    ``pred_key`` = the (C,) class probabilities (post-processing applies the softmax / sigmoid). In a run of several
+    ranks each rank writes ``<stem>_rank<r>.csv``."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        class_names: Sequence[str],
+        filename: str = "probabilities.csv",
+        pred_key: str = "pred",
+        case_key: str = CASE_KEY,
+        multi_label: bool = False,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.class_names = [str(n) for n in class_names]
+        self.filename = filename
+        self.pred_key, self.case_key = pred_key, case_key
+        self.multi_label = bool(multi_label)
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def _case_of(self, item: Mapping[str, Any]) -> str:
+        if self.case_key in item and item[self.case_key] is not None:
+            return str(item[self.case_key])
+        image = item.get("image")
+        meta = getattr(image, "meta", None) or item.get("image_meta_dict") or {}
+        return str(meta.get("filename_or_obj", f"#{len(self.rows)}"))
+
+    def _on_iteration(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]
+        batch = getattr(engine.state, "batch", None)
+        if isinstance(batch, Mapping):  # collated
+            batch_cases = batch.get(self.case_key)
+        elif isinstance(batch, (list, tuple)):  # decollated by the evaluator
+            batch_cases = [b.get(self.case_key) if isinstance(b, Mapping) else None for b in batch]
+        else:
+            batch_cases = None
+        if not isinstance(batch_cases, (list, tuple)) or len(batch_cases) != len(items) or None in batch_cases:
+            batch_cases = None
+        for i, item in enumerate(items):
+            if batch_cases is not None and self.case_key not in item:
+                item = {**item, self.case_key: batch_cases[i]}
+            probs = item[self.pred_key]
+            probs = torch.as_tensor(getattr(probs, "as_tensor", lambda: probs)()).detach().float().reshape(-1).cpu()
+            if probs.numel() != len(self.class_names):
+                raise ValueError(
+                    f"ClassProbabilityWriter: {probs.numel()} probabilities for {len(self.class_names)} classes "
+                    f"{self.class_names}"
+                )
+            row: dict[str, Any] = {"case": self._case_of(item)}
+            if self.multi_label:
+                row["predicted"] = ";".join(n for n, p in zip(self.class_names, probs.tolist()) if p >= 0.5)
+            else:
+                row["predicted"] = self.class_names[int(probs.argmax())]
+            row.update({f"prob/{n}": float(p) for n, p in zip(self.class_names, probs.tolist())})
+            self.rows.append(row)
+
+    @property
+    def path(self) -> Path:
+        from medssl.engines.distributed import get_rank, get_world_size
+
+        if get_world_size() > 1:
+            stem, suffix = os.path.splitext(self.filename)
+            return self.output_dir / f"{stem}_rank{get_rank()}{suffix}"
+        return self.output_dir / self.filename
+
+    def write(self, engine: Engine | None = None) -> Path:
+        """Write the CSV now (atomically); returns its path."""
+        columns = ["case", "predicted"] + [f"prob/{n}" for n in self.class_names]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+        os.replace(tmp, path)
+        logger.info(f"class probabilities of {len(self.rows)} images written to {path}")
+        return path
+
+
+def load_network_weights(network: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a trained downstream network's weights (the ``models/model.pt`` written by :class:`ValidationHandler`: a
+    plain state dict) with ``torch.load(weights_only=True)``; a state dict of the whole task (keys ``network.*``) is
+    accepted too. A missing file or mismatching keys are errors naming the file. Returns ``network``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained network weights (train first, or pass --model_path)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "network" in state and isinstance(state["network"], Mapping):
+        state = state["network"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    if state and all(k.startswith("network.") for k in state):
+        state = {k[len("network.") :]: v for k, v in state.items()}
+    try:
+        network.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{path}: does not fit {type(network).__name__} (same network options as training?): {e}"
+        ) from e
+    logger.info(f"{path}: loaded {len(state)} tensors into {type(network).__name__}")
+    return network
