@@ -16,3 +16,5 @@ from .hybrid_volume import REFERENCE_PARAMETER_COUNTS, HybridVolumeEncoder, crop
 from .slice_encoder import SliceEncoder, volume_to_slices
 from .dino_head import DINOHead, WeightNormLinear
 from .mit import MIT_VARIANTS, MiT, mit_small, mit_tiny, resample_position_embedding
+from .segmentation import RESNET_SKIP_LEVELS, MiTSegmenter, ResNetUNet, SegmentationHead, SliceWiseResNetUNet
+from .classification import ClassificationHead, EncoderClassifier
