@@ -21,7 +21,16 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medssl.data.demo import CLASSES, DEMO_VERSION, REAL_SOURCES, SEGMENTATION_LABELS, build_demo_dataset
+from medssl.data.demo import (
+    CLASSES,
+    CT_VOLUME_CLASSES,
+    DEMO_VERSION,
+    MASK_CLASSES,
+    REAL_SOURCES,
+    SEGMENTATION_LABELS,
+    build_demo_dataset,
+    synthetic_chest_ct_nodules,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("training", "validation", "test")
@@ -68,6 +77,7 @@ def test_build_is_fast_small_and_offline(demo):
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total < SIZE_LIMIT_BYTES, f"{total / 2**20:.1f} MB"
     assert datalist["builder"] == {"module": "medssl.data.demo", "version": DEMO_VERSION, "seed": 0}
+    assert int(DEMO_VERSION) >= 2  # version 2 added the labelled 3D split and the X-ray organ masks
     # every real file found on disk in this environment was written (none failed, none needed a download)
     used = {(source["distribution"].split("==")[0], source["path"]) for source in datalist["sources"].values()}
     for real in REAL_SOURCES:
@@ -106,6 +116,7 @@ def test_task_datalists_are_consistent_subsets(demo):
         "datalist_classification_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), int),
         "datalist_segmentation_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), str),
         "datalist_segmentation_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), str),
+        "datalist_classification_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), int),
     }
     for name, keep in kinds.items():
         task = json.loads((root / name).read_text())
@@ -136,9 +147,15 @@ def test_modalities_and_dims_cover_the_promise(demo):
 def test_every_class_is_present(demo, section):
     _, datalist, _ = demo
     assert datalist["classes"] == list(CLASSES) and len(CLASSES) >= 2
-    labels = [item["label"] for item in datalist[section] if isinstance(item.get("label"), int)]
-    counts = np.bincount(labels, minlength=len(CLASSES))
+    class_items = [item for item in datalist[section] if isinstance(item.get("label"), int)]
+    xr = [item["label"] for item in class_items if (item["modality"], item["dim"]) == ("XR", 2)]
+    ct = [item["label"] for item in class_items if (item["modality"], item["dim"]) == ("CT", 3)]
+    assert len(xr) + len(ct) == len(class_items)  # class labels only on 2D X-rays and 3D CT volumes
+    counts = np.bincount(xr, minlength=len(CLASSES))
     assert (counts > 0).all() and counts.min() == counts.max(), counts  # all classes, balanced
+    counts = np.bincount(ct, minlength=len(CLASSES))
+    assert counts[list(CT_VOLUME_CLASSES)].min() == counts[list(CT_VOLUME_CLASSES)].max() > 0, counts
+    assert counts.sum() == counts[list(CT_VOLUME_CLASSES)].sum(), counts  # normal / nodule only
     # validation / test: only labelled items
     if section != "training":
         assert all("label" in item for item in datalist[section])
@@ -311,3 +328,71 @@ def test_cli_builds_the_dataset(tmp_path):
     datalist = json.loads((tmp_path / "cli" / "datalist.json").read_text())
     assert datalist["builder"]["seed"] == 3
     assert "validation: " in result.stdout and str(tmp_path / "cli" / "datalist.json") in result.stdout
+
+
+def test_labelled_3d_split_is_balanced_ras_hounsfield_volumes(demo):
+    """The class-labelled 3D split (kNN of volume embeddings): 16 / 6 / 6 CT volumes, normal / nodule alternating."""
+    from medssl.data import load_items
+
+    root, datalist, _ = demo
+    sizes = []
+    for section in SECTIONS:
+        items = load_items(root / "datalist.json", section, dims=[3], labelled_only="class", keys=None)
+        assert all(item["modality"] == "CT" and type(item["label"]) is int for item in items), items
+        labels = [item["label"] for item in items]
+        assert labels == [CT_VOLUME_CLASSES[i % 2] for i in range(len(labels))]  # alternating, so balanced
+        sizes.append(len(items))
+        for item in items:
+            volume = nib.load(item["image"])
+            assert volume.shape == (48, 48, 32) and volume.get_data_dtype() == np.int16, item
+            assert nib.aff2axcodes(volume.affine) == ("R", "A", "S") and volume.affine[2, 2] == 8.0, item
+            hu = np.asanyarray(volume.dataobj)
+            assert hu.min() >= -1024 and (hu < -700).mean() > 0.3 and (hu > 400).sum() > 20, item  # air, lungs, bone
+    assert sizes == [16, 6, 6]
+    task = json.loads((root / "datalist_classification_3d.json").read_text())
+    assert [len(task[s]) for s in SECTIONS] == sizes and task["classes"] == list(CLASSES)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ct_classes_differ_only_by_nodules_inside_the_lungs(seed):
+    normal = synthetic_chest_ct_nodules(np.random.default_rng(seed), CLASSES.index("normal")).astype(np.float64)
+    nodule = synthetic_chest_ct_nodules(np.random.default_rng(seed), CLASSES.index("nodule")).astype(np.float64)
+    changed = normal != nodule
+    # 1-3 spheres of radius 1.5-3.5 voxels (plus their partial-volume rim): between ~10 and ~3 x 4/3 pi 4^3 voxels
+    assert 10 <= changed.sum() <= 3 * 4 / 3 * np.pi * 4**3, changed.sum()
+    assert np.median(normal[changed]) < -600  # in the lungs
+    assert (nodule[changed] - normal[changed]).mean() > 150  # denser than lung parenchyma
+    with pytest.raises(ValueError, match="not a CT volume class"):
+        synthetic_chest_ct_nodules(np.random.default_rng(seed), CLASSES.index("effusion"))
+
+
+def test_xr_organ_masks_name_lungs_heart_and_clavicles(demo):
+    from scipy import ndimage
+
+    root, datalist, _ = demo
+    assert datalist["mask_classes"] == {m: list(names) for m, names in MASK_CLASSES.items()}
+    assert datalist["mask_classes"]["XR"] == ["background", "lungs", "heart", "clavicles"]
+    assert datalist["segmentation_labels"]["XR"] == {"0": "background", "1": "lungs", "2": "heart", "3": "clavicles"}
+    for modality, names in datalist["mask_classes"].items():
+        assert names[0] == "background" and datalist["segmentation_labels"][modality] == dict(
+            (str(i), n) for i, n in enumerate(names)
+        )
+    sizes = []
+    for section in SECTIONS:
+        items = [it for it in datalist[section] if it["modality"] == "XR" and isinstance(it.get("label"), str)]
+        sizes.append(len(items))
+        for item in items:
+            image, mask = _read_2d(root / item["image"]), _read_2d(root / item["label"])
+            assert mask.dtype == np.uint8 and mask.shape == image.shape == (128, 128), item
+            assert set(np.unique(mask).tolist()) == {0, 1, 2, 3}, item
+            lungs, n_lungs = ndimage.label(mask == 1)
+            assert n_lungs >= 2, item  # left and right lung fields
+            big = sorted(np.bincount(lungs.ravel())[1:])[-2:]
+            assert min(big) > 0.04 * mask.size, item
+            rows_heart, cols_heart = np.nonzero(mask == 2)
+            rows_clav, _ = np.nonzero(mask == 3)
+            assert rows_clav.mean() < np.nonzero(mask == 1)[0].mean() < rows_heart.mean(), item  # top to bottom
+            assert abs(cols_heart.mean() - 64) < 20, item  # heart near the midline
+            # the lungs are dark on the image (air), the heart and clavicles brighter
+            assert image[mask == 1].mean() + 20 < min(image[mask == 2].mean(), image[mask == 3].mean()), item
+    assert sizes == [12, 4, 4]

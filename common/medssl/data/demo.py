@@ -7,14 +7,17 @@ It has two parts (see ``DEMO_DATA.md`` next to this file, copied to ``DIR/README
    (large DICOM files -> uncompressed DICOM at <= 128 px, photographs -> PNG, MR volumes -> NIfTI).
    A missing optional package only removes its files; nothing is ever downloaded.
 2. Deterministic synthetic images WITH labels, drawn from ``seed`` only:
-   chest-X-ray-like 2D images in three classes (``CLASSES``), 2D ultrasound-like images with a lesion
-   mask, fundus-like photographs, H&E-like histology tiles, 3D CT phantoms (Hounsfield units) and MR
-   phantoms (T1- or T2-like) with segmentation masks, and one CT phantom written as a DICOM series.
+   chest-X-ray-like 2D images in three classes (``CLASSES``) and with organ masks (lungs, heart,
+   clavicles), 2D ultrasound-like images with a lesion mask, fundus-like photographs, H&E-like histology
+   tiles, 3D CT phantoms (Hounsfield units) and MR phantoms (T1- or T2-like) with segmentation masks, one
+   CT phantom written as a DICOM series, and class-labelled chest CT volumes (``normal`` / ``nodule``:
+   the labelled 3D split).
 
 The result is ``DIR/datalist.json`` (sections ``training`` / ``validation`` / ``test``, each item
 ``{"image", "modality", "dim", "label"?}``; ``label`` is an ``int`` class index into ``"classes"`` for
-the 2D classification items and a ``str`` mask path for segmentation items), plus three task
-datalists holding only the items of one kind (:data:`TASK_DATALISTS`).
+the 2D and 3D classification items and a ``str`` mask path for segmentation items, whose values are named
+by ``"mask_classes"[modality]``), plus task datalists holding only the items of one kind
+(:data:`TASK_DATALISTS`).
 
 Axis conventions: volumes are written as NIfTI in RAS+ world orientation with array axes (X, Y, Z) =
 (right, anterior, superior); the depth (axial slice) axis is the LAST one, as MONAI loads it. 2D images
@@ -55,6 +58,10 @@ __all__ = [
     "RealSource",
     "build_demo_dataset",
     "synthetic_chest_xr",
+    "synthetic_chest_xr_organs",
+    "synthetic_chest_ct_nodules",
+    "MASK_CLASSES",
+    "CT_VOLUME_CLASSES",
     "synthetic_us_lesion",
     "synthetic_fundus",
     "synthetic_histology",
@@ -67,20 +74,30 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the content of a build changes; a datalist built by another version is rebuilt.
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 #: Class names of the 2D classification items (``label`` = index into this list).
 CLASSES = ("normal", "nodule", "effusion")
-#: Values of the segmentation masks, per modality of the masked items.
-SEGMENTATION_LABELS = {
-    "CT": {"0": "background", "1": "liver", "2": "lesion"},
-    "MR": {"0": "background", "1": "brain", "2": "lesion"},
-    "US": {"0": "background", "1": "lesion"},
+#: Names of the values of the segmentation masks, per modality of the masked items (``mask == i`` is
+#: ``MASK_CLASSES[modality][i]``); written to the datalist as ``"mask_classes"``. XR: JSRT / SCR-style chest
+#: organs (both lungs one class; a clavicle pixel over a lung is ``clavicles``).
+MASK_CLASSES = {
+    "CT": ("background", "liver", "lesion"),
+    "MR": ("background", "brain", "lesion"),
+    "US": ("background", "lesion"),
+    "XR": ("background", "lungs", "heart", "clavicles"),
 }
+#: The same as a value -> name mapping (the datalist's ``"segmentation_labels"``).
+SEGMENTATION_LABELS = {
+    modality: {str(i): name for i, name in enumerate(names)} for modality, names in MASK_CLASSES.items()
+}
+#: Classes used by the class-labelled CT volumes (indices into ``CLASSES``): 0 normal, 1 nodule.
+CT_VOLUME_CLASSES = (0, 1)
 #: Task datalists written next to ``datalist.json``: file name -> which items they keep.
 TASK_DATALISTS = {
     "datalist_classification_2d.json": "2D items whose label is a class index",
     "datalist_segmentation_2d.json": "2D items whose label is a mask path",
     "datalist_segmentation_3d.json": "3D items whose label is a mask path",
+    "datalist_classification_3d.json": "3D items whose label is a class index",
 }
 SECTIONS = ("training", "validation", "test")
 MAX_2D_SIZE = 128  # largest side of a 2D image after downscaling
@@ -94,8 +111,12 @@ _CT_SPLIT = (4, 1, 1)
 _MR_SPLIT = (4, 1, 1)
 _N_FUNDUS = 2
 _N_HISTOLOGY = 2
+_XR_ORGANS_SPLIT = (12, 4, 4)
+_CT_NODULE_PER_CLASS = (8, 3, 3)  # per class of CT_VOLUME_CLASSES: 16 / 6 / 6 volumes
+_CT_NODULE_SHAPE = (48, 48, 32)
 # random-stream groups (part of every SeedSequence, so the streams never overlap)
 _G_XR, _G_US, _G_FUNDUS, _G_CT, _G_MR, _G_SERIES, _G_PATH = 1, 2, 3, 4, 5, 6, 7
+_G_XR_ORGANS, _G_CT_NODULE = 8, 9
 
 _LICENCE_PYDICOM = (
     "MIT (pydicom licence); pydicom/data/test_files/README.txt: 'I believe there is no restriction on "
@@ -292,6 +313,23 @@ def synthetic_chest_xr(rng: np.random.Generator, class_index: int, size: int = 1
     basal opacity with a lateral meniscus in one lung. Returns (image uint8 (H, W), mask uint8 (H, W),
     1 on the lesion, all 0 for ``normal``). Bones are bright, air dark (MONOCHROME2 display).
     """
+    image, lesion, _organs = _chest_xr(rng, class_index, size)
+    return image, lesion
+
+
+def synthetic_chest_xr_organs(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """A ``normal`` chest-radiograph-like image (see :func:`synthetic_chest_xr`) and its JSRT / SCR-style organ mask.
+
+    Returns (image uint8 (H, W), mask uint8 (H, W)) with the values of ``MASK_CLASSES["XR"]``: 0 background,
+    1 lungs (left and right, ending at the heart border), 2 heart, 3 clavicles (over the lungs where they cross):
+    the fields the image is drawn from, thresholded at one half.
+    """
+    image, _lesion, organs = _chest_xr(rng, CLASSES.index("normal"), size)
+    return image, organs
+
+
+def _chest_xr(rng: np.random.Generator, class_index: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, lesion mask, organ mask) of :func:`synthetic_chest_xr` / :func:`synthetic_chest_xr_organs`."""
     if not 0 <= class_index < len(CLASSES):
         raise ValueError(f"class_index {class_index} outside 0..{len(CLASSES) - 1} ({CLASSES})")
     v, u = _unit_grid(size)
@@ -352,11 +390,16 @@ def synthetic_chest_xr(rng: np.random.Generator, class_index: int, size: int = 1
         image = image + 0.36 * fluid * (1.0 - 0.6 * heart)
         mask = fluid > 0.5
 
+    organs = np.zeros(u.shape, dtype=np.uint8)  # JSRT / SCR-style: lungs 1, heart 2, clavicles 3
+    organs[lungs > 0.5] = 1
+    organs[(heart > 0.5) & (torso > 0.5)] = 2  # the lung fields end at the heart border, as in SCR
+    organs[(clavicles > 0.5) & (torso > 0.5)] = 3
+
     image = _gaussian_filter(image, 0.8)
     image = image * rng.uniform(0.92, 1.08) + rng.uniform(-0.03, 0.03)
     image = image + 0.03 * _smooth_noise(rng, image.shape, 12.0) + rng.normal(0.0, 0.015, image.shape)
     image = np.clip(image, 0.0, 1.0) ** rng.uniform(0.9, 1.1)
-    return _to_uint8(image), mask.astype(np.uint8)
+    return _to_uint8(image), mask.astype(np.uint8), organs
 
 
 def synthetic_us_lesion(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -562,6 +605,82 @@ def synthetic_ct_phantom(
     mask[liver] = 1
     mask[lesions] = 2
     return np.rint(hu).astype(np.int16), mask
+
+
+def _segment_distance(grid: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Distance (voxels) of every voxel of ``grid`` (3, X, Y, Z) to the segment [start, end]."""
+    direction = end - start
+    offset = grid - start.reshape(3, 1, 1, 1)
+    t = np.clip(np.tensordot(direction, offset, axes=1) / max(float(direction @ direction), 1e-9), 0.0, 1.0)
+    return np.sqrt(((offset - t[None] * direction.reshape(3, 1, 1, 1)) ** 2).sum(0))
+
+
+def synthetic_chest_ct_nodules(
+    rng: np.random.Generator, class_index: int, shape: tuple[int, int, int] = _CT_NODULE_SHAPE
+) -> np.ndarray:
+    """A chest CT phantom in Hounsfield units of class ``CLASSES[class_index]``, ``normal`` or ``nodule``.
+
+    Array axes (X, Y, Z) = (patient right, anterior, superior) - RAS+, depth (axial slices) LAST.
+    Both classes: a body of random size, ellipticity and position (fat -100, muscle 45), two lungs of random size
+    (-850 HU with smooth parenchymal texture), 6-12 pulmonary vessels (thin tubes of radius 0.6-1.2 voxels,
+    20-60 HU, random positions and directions inside the lungs), heart 45, spine 700 / 250, ribs 600, correlated
+    and white noise of random strength. ``nodule``: 1-3 spherical nodules (radius 1.5-3.5 voxels, solid to
+    part-solid: -400..60 HU, partial-volume edge) at random positions inside the lungs; ``normal``: none. The
+    classes differ only by the nodules, which are larger and rounder than the vessels but of similar density: with
+    generators in the same state, the two classes give the same volume except at the nodules.
+    Returns hu int16 (X, Y, Z).
+    """
+    if class_index not in CT_VOLUME_CLASSES:
+        raise ValueError(
+            f"class_index {class_index} is not a CT volume class {[CLASSES[c] for c in CT_VOLUME_CLASSES]}"
+        )
+    x, y, z = _volume_grid(shape)
+    grid = np.indices(shape, dtype=np.float64)
+    j = lambda s: rng.uniform(-s, s)  # noqa: E731 - jitter
+    centre_x, centre_y = j(0.06), -0.05 + j(0.06)
+    body_r = (rng.uniform(0.8, 0.95), rng.uniform(0.55, 0.72))
+    body_e = np.sqrt(((x - centre_x) / body_r[0]) ** 2 + ((y - centre_y) / body_r[1]) ** 2)
+    hu = np.full(shape, -1000.0)
+    hu[body_e < 1.0] = -100.0  # fat shell
+    inner = body_e < 0.86
+    hu[inner] = 45.0
+    lungs = np.zeros(shape, dtype=bool)
+    for side in (1.0, -1.0):
+        centre = (centre_x + side * rng.uniform(0.36, 0.46) * body_r[0] / 0.9, centre_y + 0.05, 0.05 + j(0.1))
+        radii = (rng.uniform(0.25, 0.33) * body_r[0] / 0.9, rng.uniform(0.38, 0.46) * body_r[1] / 0.66, 0.8 + j(0.1))
+        lungs |= (_ellipsoid(x, y, z, centre, radii) < 1.0) & inner
+    heart = _ellipsoid(x, y, z, (centre_x - 0.1 + j(0.04), centre_y + 0.22, -0.35 + j(0.1)), (0.28, 0.26, 0.4)) < 1.0
+    lungs &= ~heart
+    hu[lungs] = -850.0 + 25.0 * _smooth_noise(rng, shape, 2.0)[lungs]
+    hu[heart] = 45.0
+    spine = np.hypot(x - centre_x, (y - centre_y + 0.45 * body_r[1] / 0.66) * 1.2)
+    hu[spine < 0.13] = 700.0  # cortical bone
+    hu[spine < 0.09] = 250.0  # cancellous bone
+    rib_levels = np.round((z + 1.0) * shape[2] / 2.0 - 0.5) % 4 == int(rng.integers(0, 4))
+    hu[(body_e > 0.78) & (body_e < 0.86) & rib_levels & (y < centre_y + 0.4)] = 600.0
+    candidates = np.argwhere(lungs)
+    for _ in range(int(rng.integers(6, 13))):  # vessels: thin tubes inside the lungs
+        start = candidates[int(rng.integers(0, len(candidates)))].astype(np.float64)
+        direction = rng.normal(size=3)
+        end = start + rng.uniform(4.0, 12.0) * direction / np.linalg.norm(direction)
+        vessel = (_segment_distance(grid, start, end) < rng.uniform(0.6, 1.2)) & lungs
+        hu[vessel] = rng.uniform(20.0, 60.0)
+    noise_std = rng.uniform(8.0, 20.0)  # drawn before the nodules: both classes of one seed share it
+    noise = noise_std * (_smooth_noise(rng, shape, 0.8) + rng.normal(0.0, 0.8, shape))
+    if CLASSES[class_index] == "nodule":
+        core = lungs.copy()
+        for _ in range(2):  # erode by two voxels (6-neighbourhood): the nodules lie inside the lungs
+            core[1:-1, 1:-1, 1:-1] &= core[:-2, 1:-1, 1:-1] & core[2:, 1:-1, 1:-1] & core[1:-1, :-2, 1:-1]
+            core[1:-1, 1:-1, 1:-1] &= core[1:-1, 2:, 1:-1] & core[1:-1, 1:-1, :-2] & core[1:-1, 1:-1, 2:]
+        inside = np.argwhere(core) if core.any() else candidates
+        for _ in range(int(rng.integers(1, 4))):
+            centre = inside[int(rng.integers(0, len(inside)))].astype(np.float64)
+            radius = rng.uniform(1.5, 3.5)
+            distance = np.sqrt(((grid - centre.reshape(3, 1, 1, 1)) ** 2).sum(0))
+            weight = np.clip(radius + 0.5 - distance, 0.0, 1.0)  # partial-volume edge
+            hu = hu * (1.0 - weight) + weight * rng.uniform(-400.0, 60.0)
+    hu = hu + noise
+    return np.rint(np.clip(hu, -1024.0, 3071.0)).astype(np.int16)
 
 
 def synthetic_mr_phantom(
@@ -961,12 +1080,36 @@ def _build(out: Path, seed: int) -> dict[str, Any]:
     _save_nifti(mask, ct_affine, mask_path)
     add("training", series_dir, "CT", 3, mask_path)
 
+    # 2g. chest-X-ray-like images with JSRT / SCR-style organ masks (label = mask path, MASK_CLASSES["XR"])
+    organs_dir = out / "synthetic" / "xr_organs"
+    organs_dir.mkdir(parents=True, exist_ok=True)
+    for index, section in enumerate(_split_names(_XR_ORGANS_SPLIT)):
+        image, mask = synthetic_chest_xr_organs(_rng(seed, _G_XR_ORGANS, index))
+        target, mask_path = organs_dir / f"xr_{index:03d}.png", organs_dir / f"xr_{index:03d}_mask.png"
+        Image.fromarray(image).save(target)
+        Image.fromarray(mask).save(mask_path)
+        add(section, target, "XR", 2, mask_path)
+
+    # 2h. class-labelled chest CT volumes, normal / nodule alternately (label = class index into CLASSES)
+    nodule_dir = out / "synthetic" / "ct_nodule"
+    nodule_dir.mkdir(parents=True, exist_ok=True)
+    nodule_affine = _ras_affine((7.0, 7.0, 8.0), _CT_NODULE_SHAPE)
+    index = 0
+    for section, n_per_class in zip(SECTIONS, _CT_NODULE_PER_CLASS):
+        for i in range(n_per_class * len(CT_VOLUME_CLASSES)):
+            class_index = CT_VOLUME_CLASSES[i % len(CT_VOLUME_CLASSES)]
+            hu = synthetic_chest_ct_nodules(_rng(seed, _G_CT_NODULE, index), class_index)
+            target = nodule_dir / f"ct_{index:03d}.nii.gz"
+            _save_nifti(hu, nodule_affine, target)
+            add(section, target, "CT", 3, class_index)
+            index += 1
+
     description = (
         "medssl embedded demo dataset (see README.md): real images shipped in installed packages "
         "(unlabelled, training) and deterministic synthetic images. 'label' is an int class index into "
-        "'classes' for the 2D X-ray classification items, a str mask path for segmentation items "
-        "(values in 'segmentation_labels'); items without 'label' are unlabelled. A DICOM series item's "
-        "'image' is its directory."
+        "'classes' for the classification items (2D chest X-rays: all classes; 3D chest CT volumes: normal / "
+        "nodule), a str mask path for segmentation items (mask value i is 'mask_classes'[modality][i]); items "
+        "without 'label' are unlabelled. A DICOM series item's 'image' is its directory."
     )
     return {
         "name": "medssl-demo",
@@ -975,6 +1118,7 @@ def _build(out: Path, seed: int) -> dict[str, Any]:
         "licence": "synthetic part: Apache-2.0 (medssl); real files: see 'sources' and README.md",
         "builder": {"module": "medssl.data.demo", "version": DEMO_VERSION, "seed": int(seed)},
         "classes": list(CLASSES),
+        "mask_classes": {modality: list(names) for modality, names in MASK_CLASSES.items()},
         "segmentation_labels": SEGMENTATION_LABELS,
         "numTraining": len(sections["training"]),
         "numValidation": len(sections["validation"]),
@@ -1083,6 +1227,7 @@ def build_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, force: bool = 
             "datalist_classification_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), int),
             "datalist_segmentation_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), str),
             "datalist_segmentation_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), str),
+            "datalist_classification_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), int),
         }
         for name, keep in tasks.items():
             (out / name).write_text(json.dumps(_task_datalist(datalist, keep, TASK_DATALISTS[name]), indent=2) + "\n")
