@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from medssl.data.samplers import DistributedBatchSampler, SeededDataset
 from medssl.evaluation.features import extract_features, merge_rank_results, planned_indices
-from medssl.evaluation.knn import KNNMonitorHandler, knn_accuracy, knn_classify, knn_evaluate
+from medssl.evaluation.knn import KNNMonitorHandler, knn_accuracy, knn_classify, knn_evaluate, print_knn_summary
 
 NUM_CLASSES = 4
 SIDE = 4  # images are (1, SIDE, SIDE)
@@ -326,6 +326,27 @@ def test_knn_monitor_handler_epochs_metrics_and_jsonl(tmp_path, caplog):
     handler.attach(engine)
     engine.run(range(2), max_epochs=3)
     assert [json.loads(line)["epoch"] for line in (out2 / "knn.jsonl").read_text().splitlines()] == [3]
+
+
+def test_knn_monitor_baseline_of_another_encoder_writes_only_epoch_0(tmp_path, capsys):
+    """at_end=False, every_n_epochs=0, at_start=True: a baseline encoder (e.g. a random copy) gives the epoch-0 record
+    of the knn.jsonl that the trained encoder's monitor completes; the summary reads them as random -> pretrained."""
+    method, baseline = ToyMethodWithBackbone(), ToyMethodWithBackbone()
+    train_loader = DataLoader(make_items(24, seed=1), batch_size=8)
+    val_loader = DataLoader(make_items(8, seed=2), batch_size=4)
+    random_copy = KNNMonitorHandler(baseline.backbone, train_loader, val_loader, every_n_epochs=0, k=5, at_start=True,
+                                    at_end=False, output_dir=tmp_path, name="knn_acc_random")
+    trained = KNNMonitorHandler("backbone", train_loader, val_loader, every_n_epochs=0, k=5, output_dir=tmp_path)
+    engine = _tiny_engine(method, 2)
+    random_copy.attach(engine)
+    trained.attach(engine)
+    engine.run(range(2), max_epochs=2)
+    lines = [json.loads(line) for line in (tmp_path / "knn.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["metric"]) for r in lines] == [(0, "knn_acc_random_init"), (2, "knn_acc")]
+    assert len(random_copy.history) == 1 and random_copy._resolved is baseline.backbone
+    summary = print_knn_summary(tmp_path)
+    assert (summary["random_init_acc"], summary["pretrained_acc"]) == (lines[0]["acc"], lines[1]["acc"])
+    assert "random init" in capsys.readouterr().out
 
 
 def test_knn_monitor_does_not_consume_the_global_rng():

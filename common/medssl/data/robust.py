@@ -148,8 +148,12 @@ class SafeDataset(Dataset):
       own.
 
     ``.data`` and ``.transform`` are those of the wrapped dataset (found through nested ``.dataset`` wrappers);
-    other attributes are delegated to it. Note: a ``CacheDataset`` loads its cache when it is built, before this
-    wrapper sees an item -- run ``tools/datalist.py check`` first.
+    other attributes are delegated to it. A wrapped dataset with several samples per datalist item (e.g.
+    :class:`medssl.data.VolumeSliceDataset`: the slices of a volume) says which item each sample comes from through
+    ``volume_ids`` (``volume_ids[sample] = item index in .data``); messages then name that item, a bad item makes
+    all its samples bad, and replacements come from other items of the same ``modality`` and ``dim``.
+    Note: a ``CacheDataset`` loads its cache when it is built, before this wrapper sees an item -- run
+    ``tools/datalist.py check`` first.
 
     Args:
         dataset: the wrapped dataset.
@@ -201,10 +205,20 @@ class SafeDataset(Dataset):
         return len(self.dataset)
 
     # --------------------------------------------------------------------------------------------------- loading
+    def _item_index(self, position: int) -> int:
+        """Index in ``.data`` of the datalist item that sample ``position`` comes from (see the class docstring)."""
+        item_ids = _find_attribute(self.dataset, "volume_ids")
+        if item_ids is None:
+            return position
+        try:
+            return int(item_ids[position])
+        except (IndexError, KeyError, TypeError, ValueError):
+            return position
+
     def _item(self, position: int) -> Any:
         data = self.data
         try:
-            return data[position] if data is not None else None
+            return data[self._item_index(position)] if data is not None else None
         except (IndexError, KeyError, TypeError):
             return None
 
@@ -215,10 +229,11 @@ class SafeDataset(Dataset):
         return None, None
 
     def _record(self, error: BaseException, position: int) -> BadItemError:
+        item_index = self._item_index(position)
         message, path, reason = describe_item_error(
-            error, position, self._item(position), self.datalist_name, self.image_key
+            error, item_index, self._item(position), self.datalist_name, self.image_key
         )
-        return BadItemError(message, position, path, reason)
+        return BadItemError(message, item_index, path, reason)
 
     def __getitem__(self, index: Any) -> Any:
         position = _position(index)
@@ -227,7 +242,7 @@ class SafeDataset(Dataset):
         n = len(self.dataset)
         if position < 0:
             position += n
-        if self.on_error == "skip" and position in self.bad_items:
+        if self.on_error == "skip" and self._item_index(position) in self.bad_items:
             return self._replacement(index, position)
         try:
             return self.dataset[index]
@@ -239,7 +254,7 @@ class SafeDataset(Dataset):
             return self._replacement(index, position)
 
     def _skip(self, bad: BadItemError, position: int, error: BaseException) -> None:
-        self.bad_items[position] = str(bad)
+        self.bad_items[self._item_index(position)] = str(bad)
         if len(self.bad_items) > self.max_skipped:
             raise BadItemError(
                 f"{bad}; more than max_skipped={self.max_skipped} bad items ({len(self.bad_items)}): fix the datalist "
@@ -255,14 +270,15 @@ class SafeDataset(Dataset):
         group = self._group(position)
         for step in range(1, n):
             candidate = (position + step) % n
-            if candidate in self.bad_items or self._group(candidate) != group:
+            if self._item_index(candidate) in self.bad_items or self._group(candidate) != group:
                 continue
             try:
                 return self.dataset[_with_position(index, candidate)]
             except Exception as error:  # noqa: BLE001
                 self._skip(self._record(error, candidate), candidate, error)
+        item_index = self._item_index(position)
         raise BadItemError(
-            f"{self.bad_items.get(position, f'item {position}')}; no usable replacement item with the same "
+            f"{self.bad_items.get(item_index, f'item {item_index}')}; no usable replacement item with the same "
             f"modality / dim (modality={group[0]}, dim={group[1]})",
-            position,
+            item_index,
         )

@@ -247,8 +247,8 @@ class KNNMonitorHandler:
     """kNN accuracy of the encoder being pretrained, every ``every_n_epochs`` epochs and at the end of training.
 
     At Events.EPOCH_COMPLETED of every ``every_n_epochs``-th epoch, and at Events.COMPLETED when the last epoch was
-    not evaluated yet, the labelled ``val_loader`` items are classified by the labelled ``train_loader`` items with
-    the current encoder (:func:`knn_evaluate`). The accuracy is
+    not evaluated yet (unless ``at_end=False``), the labelled ``val_loader`` items are classified by the labelled
+    ``train_loader`` items with the current encoder (:func:`knn_evaluate`). The accuracy is
 
     * logged: ``epoch 3: kNN accuracy (k=20) = 0.8125 on 64 validation items`` (rank 0);
     * stored in ``engine.state.metrics[name]`` (every rank), where MONAI's ``StatsHandler`` /
@@ -273,6 +273,10 @@ class KNNMonitorHandler:
         at_start: also evaluate at Events.STARTED of a fresh run (iteration 0): the accuracy of the initial
             (randomly initialised, or loaded) encoder, stored as ``metrics[f"{name}_init"]`` and as epoch 0 in
             ``knn.jsonl`` — the baseline the pretraining must beat.
+        at_end: evaluate at Events.COMPLETED when the last epoch was not evaluated yet (default). A baseline monitor
+            of another encoder (e.g. a randomly initialised copy, when the trained one starts from a previous stage)
+            uses ``every_n_epochs=0, at_start=True, at_end=False``: it writes only the epoch-0 record of
+            ``knn.jsonl``, which :func:`print_knn_summary` reports as "random init".
         num_classes, image_key, label_key, amp, log_every: passed to :func:`knn_evaluate`.
 
     The global RNG states are restored after each evaluation, so the monitor does not change the training's random
@@ -291,6 +295,7 @@ class KNNMonitorHandler:
         name: str = "knn_acc",
         output_dir: str | Path | None = None,
         at_start: bool = False,
+        at_end: bool = True,
         num_classes: int | None = None,
         image_key: str = "image",
         label_key: str = "label",
@@ -308,7 +313,7 @@ class KNNMonitorHandler:
         self.device = device
         self.name = name
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.at_start = at_start
+        self.at_start, self.at_end = at_start, at_end
         self.num_classes = num_classes
         self.image_key, self.label_key, self.amp, self.log_every = image_key, label_key, amp, log_every
         self.history: list[dict[str, Any]] = []
@@ -332,7 +337,8 @@ class KNNMonitorHandler:
         if self.at_start:
             engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
-        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+        if self.at_end:
+            engine.add_event_handler(Events.COMPLETED, self._on_completed)
 
     # ------------------------------------------------------------------ events
     def _on_started(self, engine: Any) -> None:
