@@ -1,5 +1,6 @@
 """bundles/ssl_joint_image_volume_pretrain: the three stages chained on the demo data through `pretrained_path`
-(`python -m monai.bundle run` with smoke.json), the DeepCluster-v2 variant by one override, the export of
+(`python -m monai.bundle run` with smoke.json), the stage-3 kNN monitor on the labelled 3D split (random copy vs the
+trained encoder), stage 1's bad-item wrapper, the DeepCluster-v2 variant by one override, the export of
 f_intra + f_inter and of f_intra's trunk, and the same chain under torchrun (slow)."""
 
 from __future__ import annotations
@@ -93,6 +94,65 @@ def test_three_stages_chain_through_pretrained_path(swav_chain):
     assert moved_intra and moved_inter
 
 
+def test_stage3_knn_on_the_labelled_3d_split_against_a_random_copy(swav_chain, demo_datalist, capsys):
+    from medssl.data import load_items
+    from medssl.evaluation.knn import print_knn_summary
+
+    out = swav_chain / "stage3"
+    records = [json.loads(line) for line in (out / "knn.jsonl").read_text().splitlines()]
+    # epoch 0: the randomly initialised copy of f_intra + f_inter; then the stage-3 encoder at the end (epoch 2)
+    assert [(r["epoch"], r["metric"]) for r in records] == [(0, "knn_acc_random_init"), (2, "knn_acc")]
+    n_train = len(load_items(demo_datalist, "training", dims=[3], labelled_only="class"))
+    n_query = sum(len(load_items(demo_datalist, s, dims=[3], labelled_only="class")) for s in ("validation", "test"))
+    for record in records:
+        assert (record["n_train"], record["n_val"], record["num_classes"]) == (n_train, n_query, 2), record
+        assert set(record["acc_per_modality"]) == {"CT"} and 0.0 <= record["acc"] <= 1.0  # only the CT volumes
+        assert record["acc"] * n_query == pytest.approx(round(record["acc"] * n_query), abs=1e-4)
+    summary = print_knn_summary(out)
+    printed = capsys.readouterr().out
+    assert summary["random_init_acc"] == records[0]["acc"] and summary["pretrained_acc"] == records[1]["acc"]
+    assert f"random init {records[0]['acc']:.4f} -> pretrained {records[1]['acc']:.4f}" in printed
+
+
+def test_stage1_dataset_reports_and_skips_bad_volumes_by_datalist_item(demo_datalist):
+    """Stage 1 wraps its slice dataset in SafeDataset: a failing slice names its volume's datalist item and file; with
+    on_bad_item='skip' it is replaced by a slice of another volume of the same modality and dimension."""
+    from monai.bundle import ConfigParser
+
+    from medssl.data import SafeDataset, SampleKey
+    from medssl.data.robust import BadItemError
+
+    parser = ConfigParser()
+    parser.read_config(_configs(["train.json", "train_stage1.json", "smoke.json"]))
+    parser.update(
+        {"bundle_root": str(BUNDLE), "dataset_dir": str(demo_datalist.parent), "datalist": str(demo_datalist)}
+    )
+    dataset = parser.get_parsed_content("train#dataset")
+    assert isinstance(dataset, SafeDataset)
+    slices = parser.get_parsed_content("train#slices")
+    items = slices.items
+    bad_volume = next(i for i, it in enumerate(items) if it["dim"] == 3 and slices.num_slices[i] > 1)
+    transform = slices.slice_transform
+
+    def failing(sample):
+        if sample["volume_index"] == bad_volume:
+            raise RuntimeError("broken augmentation")
+        return transform(sample)
+
+    slices.slice_transform = failing
+    bad_samples = [j for j in range(len(slices)) if slices.locate(j)[0] == bad_volume]
+    with pytest.raises(BadItemError, match=rf"item {bad_volume}: .*{Path(items[bad_volume]['image']).name}") as error:
+        dataset[SampleKey(bad_samples[-1], 3)]
+    assert error.value.index == bad_volume
+    dataset.on_error = "skip"
+    for j in bad_samples:
+        sample = dataset[SampleKey(j, 3)]
+        replacement = items[sample["volume_index"]]
+        assert sample["volume_index"] != bad_volume
+        assert (replacement["modality"], replacement["dim"]) == (items[bad_volume]["modality"], 3)
+    assert list(dataset.bad_items) == [bad_volume]  # one bad datalist item, however many of its slices were asked
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_deepcluster_v2_variant_by_one_override(swav_chain, demo_datalist, tmp_path, stage):
     extra = {"pretrained_path": str(swav_chain / "stage2" / "ckpt")} if stage == 3 else {}
@@ -136,3 +196,28 @@ def test_stages_2_and_3_under_torchrun(swav_chain, demo_datalist, tmp_path):
               "--pretrained_path", str(swav_chain / "stage1" / "ckpt"))
     _torchrun(["train.json", "train_stage3.json", "smoke.json", "multi_gpu_train.json"], demo_datalist, tmp_path / "s3",
               "--pretrained_path", str(tmp_path / "s2" / "ckpt"))
+
+
+def test_exported_stage3_encoder_loads_into_downstream_networks(swav_chain, tmp_path):
+    """The downstream loader takes the stage-3 export whole (3D tasks) and its f_intra trunk (2D / slice-wise)."""
+    from medssl.networks import ResNetBackbone
+    from medssl.networks.classification import EncoderClassifier
+    from medssl.weights import load_manifest, load_pretrained_encoder
+    from medssl.weights.export import _instantiate
+
+    spec = importlib.util.spec_from_file_location("export_encoder_tool", REPO / "tools" / "export_encoder.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(str(BUNDLE), str(swav_chain / "stage3" / "ckpt"), str(tmp_path / "volume.pt"),
+              config="configs/train.json,configs/train_stage3.json,configs/smoke.json", encoder_id="encoder")
+    manifest = load_manifest(tmp_path / "volume.json")
+    volume_net = EncoderClassifier(_instantiate(manifest, "test"), num_classes=2)
+    report = load_pretrained_encoder(volume_net, tmp_path / "volume.json", spatial_dims=3, verbose=False)
+    assert len(report.loaded) == len(volume_net.encoder.state_dict()) and not report.not_loaded
+    trunk_kwargs = dict(manifest["backbone"]["kwargs"].get("backbone_kwargs") or {})
+    kwargs = manifest["backbone"]["kwargs"]
+    trunk = ResNetBackbone(spatial_dims=2, in_channels=kwargs.get("in_channels", 3), layers=kwargs["layers"],
+                           block_inplanes=kwargs["block_inplanes"], **trunk_kwargs)
+    report = load_pretrained_encoder(EncoderClassifier(trunk, num_classes=2), tmp_path / "volume.json",
+                                     spatial_dims=3, slice_wise=True, verbose=False)
+    assert report.adapter == "hybrid_volume_trunk" and len(report.loaded) == len(trunk.state_dict())
