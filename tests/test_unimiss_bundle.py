@@ -87,3 +87,26 @@ def test_train_config_holds_the_seed_numbers():
     assert parser["backbone"]["_target_"] == "medssl.networks.mit_small"
     assert parser["method"]["_target_"] == "medssl.methods.unimiss.UniMiSS"
     assert parser["optimizer"]["_target_"] == "torch.optim.AdamW"
+
+
+def test_exported_teacher_loads_into_a_2d_downstream_mit(smoke_run, tmp_path):
+    """tools/export_encoder.py on the smoke run, then the downstream loader: every tensor of a one-path (2D) MiT
+    classifier encoder is matched; the 3D path and the decoder are listed as ignored."""
+    import importlib.util
+
+    from conftest import TOOLS
+    from medssl.networks.classification import EncoderClassifier
+    from medssl.networks.mit import mit_tiny
+    from medssl.weights import load_pretrained_encoder
+
+    spec = importlib.util.spec_from_file_location("export_encoder_tool", TOOLS / "export_encoder.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(str(BUNDLE), str(smoke_run / "ckpt"), str(tmp_path / "mit.pt"),
+              config="configs/train.json,configs/smoke.json", encoder_key="teacher.backbone")
+    smoke = json.loads((CONFIGS / "smoke.json").read_text())
+    encoder = mit_tiny(decoder=False, spatial_dims=2, dims=smoke["backbone"]["dims"], img_size_2d=smoke["image_size_2d"])
+    network = EncoderClassifier(encoder, num_classes=3)
+    report = load_pretrained_encoder(network, tmp_path / "mit.json", spatial_dims=2, verbose=False)
+    assert len(report.loaded) == len(encoder.state_dict()) and not report.not_loaded
+    assert any("3D path" in k for k in report.ignored) and any("decoder" in k for k in report.ignored)
