@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,9 @@ def _logistic_probs(x_train, y_train, x_test, num_classes: int, seed: int) -> np
         probs = np.zeros((len(x_test), num_classes))
         probs[:, present[0]] = 1.0
         return probs
-    pipe = make_pipeline(StandardScaler(), model).fit(x_train, y_train)
+    with warnings.catch_warnings():  # scikit-learn's notices about future defaults, not about this fit
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = make_pipeline(StandardScaler(), model).fit(x_train, y_train)
     probs = np.zeros((len(x_test), num_classes))
     probs[:, pipe.classes_] = pipe.predict_proba(x_test)
     return probs
