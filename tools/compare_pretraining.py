@@ -119,19 +119,22 @@ def _encoder_overrides(task: str, manifest: dict) -> tuple[list[str], dict[str, 
     """Extra config files and overrides that give ``task``'s network the exported encoder's architecture."""
     target = manifest["backbone"]["_target_"]
     kwargs = manifest["backbone"]["kwargs"]
+    size = (manifest.get("preprocessing") or {}).get("input_size")  # fine-tune at the pretraining input size
     if target.endswith("ResNetBackbone"):
         if task == "xray_classification":
-            return [], {f"encoder_resnet#{k}": v for k, v in kwargs.items() if k not in ("spatial_dims",)}
+            overrides = {f"encoder_resnet#{k}": v for k, v in kwargs.items() if k not in ("spatial_dims",)}
+            return [], {**overrides, **({"image_size": size} if isinstance(size, int) else {})}
         return [], {"resnet_layers": kwargs.get("layers", [3, 4, 6, 3]),
                     "resnet_block_inplanes": kwargs.get("block_inplanes", [64, 128, 256, 512]),
-                    "in_channels": kwargs.get("in_channels", 1)}
+                    "in_channels": kwargs.get("in_channels", 1),
+                    **({"image_size": [size, size]} if isinstance(size, int) else {})}
     if target.split(".")[-1].startswith("mit_") or target.endswith("MiT"):
         variant = target.split(".")[-1].replace("mit_", "") if "mit_" in target else "small"
         size = kwargs.get("img_size_2d", 64)
         if task == "xray_classification":
             enc = {"_target_": target, "decoder": False, "spatial_dims": 2, "in_channels_2d": "@in_channels",
                    "img_size_2d": "@image_size"}
-            enc.update({k: v for k, v in kwargs.items() if k in ("dims", "depths", "num_heads", "sr_ratios",
+            enc.update({k: v for k, v in kwargs.items() if k in ("dims", "decoder_dims", "depths", "num_heads", "sr_ratios",
                                                                  "stem_channels", "mlp_ratio")})
             return ["configs/mit.json"], {"encoder_mit": enc, "image_size": size if isinstance(size, int) else size[0]}
         seg = {"mit_variant": variant, "mit_img_size": size if isinstance(size, int) else size[0]}

@@ -129,7 +129,13 @@ def run_probe(
     module, manifest, fingerprint = build_probe_encoder(str(encoder))
     spatial_dims = _encoder_dims(module, manifest, dims)
     size = _input_size(manifest, spatial_dims, image_size)
-    in_channels = manifest.get("in_channels") or 1
+    # a dimension-free encoder (MiT) has one channel count per path
+    in_channels = (
+        manifest.get("in_channels")
+        or getattr(module, f"in_channels_{spatial_dims}d", None)
+        or getattr(module, "in_channels", None)
+        or 1
+    )
     transform = Compose(
         loading_transforms(keys=["image"], channels=int(in_channels)) + [Resized(keys=["image"], spatial_size=size)]
     )

@@ -172,19 +172,38 @@ class EmbeddingFunction(nn.Module):
     """``forward(images) = fn(encoder, images)``: an encoder with a chosen embedding function, as one module (so its
     state dict, and hence the embedding cache's fingerprint, is the encoder's, under ``encoder.``)."""
 
-    def __init__(self, encoder: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], fn_name: str = ""):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        fn_name: str = "",
+        channels: int | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.fn = fn
         self.fn_name = fn_name
+        self.channels = channels
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.encoder, images)
+        if self.channels and images.shape[1] == 1 and self.channels > 1:  # grey image, RGB-trained encoder
+            images = images.expand(-1, self.channels, *images.shape[2:])
+        return self.fn(self.encoder, images) if self.fn is not None else self.encoder(images)
+
+
+def _expected_channels(encoder: nn.Module) -> int | None:
+    """The 2D input channel count an encoder was built for (``in_channels``, or a MiT's ``in_channels_2d``)."""
+    for name in ("in_channels", "in_channels_2d"):
+        value = getattr(encoder, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def build_encoder(spec: EncoderSpec) -> nn.Module:
     """The encoder of ``spec`` (weights loaded strictly from the exported file, or randomly initialised from
-    ``backbone``), wrapped in :class:`EmbeddingFunction` when ``embed_fn`` is set. Returned in eval mode."""
+    ``backbone``), wrapped in :class:`EmbeddingFunction` when ``embed_fn`` is set or when it takes more than one
+    channel (grey images are then repeated). Returned in eval mode."""
     from medssl.weights.export import build_encoder_from_manifest, load_manifest
 
     if spec.path is not None:
@@ -194,8 +213,12 @@ def build_encoder(spec: EncoderSpec) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # random init without touching the caller's global RNG
             torch.manual_seed(zlib.crc32(spec.name.encode()))
             encoder = factory(**spec.backbone.get("kwargs", {}))
+    channels = _expected_channels(encoder)
     if spec.embed_fn:
-        encoder = EmbeddingFunction(encoder, _locate(spec.embed_fn, f"encoder {spec.name}: embed_fn"), spec.embed_fn)
+        fn = _locate(spec.embed_fn, f"encoder {spec.name}: embed_fn")
+        encoder = EmbeddingFunction(encoder, fn, spec.embed_fn, channels=channels)
+    elif channels and channels > 1:  # grey images are repeated to the encoder's channel count
+        encoder = EmbeddingFunction(encoder, None, "", channels=channels)
     return encoder.eval()
 
 
