@@ -126,3 +126,17 @@ def test_torchscript_trace_matches_eager(make, shape, tmp_path):
     y = torch.rand(*shape)
     with torch.no_grad():
         torch.testing.assert_close(loaded(y), net(y), rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_unet_takes_sizes_that_are_not_multiples_of_32():
+    from medssl.networks import ResNetUNet
+
+    torch.manual_seed(0)
+    net = ResNetUNet(out_channels=3, layers=(1, 1, 1, 1), block_inplanes=(4, 8, 8, 16),
+                     decoder_channels=(16, 8, 8, 8, 4)).eval()
+    x = torch.rand(1, 1, 48, 40)
+    with torch.no_grad():
+        out = net(x)
+        padded = net(torch.nn.functional.pad(x, (0, 24, 0, 16)))
+    assert out.shape == (1, 3, 48, 40)
+    assert torch.allclose(out, padded[..., :48, :40], atol=1e-5)  # = the padded input's logits, cropped

@@ -116,13 +116,19 @@ class ResNetUNet(nn.Module):
         return [features[name] for name in RESNET_SKIP_LEVELS]
 
     def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> logits (B, K, H, W)."""
+        """(B, C, H, W) -> logits (B, K, H, W). H and W that are not multiples of 32 (the encoder's stride) are
+        zero-padded at the end for the network and the logits cropped back."""
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        pad_h, pad_w = (-height) % 32, (-width) % 32
+        if pad_h or pad_w:
+            x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h))
         skips = self.encode(x)
         y = skips[-1]
         for i, block in enumerate(self.decoder):
             skip_index = len(skips) - 2 - i
             y = block(y, skips[skip_index] if skip_index >= 0 else None)
-        return self.segmentation_head(y)
+        logits = self.segmentation_head(y)
+        return logits[..., :height, :width] if pad_h or pad_w else logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, K, H, W)."""
