@@ -209,12 +209,17 @@ def compare(
         _run([sys.executable, str(REPO / "tools" / "demo_data.py"), "--out", str(dataset)], work / "logs" / "demo.log")
     datalist = dataset / "datalist.json"
     rows: list[dict[str, Any]] = []
+    random_archs: dict[str, str] = {}  # backbone spec -> the label of its random baseline
     for method in methods:
         manifest = pretrain_and_export(method, dataset, work)
-        for label, encoder, random_init in ((method, str(manifest), False), (f"random ({METHODS[method]['kind']})",
-                                                                               f"random:{manifest}", True)):
-            if random_init and any(r["encoder"] == label for r in rows):
+        arch = json.dumps(json.loads(manifest.read_text())["backbone"], sort_keys=True)
+        kind = METHODS[method]["kind"]
+        random_label = f"random ({kind})" if f"random ({kind})" not in random_archs.values() else f"random ({method} arch.)"
+        for label, encoder, random_init in ((method, str(manifest), False), (random_label, f"random:{manifest}", True)):
+            if random_init and arch in random_archs:
                 continue  # one random baseline per architecture
+            if random_init:
+                random_archs[arch] = label
             print(f"[{label}] linear probes", flush=True)
             spatial = {"dims": 2} if METHODS[method]["kind"] == "mit" else {}
             result = probe.run_probe(encoder=encoder, datalist=str(datalist), method="both", seeds=seeds,
@@ -223,7 +228,7 @@ def compare(
             for m in ("knn", "linear"):
                 acc = result["results"][m]["accuracy"]
                 row[f"{m}_acc"] = f"{acc['mean']:.3f} ± {acc['ci95']:.3f}"
-            tag = method if not random_init else f"random_{METHODS[method]['kind']}"
+            tag = method if not random_init else ("random_" + (kind if label == f"random ({kind})" else method))
             cls = finetune_and_evaluate("xray_classification", tag, manifest, dataset, work, finetune_epochs,
                                         random_init)
             row["finetune_auc"] = f"{_metric(cls, 'auc_macro'):.3f}"
