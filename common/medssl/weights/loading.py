@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +223,9 @@ def _download(url: str, dest: Path, sha256: str | None) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         tmp_file = Path(tmp) / dest.name
-        download_url(url, tmp_file, hash_val=None, progress=False)
+        with warnings.catch_warnings():  # MONAI warns that no hash was given: it is checked below, naming both
+            warnings.filterwarnings("ignore", message="No hash value provided")
+            download_url(url, tmp_file, hash_val=None, progress=False)
         if sha256:
             actual = file_sha256(tmp_file)
             if actual.lower() != sha256.lower():
