@@ -443,11 +443,9 @@ class ClassProbabilityWriter:
         writer.writeheader()
         for row in self.rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
-        os.replace(tmp, path)
+        from medssl.engines.checkpoint import atomic_write_text
+
+        path = atomic_write_text(self.path, buffer.getvalue())
         logger.info(f"class probabilities of {len(self.rows)} images written to {path}")
         return path
 

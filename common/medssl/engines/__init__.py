@@ -4,6 +4,8 @@ from .checkpoint import (
     FINAL_CHECKPOINT_NAME,
     CheckpointHandler,
     atomic_torch_save,
+    atomic_write,
+    atomic_write_text,
     checkpoint_name,
     find_latest_checkpoint,
     list_checkpoints,

@@ -122,16 +122,6 @@ def _read_cache(path: Path, key: str, num_items: int) -> dict | None:
     return data
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def cached_embeddings(
     encoder: nn.Module,
     items: Sequence[Mapping[str, Any]],
@@ -166,6 +156,7 @@ def cached_embeddings(
     """
     from monai.data import DataLoader, Dataset
 
+    from medssl.engines.checkpoint import atomic_torch_save
     from medssl.engines.distributed import get_rank
 
     from .features import extract_features
@@ -193,8 +184,7 @@ def cached_embeddings(
     if features.shape[0] != len(items):
         raise RuntimeError(f"cached_embeddings({encoder_id}): {features.shape[0]} embeddings for {len(items)} items")
     if path is not None and get_rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(
+        atomic_torch_save(
             {"format": CACHE_FORMAT, "key": key, "features": features, "labels": labels, "encoder_id": encoder_id},
             path,
         )

@@ -56,7 +56,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +65,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from medssl.engines.checkpoint import atomic_torch_save, atomic_write_text
 
 __all__ = [
     "EncoderSpec",
@@ -649,28 +650,6 @@ def results_table(rows: Sequence[Mapping[str, Any]], regimes: Sequence[str], mod
             "split\n\n" + "\n".join(best_lines) + "\n")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------------------- protocol
 @dataclass
 class FeatureSplit:
@@ -1054,10 +1033,10 @@ class DVMEProtocol:
         csv_path, json_path = write_metric_reports(self.rows, summary, out, name="results")
         table = results_table(self.rows, list(self.regimes), self.model_names())
         md_path = out / "results.md"
-        _atomic_text(md_path, f"# DVME protocol ({self.mode})\n\n{table}")
+        atomic_write_text(md_path, f"# DVME protocol ({self.mode})\n\n{table}")
         print(table, flush=True)
         log_path = out / "train_log.jsonl"
-        _atomic_text(log_path, "".join(json.dumps(r) + "\n" for r in self.log_records))
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in self.log_records))
         self.outputs.update(results_csv=csv_path, results_summary=json_path, results_md=md_path, train_log=log_path)
 
         test = self.splits["test"]
@@ -1068,7 +1047,7 @@ class DVMEProtocol:
             self.outputs["attention_map"] = plot_attention_map(
                 matrix, names, out / "attention_map.png",
                 title=f"DVME attention, {self.picture_regime} regime, test split (n={len(test.labels)})")
-            _atomic_text(out / "attention_map.json", json.dumps({"encoders": names, "map": matrix.tolist()}) + "\n")
+            atomic_write_text(out / "attention_map.json", json.dumps({"encoders": names, "map": matrix.tolist()}) + "\n")
         panel_model = "dvme" if "dvme" in self.models else ("dvme_no_attention" if "dvme_no_attention" in self.models
                                                              else None)
         panels = [EmbeddingPanel(f"{n} ({self.embed_dims[n]}-d)", tsne_embedding(test.features[n], self.seed),
@@ -1093,7 +1072,7 @@ class DVMEProtocol:
                 "val_auc": best_row["val_auc"], "test_auc": best_row["test_auc"],
             }
             path = self.ckpt_dir / "checkpoint_final.pt"
-            _atomic_torch_save(ckpt, path)
+            atomic_torch_save(ckpt, path)
             self.outputs["checkpoint"] = path
         for name, path in self.outputs.items():
             print(f"[dvme] wrote {name}: {path}", flush=True)

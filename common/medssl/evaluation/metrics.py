@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -204,16 +203,6 @@ def summarise_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, flo
     return summary
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _json_number(value: Any) -> Any:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None  # JSON has no NaN; null = undefined metric
@@ -235,8 +224,9 @@ def write_metric_reports(
     """Write ``<out_dir>/<name>.csv`` (one row per case; columns = union of the rows' keys in first-seen order) and
     ``<out_dir>/<name>_summary.json`` (``summary``, or :func:`summarise_rows` of the rows when None; NaN as null).
     Both atomically. Returns the two paths."""
+    from medssl.engines.checkpoint import atomic_write_text
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for row in rows:
         for key in row:
@@ -248,7 +238,7 @@ def write_metric_reports(
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}_summary.json"
-    _atomic_text(csv_path, buffer.getvalue())
+    atomic_write_text(csv_path, buffer.getvalue())
     summary = summarise_rows(rows) if summary is None else summary
-    _atomic_text(json_path, json.dumps(_json_number(dict(summary)), indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(_json_number(dict(summary)), indent=2) + "\n")
     return csv_path, json_path

@@ -13,7 +13,6 @@ Randomness: t-SNE / UMAP take an explicit ``seed`` (their own ``random_state``);
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,16 +129,9 @@ def _sorted_groups(values: np.ndarray) -> list:
 
 def save_figure(fig: Any, out_path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib ``Figure`` as a PNG atomically (parent folders created). Returns the path."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
+    from medssl.engines.checkpoint import atomic_write
+
+    return atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _draw_panel(ax: Any, panel: EmbeddingPanel) -> None:

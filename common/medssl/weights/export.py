@@ -38,7 +38,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -169,19 +168,6 @@ def _json_ready(value: Any, where: str) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
         return _json_ready(value.item(), where)
     raise TypeError(f"manifest{where}: {type(value).__name__} value {value!r} is not JSON data")
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _locate(target: str, source: str) -> Any:
@@ -353,12 +339,13 @@ def write_encoder_files(
     ``encoder_sha256``. Shared by :func:`export_encoder` and the weight converters."""
     out_path = Path(out_path)
     manifest_path = manifest_path_for(out_path) if manifest_path is None else Path(manifest_path)
+    from medssl.engines.checkpoint import atomic_write, atomic_write_text
+
     record = _json_ready(dict(record), "")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out_path, lambda f: torch.save(dict(state_dict), f))
+    atomic_write(out_path, lambda f: torch.save(dict(state_dict), f))
     record["encoder_sha256"] = file_sha256(out_path)
     text = json.dumps(record, indent=2) + "\n"
-    _atomic_write_bytes(manifest_path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(manifest_path, text)
     return out_path, manifest_path
 
 
