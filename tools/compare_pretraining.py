@@ -240,12 +240,11 @@ def compare(
             print(f"[{label}] {row}", flush=True)
     table = format_table(rows, finetune_epochs, seeds)
     print(table)
-    if out_dir or work_dir:
-        out = Path(out_dir or work_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "comparison.md").write_text(table + "\n")
-        (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {out / 'comparison.md'} and {out / 'comparison.json'}")
+    out = Path(out_dir or work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table + "\n")
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {out / 'comparison.md'} and {out / 'comparison.json'}")
     return rows
 
 

@@ -57,14 +57,14 @@ def _input_size(manifest: dict, dims: int, image_size: Any) -> list[int]:
     if image_size is not None:
         size = [int(s) for s in (image_size if isinstance(image_size, (list, tuple)) else [image_size])]
     else:
-        pre = manifest.get("preprocessing") or {}
-        size = None
-        for key in ("input_size" if dims == 2 else "input_size_3d", "input_size_2d" if dims == 2 else "input_size"):
-            value = pre.get(key) if isinstance(pre, dict) else None
-            if isinstance(value, (int, list)):
-                size = [int(v) for v in (value if isinstance(value, list) else [value])]
-                break
-        size = size or ([224] if dims == 2 else [96, 96, 32])
+        pre = manifest.get("preprocessing")
+        pre = pre if isinstance(pre, dict) else {}
+        # the recorded input size: "input_size", or per path "input_size_2d" / "input_size_3d" (UniMiSS)
+        value = pre.get(f"input_size_{dims}d", pre.get("input_size"))
+        if isinstance(value, (int, list)):
+            size = [int(v) for v in (value if isinstance(value, list) else [value])]
+        else:
+            size = [224] if dims == 2 else [96, 96, 32]
     if len(size) == 1:
         size = size * dims
     if len(size) != dims:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -477,7 +476,7 @@ def load_pretrained_encoder(
         loaded=sorted(to_load),
         not_loaded=not_loaded,
         ignored=ignored,
-        manifest={k: v for k, v in (manifest or {}).items()} or None,
+        manifest=dict(manifest) if manifest else None,
         adapter=adapter.name if adapter else None,
         target=where,
     )
