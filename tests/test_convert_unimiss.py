@@ -23,8 +23,8 @@ from medssl.weights.convert_unimiss import (
 )
 from medssl.weights.export import MANIFEST_FORMAT, build_encoder_from_manifest, file_sha256, load_manifest
 
-# the reference MiT-small / DINO-head key list (key -> shape), from the spec beside the project (CI has ../shared too)
-SPEC_FILE = REPO.parent / "shared" / "specs" / "unimiss_reference_keys.json"
+# the reference MiT-small / DINO-head key list (key -> shape) of the authors' checkpoints, kept in the repository
+SPEC_FILE = REPO / "tests" / "fixtures" / "unimiss_reference_keys.json"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,7 +36,7 @@ def single_thread():
 
 
 def _reference_text() -> str:
-    assert SPEC_FILE.is_file(), f"{SPEC_FILE} is missing: the tests expect ../shared beside the project"
+    assert SPEC_FILE.is_file(), f"{SPEC_FILE} is missing (the reference key list of the UniMiSS checkpoints)"
     return SPEC_FILE.read_text()
 
 

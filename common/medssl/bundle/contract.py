@@ -1,6 +1,6 @@
 """The bundle contract: what every bundle under ``bundles/`` must satisfy.
 
-The rules follow MONAI's bundle specification and the model-zoo CI (``../shared/specs/monai_bundles.md``) plus
+The rules follow MONAI's bundle specification and the MONAI model-zoo CI (Project-MONAI/model-zoo, ``ci/``) plus
 medssl's own conventions (DESIGN.md): required files, ``metadata.json`` valid against the schema kept in this
 package (``meta_schema.json``, written from MONAI's specification because the official schema file cannot be
 fetched offline — ``metadata.json`` still names the official URL), a ``name`` equal to the folder name, the version
