@@ -83,6 +83,7 @@ TOY = FIXTURE_BUNDLES / "toy_ssl_pretrain"
 
 
 def test_mlflow_tracking_records_the_loss(demo_datalist, tmp_path):
+    pytest.importorskip("mlflow", reason="the optional tracking extra (pip install -e '.[tracking]')")
     _bundle_run(TOY, ["train.json", "smoke.json"], demo_datalist, tmp_path, "--tracking", "mlflow")
     db = tmp_path / "mlruns.db"
     assert db.is_file(), "MONAI's --tracking mlflow wrote no tracking database under output_dir"

@@ -321,14 +321,14 @@ def test_trainer_errors(tmp_path):
 
 def test_amp_on_cpu_is_turned_off_and_the_autocast_paths_run(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
-        trainer = build_toy(tmp_path / "off", "--epochs", "1", "--amp")
+        trainer = build_toy(tmp_path / "off", "--epochs", "1", "--amp", "--device", "cpu")
     assert "amp=True ignored on device cpu" in caplog.text
     assert trainer.amp is False and trainer.scaler is None
     trainer.run()
     assert math.isfinite(trainer.state.output["loss"])
 
     # bf16 autocast (CPU autocast exists; the trainer only enables it on CUDA, so force it here)
-    trainer = build_toy(tmp_path / "bf16", "--epochs", "1")
+    trainer = build_toy(tmp_path / "bf16", "--epochs", "1", "--device", "cpu")
     trainer.amp, trainer.amp_dtype = True, torch.bfloat16
     dtypes = []
     trainer.method.encoder[1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
@@ -341,19 +341,19 @@ def test_amp_on_cpu_is_turned_off_and_the_autocast_paths_run(tmp_path, caplog):
 
     # fp16 with a GradScaler (CUDA in real runs; torch has a CPU scaler) + clipping (unscale first); the scaler state
     # goes into the checkpoint and comes back on resume
-    trainer = build_toy(tmp_path / "fp16", "--epochs", "1", "--clip", "1.0")
+    trainer = build_toy(tmp_path / "fp16", "--epochs", "1", "--clip", "1.0", "--device", "cpu")
     trainer.amp, trainer.amp_dtype = True, torch.float16
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     trainer.run()
     assert math.isfinite(trainer.state.output["loss"]) and math.isfinite(trainer.state.output["grad_norm"])
     saved = load_checkpoint(tmp_path / "fp16" / "ckpt" / FINAL_CHECKPOINT_NAME)
     assert saved["scaler"]["scale"] == trainer.scaler.get_scale()
-    restored = build_toy(tmp_path / "fp16_restored", "--epochs", "1")
+    restored = build_toy(tmp_path / "fp16_restored", "--epochs", "1", "--device", "cpu")
     restored.scaler = torch.amp.GradScaler("cpu")
     CheckpointHandler(tmp_path / "unused").load(restored, tmp_path / "fp16" / "ckpt" / FINAL_CHECKPOINT_NAME)
     assert restored.scaler.get_scale() == trainer.scaler.get_scale() and restored.state.iteration == 6
     with caplog.at_level(logging.WARNING):  # amp off (CPU): the saved scaler state is reported and ignored
-        resumed = build_toy(tmp_path / "fp16", "--epochs", "2", "--resume")
+        resumed = build_toy(tmp_path / "fp16", "--epochs", "2", "--resume", "--device", "cpu")
     assert resumed.scaler is None and resumed.state.iteration == 6 and "has a GradScaler state" in caplog.text
 
 
@@ -450,7 +450,7 @@ def test_checkpoint_handler_argument_errors(tmp_path):
 def test_mlflow_tracking_handler_logs_the_loss(tmp_path):
     """What `monai.bundle run --tracking mlflow` attaches to a trainer: MLFlowHandler reading
     from_engine(['loss'], first=True)."""
-    import mlflow
+    mlflow = pytest.importorskip("mlflow", reason="the optional tracking extra (pip install -e '.[tracking]')")
     from monai.handlers import MLFlowHandler, from_engine
     from monai.utils import path_to_sqlite_uri
 

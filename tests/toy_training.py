@@ -141,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--nan-at", type=int, default=None)
     p.add_argument("--amp", action="store_true")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: the local device)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--save-every-iters", type=int, default=None)
     p.add_argument("--keep-last", type=int, default=3)
@@ -179,7 +180,7 @@ def build_trainer(args: argparse.Namespace, out_dir: Path, accumulate: int = 1) 
     if args.stall_after_iter is not None:
         handlers.append(StallAfter(args.stall_after_iter, out_dir / "stalled"))
     return SSLTrainer(
-        device=local_device(),
+        device=args.device or local_device(),
         max_epochs=args.epochs,
         data_loader=loader,
         method=method,
