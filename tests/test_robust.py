@@ -154,3 +154,25 @@ def test_with_seeded_dataset_the_replacement_keeps_the_augmentation_seed(items):
     assert torch.equal(replaced["image"], reference["image"])
     assert not torch.equal(replaced["image"], seeded()[SampleKey(5, 124)]["image"])
     assert safe.data is safe.dataset.data and safe.transform is safe.dataset.transform
+
+
+def test_skip_names_each_bad_item_with_its_own_file_and_error(tmp_path, caplog):
+    # issue 13 item 4: a replacement that is bad too was reported with the first bad file's path and error
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (8, 8)).astype(np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "not_dicom.dcm").write_text("this is not a DICOM file\n")
+    Image.fromarray(rng.randint(0, 256, (64, 64)).astype(np.uint8)).save(tmp_path / "big.png")
+    raw = (tmp_path / "big.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(raw[: len(raw) // 2])
+    names = ("good.png", "not_dicom.dcm", "cut.png", "good.png")
+    xr = [{"image": str(tmp_path / n), "modality": "XR", "dim": 2} for n in names]
+    dataset = SafeDataset(monai_dataset(xr), on_error="skip", datalist_name="dl.json")
+    with caplog.at_level(logging.WARNING, logger="medssl.data.robust"):
+        replaced = dataset[1]  # item 1 bad, its replacement item 2 bad too -> item 3
+    assert replaced["image"].meta["filename_or_obj"] == xr[3]["image"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith(f"dl.json item 1: {xr[1]['image']}: InvalidDicomError")
+    assert messages[1].startswith(f"dl.json item 2: {xr[2]['image']}: ") and "truncated" in messages[1]
+    assert "DICOM" not in messages[1] and "not_dicom" not in messages[1]
+    assert dataset.bad_items[2].startswith(f"dl.json item 2: {xr[2]['image']}: ")

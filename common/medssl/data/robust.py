@@ -80,12 +80,13 @@ def describe_item_error(
     """(message "DATALIST item N: PATH: reason", path, reason) for an error raised loading datalist item ``index``.
 
     The reason is the innermost error of the chain (MONAI's "applying transform" wrappers skipped); when a reader
-    raised :class:`ImageReadError` its path and reason are used.
+    raised :class:`ImageReadError` its path and reason are used -- the outermost one, the read of this item: an
+    error raised while another was being handled carries that one as ``__context__`` further down the chain.
     """
     chain = _error_chain(error)
     read_errors = [e for e in chain if isinstance(e, ImageReadError)]
     if read_errors:
-        path, reason = read_errors[-1].path, read_errors[-1].reason
+        path, reason = read_errors[0].path, read_errors[0].reason
     else:
         root = chain[-1]
         text = str(root).strip().splitlines()[0] if str(root).strip() else ""
@@ -251,7 +252,8 @@ class SafeDataset(Dataset):
             if self.on_error == "raise":
                 raise bad from error
             self._skip(bad, position, error)
-            return self._replacement(index, position)
+        # outside the except block: a replacement's own error must not chain to this one (it would be named by it)
+        return self._replacement(index, position)
 
     def _skip(self, bad: BadItemError, position: int, error: BaseException) -> None:
         self.bad_items[self._item_index(position)] = str(bad)
