@@ -1,4 +1,4 @@
-"""medssl.bundle: the contract every bundle of this project follows, and its checker."""
+"""medssl.bundle: the contract every bundle of this project follows, its checker, and command-line value coercion."""
 
 from .contract import (
     META_SCHEMA_PATH,
@@ -10,3 +10,4 @@ from .contract import (
     verify_bundle,
     verify_metadata,
 )
+from .params import FALSE_WORDS, TRUE_WORDS, as_bool

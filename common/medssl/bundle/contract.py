@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,6 +207,46 @@ def _check_workflow(bundle: Path, config_files: list[Path], workflow_type: str, 
         report.add(where, f"{workflow_type} workflow refers to optional properties under wrong IDs {wrong_optional}")
 
 
+# boolean parameters that also take other values (resume: a checkpoint path) and parse them where they are used
+_NON_BOOLEAN_FLAGS = ("resume",)
+
+
+def _check_boolean_parameters(configs: dict[str, dict], report: BundleReport) -> None:
+    """Every top-level boolean parameter is read through ``medssl.bundle.as_bool`` wherever a config uses it: a
+    command-line ``--amp true`` reaches the config as the string "true" (see :mod:`medssl.bundle.params`)."""
+    flags = {
+        key
+        for name, data in configs.items()
+        if name != "metadata.json" and isinstance(data, dict)
+        for key, value in data.items()
+        if isinstance(value, bool) and not key.startswith("_") and key not in _NON_BOOLEAN_FLAGS
+    }
+    for name, data in configs.items():
+        if name == "metadata.json" or not isinstance(data, dict):
+            continue
+        for where, text in _config_strings(data):
+            for key in flags:
+                bare = re.sub(r"medssl\.bundle\.as_bool\(@" + re.escape(key) + r"\b", "", text)
+                if re.search(r"@" + re.escape(key) + r"(?![\w#])", bare):
+                    report.add(
+                        f"configs/{name}",
+                        f"{where} uses the boolean parameter @{key} directly; read it as "
+                        f"$medssl.bundle.as_bool(@{key}, '{key}') so that `--{key} true` on the command line works",
+                    )
+
+
+def _config_strings(node, where: str = ""):
+    """(config id, string) for every string value of a parsed config."""
+    if isinstance(node, str):
+        yield where, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _config_strings(value, f"{where}#{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _config_strings(value, f"{where}#{i}")
+
+
 def verify_bundle(path: str | Path, check_workflows: bool = True) -> BundleReport:
     """Check one bundle folder against the contract; never raises for a bad bundle, reports instead."""
     bundle = Path(path).resolve()
@@ -241,6 +282,8 @@ def verify_bundle(path: str | Path, check_workflows: bool = True) -> BundleRepor
             report.add("configs/smoke.json", "must make the run tiny: set epochs (and sizes)")
     elif not train_files:
         report.warn("configs/", "no train config (inference-only bundle)")
+
+    _check_boolean_parameters(configs, report)
 
     readme = bundle / "docs" / "README.md"
     if readme.is_file() and "python -m monai.bundle run" not in readme.read_text():
