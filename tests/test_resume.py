@@ -5,6 +5,7 @@ deterministic algorithms). The toy method uses dropout (global torch RNG), so th
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,3 +151,47 @@ def test_resume_flags(reference, tmp_path, caplog):
     )
     with pytest.raises(ValueError, match="written with epoch_length 6 but the engine now has 4 iterations per epoch"):
         CheckpointHandler(tmp_path / "c2").load(other, reference / "ckpt" / "checkpoint_00000016.pt")
+
+
+def test_resume_falls_back_over_unreadable_newest_checkpoints(reference, tmp_path, caplog):
+    """Issue 13 item 5: an empty checkpoint_final.pt and a truncated newest periodic checkpoint are skipped (a
+    warning names each) and the run resumes from the newest readable one, on the same trajectory."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    ckpt = out / "ckpt"
+    assert [it for it, _ in list_checkpoints(ckpt)] == [12, 16, 18]
+    final, newest = ckpt / FINAL_CHECKPOINT_NAME, ckpt / "checkpoint_00000018.pt"
+    final.write_bytes(b"")
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with caplog.at_level(logging.INFO):
+        trainer = toy_training.build_trainer(toy_training.parse_args(["--out", str(out), *RUN_ARGS, "--resume"]), out)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings[0].startswith(f"skipping {final}: unreadable checkpoint: empty file (0 bytes)")
+    assert warnings[1].startswith(f"skipping {newest}: unreadable checkpoint: truncated or corrupt")
+    assert f"resumed from {ckpt / 'checkpoint_00000016.pt'} at epoch 3 iteration 16" in caplog.text
+    trainer.run()
+    assert_same_trajectory(reference, out)  # iterations 17, 18 redone; both bad files rewritten whole
+
+    # nothing readable: one line listing every file and its problem
+    for path in (final, *(p for _, p in list_checkpoints(ckpt))):
+        path.write_bytes(path.read_bytes()[:100])
+    final.write_bytes(b"")
+    with pytest.raises(RuntimeError) as info:
+        toy_training.build_trainer(toy_training.parse_args(["--out", str(out), *RUN_ARGS, "--resume"]), out)
+    message = str(info.value)
+    assert "\n" not in message and f"{ckpt}: no readable checkpoint: " in message
+    assert f"{FINAL_CHECKPOINT_NAME} (unreadable checkpoint: empty file (0 bytes))" in message
+    for name in ("checkpoint_00000012.pt", "checkpoint_00000016.pt", "checkpoint_00000018.pt"):
+        assert f"{name} (unreadable checkpoint: truncated or corrupt (100 bytes; torch.load: " in message
+
+
+def test_load_checkpoint_names_the_unreadable_file(tmp_path):
+    from medssl.engines.checkpoint import CheckpointHandler, CheckpointReadError
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointReadError, match=rf"^{empty}: unreadable checkpoint: empty file \(0 bytes\)$"):
+        load_checkpoint(empty)
+    handler = CheckpointHandler(tmp_path / "c", resume=str(empty))  # an explicit path: no fallback, the file named
+    with pytest.raises(CheckpointReadError, match=rf"^{empty}: unreadable"):
+        handler.load(None, empty)

@@ -3,6 +3,7 @@
 from .checkpoint import (
     FINAL_CHECKPOINT_NAME,
     CheckpointHandler,
+    CheckpointReadError,
     atomic_torch_save,
     atomic_write,
     atomic_write_text,

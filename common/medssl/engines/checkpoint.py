@@ -17,6 +17,10 @@ stateful handlers such as an EMA teacher...: their ``state_dict()``), plus ``"en
 ``"world_size"`` and ``"format"``. ``medssl.weights`` exports the encoder from ``checkpoint["method"]``. Files
 are read with ``torch.load(weights_only=False)``: load only checkpoints you trust.
 
+Resume (``resume=True``) takes the newest checkpoint that ``torch.load`` can read: an empty, truncated or otherwise
+unreadable newer file is skipped with a warning naming it (and left in place; the resumed run overwrites it when it
+gets there); when no file is readable, a one-line :class:`CheckpointReadError` lists them with their problems.
+
 Resume restores everything, including the position inside an epoch: the trainer's data feeding sets the sampler's
 epoch and skips the batches already done (``skip_batches(iteration % epoch_length)``), and the RNG states are
 restored right before the first resumed step (at Events.GET_BATCH_COMPLETED for a mid-epoch checkpoint, at
@@ -26,6 +30,7 @@ Events.STARTED for an end-of-epoch one), i.e. where the uninterrupted run stood 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -44,6 +49,7 @@ from medssl.engines.trainer import epoch_sampler, output_is_finite
 
 __all__ = [
     "CheckpointHandler",
+    "CheckpointReadError",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_text",
@@ -122,27 +128,86 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Read a checkpoint written by :class:`CheckpointHandler` (``weights_only=False``: trusted files only)."""
-    return torch.load(path, map_location=map_location, weights_only=False)
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file that cannot be read (empty, truncated, not a torch file, not a medssl checkpoint);
+    ``str(error)`` names the file and the problem on one line; ``path`` and ``problem`` hold them."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = Path(path), problem
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))
+
+
+def _read_problem(path: Path, error: BaseException) -> str:
+    """What is wrong with ``path``, which ``torch.load`` failed on with ``error`` (one line)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = None
+    if size == 0:
+        return "empty file (0 bytes)"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"truncated or corrupt ({size} bytes; torch.load: {type(error).__name__}{': ' + text if text else ''})"
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Read a checkpoint written by :class:`CheckpointHandler` (``weights_only=False``: trusted files only).
+
+    Raises FileNotFoundError for a missing file and :class:`CheckpointReadError` ("PATH: unreadable checkpoint:
+    problem") for one ``torch.load`` cannot read, instead of torch's messages, which name no file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as error:  # noqa: BLE001 - any failure to read the file is reported with its name
+        raise CheckpointReadError(path, f"unreadable checkpoint: {_read_problem(path, error)}") from error
 
 
 def _checkpoint_iteration(path: Path) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(ckpt["engine"]["iteration"])
+    """The iteration recorded in checkpoint ``path`` (memory-mapped read: cheap); CheckpointReadError when the file
+    cannot be read or is not a medssl checkpoint."""
+    ckpt = load_checkpoint(path, mmap=True)
+    try:
+        return int(ckpt["engine"]["iteration"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointReadError(path, "not a medssl checkpoint (no 'engine' iteration entry)") from error
 
 
 def find_latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest iteration in ``ckpt_dir`` (``checkpoint_final.pt`` included, and
-    preferred on a tie); None when there is none. Temp files of interrupted saves are ignored."""
+    """The readable checkpoint with the highest iteration in ``ckpt_dir`` (``checkpoint_final.pt`` included, and
+    preferred on a tie); None when there is none. Temp files of interrupted saves are ignored; a newer file that
+    cannot be read (empty, truncated...) is skipped with a warning naming it; when there are checkpoint files but
+    none is readable, :class:`CheckpointReadError` lists them."""
     ckpt_dir = Path(ckpt_dir)
+    unreadable: list[str] = []
+
+    def readable(path: Path) -> int | None:
+        try:
+            return _checkpoint_iteration(path)
+        except CheckpointReadError as error:
+            logger.warning(f"skipping {error}; looking for an older checkpoint")
+            unreadable.append(f"{path.name} ({error.problem})")
+            return None
+
     candidates = [(it, 0, p) for it, p in list_checkpoints(ckpt_dir)]
     final = ckpt_dir / FINAL_CHECKPOINT_NAME
     if final.is_file():
-        candidates.append((_checkpoint_iteration(final), 1, final))
-    if not candidates:
-        return None
-    return max(candidates)[2]
+        final_iteration = readable(final)
+        if final_iteration is not None:
+            candidates.append((final_iteration, 1, final))
+    for _, is_final, path in sorted(candidates, reverse=True):
+        if is_final or readable(path) is not None:
+            return path
+    if unreadable:
+        raise CheckpointReadError(
+            ckpt_dir,
+            f"no readable checkpoint: {'; '.join(unreadable)}; delete these files to start a fresh run, or resume "
+            "from another ckpt_dir",
+        )
+    return None
 
 
 def rng_state() -> dict[str, Any]:
