@@ -50,7 +50,7 @@ def test_step_prototypes_not_trained_and_bank_filled():
     batch = make_batch(b=4, n_small=2)
     batch["index"] = torch.tensor([3, 7, 1, 12])
     out = method.training_step(batch)
-    assert list(out) == ["loss", "assigned"] and out["assigned"] == 0.0
+    assert list(out) == ["loss", "assigned", "health"] and out["assigned"] == 0.0
     assert out["loss"].item() == 0.0 and out["loss"].requires_grad  # no assignment yet: zero, not NaN
     indexes, embeddings = method.memory_bank.filled()
     assert indexes.tolist() == [3, 7, 1, 12] and embeddings.shape == (2, 4, 8)

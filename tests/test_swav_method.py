@@ -92,7 +92,7 @@ def test_training_step_loss_grad_and_multi_crop_groups():
     method = tiny_swav()
     batch = make_batch(b=4, n_small=3)
     out = method.training_step(batch)
-    assert list(out)[0] == "loss" and set(out) == {"loss", "loss_ss"}
+    assert list(out)[0] == "loss" and set(out) == {"loss", "loss_ss", "health"}
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
     # one backbone forward per size group: 2 large crops together, 3 small crops together
     assert method.backbone.calls == [(8, 1, LARGE, LARGE), (12, 1, SMALL, SMALL)]
@@ -213,7 +213,7 @@ def test_hybrid_supervised_term_from_labelled_items_only():
     labels = torch.tensor([1, UNLABELLED, 0, UNLABELLED])
     batch = make_batch(b=4, labels=labels)
     out = method.training_step(batch)
-    assert list(out) == ["loss", "loss_ss", "loss_sup", "n_labelled"] and out["n_labelled"] == 2
+    assert list(out) == ["loss", "loss_ss", "loss_sup", "n_labelled", "health"] and out["n_labelled"] == 2
     with torch.no_grad():
         features, _ = manual_embeddings(method, batch)
         large = torch.cat([features[:4][[0, 2]], features[4:8][[0, 2]]])  # labelled items of the 2 large crops

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.evaluation.health import prototype_assignments
 from medssl.losses import IGNORE_INDEX, DeepClusterV2Loss, MemoryBank, SwAVPrototypes, cluster_memory_bank
 from medssl.losses._dist import PerRankState, all_reduce_sum, get_rank, get_world_size
 from medssl.methods.base import SSLMethod, build_param_groups
@@ -194,7 +195,10 @@ class DeepClusterV2(SSLMethod):
         loss = self.loss(scores, targets)
         self._store(indexes, embeddings, batch_size)
         assigned = float((targets[0] != IGNORE_INDEX).float().mean()) if batch_size else 0.0
-        return {"loss": loss, "assigned": assigned}
+        # detached diagnostics of the assignment crops for medssl.evaluation.HealthMonitorHandler (first head)
+        assign = torch.cat([embeddings[c * batch_size : (c + 1) * batch_size] for c in self.crops_for_assign]).detach()
+        health = {"embeddings": assign, **prototype_assignments(assign, self.prototypes)}
+        return {"loss": loss, "assigned": assigned, "health": health}
 
     @torch.no_grad()
     def fill_memory(self, batch: Mapping[str, Any]) -> None:

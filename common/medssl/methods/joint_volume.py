@@ -231,7 +231,9 @@ class MaskedSliceEmbeddingPrediction(SSLMethod):
         contextual = self.encoder.contextualize(self.encoder.mask_slices(targets, mask))
         predictions = self.decoder(contextual)
         loss = masked_embedding_loss(predictions, targets, mask)
-        return {"loss": loss, "n_masked": int(mask.sum())}
+        # detached diagnostics for medssl.evaluation.HealthMonitorHandler: the predicted embeddings of masked slices
+        health = {"embeddings": predictions.detach()[mask.to(torch.bool)]}
+        return {"loss": loss, "n_masked": int(mask.sum()), "health": health}
 
     def parameter_groups(
         self, base_lr: float | None = None, weight_decay: float | None = None, no_decay_bias_norm: bool = True

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from medssl.evaluation.health import prototype_assignments
 from medssl.losses import PerModalityPrototypes, SwAVLoss, SwAVPrototypes, SwAVQueue, per_modality_swav_loss
 from medssl.losses._dist import all_reduce_sum, get_rank, get_world_size
 from medssl.methods.base import SSLMethod, build_param_groups
@@ -438,8 +439,12 @@ class SwAV(SSLMethod):
             if queue is not None:
                 queue.push([embeddings[c * batch_size : (c + 1) * batch_size].detach() for c in self.crops_for_assign])
 
+        # detached diagnostics of the assignment crops for medssl.evaluation.HealthMonitorHandler (no extra forward)
+        assign = torch.cat([embeddings[c * batch_size : (c + 1) * batch_size] for c in self.crops_for_assign]).detach()
+        groups = None if modalities is None else modalities * len(self.crops_for_assign)
+        health = {"embeddings": assign, **prototype_assignments(assign, self.prototypes, groups)}
         if self.classifier is None:
-            return {"loss": self.alpha * loss_ss, "loss_ss": loss_ss.detach()}
+            return {"loss": self.alpha * loss_ss, "loss_ss": loss_ss.detach(), "health": health}
 
         labels = batch.get(self.label_key) if isinstance(batch, Mapping) else None
         if labels is None:
@@ -455,7 +460,13 @@ class SwAV(SSLMethod):
         logits = self.classifier(large)
         loss_sup, n_labelled = supervised_loss(logits, labels.to(logits.device), len(self.crops_for_assign))
         loss = self.alpha * loss_ss + self.beta * loss_sup
-        return {"loss": loss, "loss_ss": loss_ss.detach(), "loss_sup": loss_sup.detach(), "n_labelled": n_labelled}
+        return {
+            "loss": loss,
+            "loss_ss": loss_ss.detach(),
+            "loss_sup": loss_sup.detach(),
+            "n_labelled": n_labelled,
+            "health": health,
+        }
 
     # ------------------------------------------------------------------ optimiser
     def parameter_groups(

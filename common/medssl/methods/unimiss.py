@@ -201,10 +201,18 @@ class UniMiSS(SSLMethod):
         stacked = torch.cat(views, dim=0)  # (V·B, C, *spatial), view-major
         student_out = self._apply_network(self.student, stacked, dim, f"{dim}D view")
         with torch.no_grad():
-            teacher_out = self._apply_network(self.teacher, stacked, dim, f"{dim}D view")
+            teacher_features = self.teacher.backbone(match_channels(stacked, self.channels.get(dim), f"{dim}D view"))
+            teacher_out = self.teacher.head(teacher_features)  # = self.teacher(...), keeping the backbone features
+            # detached diagnostics for medssl.evaluation.HealthMonitorHandler: P_t with the centre this loss uses
+            health = {
+                "embeddings": teacher_features,
+                "teacher_probs": self.loss.teacher_probs(teacher_out),
+                "center": self.loss.center.clone(),
+                "teacher_temp": self.loss.teacher_temp,
+            }
         loss_volume = self.loss(student_out, teacher_out)
         if dim == 2 or not self.slice_consistency:
-            return {"loss": loss_volume, "dim": float(dim), "loss_volume": loss_volume.detach()}
+            return {"loss": loss_volume, "dim": float(dim), "loss_volume": loss_volume.detach(), "health": health}
 
         student_slices = self._slice_outputs(self.student, stacked)
         with torch.no_grad():
@@ -219,4 +227,5 @@ class UniMiSS(SSLMethod):
             "loss_volume": loss_volume.detach(),
             "loss_volume_slice": (loss_slice_volume + loss_volume_slice).detach(),
             "loss_slice": loss_slice.detach(),
+            "health": health,
         }
