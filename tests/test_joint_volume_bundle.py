@@ -153,6 +153,47 @@ def test_stage1_dataset_reports_and_skips_bad_volumes_by_datalist_item(demo_data
     assert list(dataset.bad_items) == [bad_volume]  # one bad datalist item, however many of its slices were asked
 
 
+def _datalist_with_truncated_volume(demo_datalist: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The demo datalist (absolute paths) with, first in its training list, a copy of its first 3D volume cut in
+    half."""
+    datalist = json.loads(demo_datalist.read_text())
+    for section in ("training", "validation", "test"):
+        for it in datalist[section]:
+            it["image"] = str(demo_datalist.parent / it["image"])
+    volume = next(it for it in datalist["training"] if it["dim"] == 3)
+    source = Path(volume["image"])
+    cut = tmp_path / f"cut_{source.name}"
+    cut.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    datalist["training"].insert(0, {**volume, "image": str(cut)})
+    path = tmp_path / "datalist_cut.json"
+    path.write_text(json.dumps(datalist))
+    return path, str(cut)
+
+
+def test_stage1_truncated_volume_is_named_and_skipped(demo_datalist, tmp_path, capsys):
+    """Issue 13 item 6: a truncated volume stopped stage 1 while VolumeSliceDataset was built, whatever
+    on_bad_item said; now 'raise' names its datalist item and file, 'skip' leaves it out with a warning."""
+    from monai.bundle import ConfigParser
+
+    from medssl.data.robust import BadItemError
+
+    datalist, cut = _datalist_with_truncated_volume(demo_datalist, tmp_path)
+    parser = ConfigParser()
+    parser.read_config(_configs(["train.json", "train_stage1.json", "smoke.json"]))
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(demo_datalist.parent), "datalist": str(datalist)})
+    with pytest.raises(RuntimeError) as info:  # MONAI wraps it: "Failed to instantiate component ..."
+        parser.get_parsed_content("train#slices")
+    error = info.value.__cause__
+    assert isinstance(error, BadItemError) and error.index == 0 and error.path == cut
+    assert str(error).startswith(f"{datalist} item 0: {cut}: ") and "EOFError" in str(error)
+
+    out = tmp_path / "run"
+    _run(["train.json", "train_stage1.json", "smoke.json"], datalist, out, on_bad_item="skip")
+    printed = capsys.readouterr().out
+    assert f"{datalist} item 0: {cut}: " in printed and "skipped (1 bad item(s) so far, at most 10)" in printed
+    assert "EOFError" in printed
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_deepcluster_v2_variant_by_one_override(swav_chain, demo_datalist, tmp_path, stage):
     extra = {"pretrained_path": str(swav_chain / "stage2" / "ckpt")} if stage == 3 else {}

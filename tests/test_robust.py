@@ -176,3 +176,27 @@ def test_skip_names_each_bad_item_with_its_own_file_and_error(tmp_path, caplog):
     assert messages[1].startswith(f"dl.json item 2: {xr[2]['image']}: ") and "truncated" in messages[1]
     assert "DICOM" not in messages[1] and "not_dicom" not in messages[1]
     assert dataset.bad_items[2].startswith(f"dl.json item 2: {xr[2]['image']}: ")
+
+
+def test_volume_slice_dataset_skips_unreadable_volumes_when_built(items, caplog):
+    # issue 13 item 6: a truncated volume stopped VolumeSliceDataset's construction whatever on_bad_item said
+    from medssl.data import VolumeSliceDataset
+
+    volumes = [items[0], items[2], items[5]]  # good, truncated, good
+    with pytest.raises(BadItemError, match=rf"^dl\.json item 1: {items[2]['image']}: .*EOFError") as info:
+        VolumeSliceDataset(volumes, LoadMedicalImaged(), source="dl.json")
+    assert info.value.index == 1 and info.value.path == items[2]["image"]
+    with caplog.at_level(logging.WARNING, logger="medssl.data.slices"):
+        slices = VolumeSliceDataset(
+            volumes, LoadMedicalImaged(), source="dl.json", on_error="skip", cache_rate=0.5, cache_num_workers=2
+        )
+    assert [r.getMessage().split(": ")[:2] for r in caplog.records] == [["dl.json item 1", items[2]["image"]]]
+    assert "skipped (1 bad item(s) so far, at most 10)" in caplog.records[0].getMessage()
+    assert slices.num_slices == [3, 0, 3] and sorted(set(slices.volume_ids.tolist())) == [0, 2]
+    assert list(slices.bad_items) == [1]
+    safe = SafeDataset(slices, on_error="skip", max_skipped=1)  # the item left out counts toward max_skipped
+    assert list(safe.bad_items) == [1]
+    with pytest.raises(BadItemError, match="more than max_skipped=0"):
+        VolumeSliceDataset(volumes, LoadMedicalImaged(), on_error="skip", max_skipped=0)
+    with pytest.raises(BadItemError, match=r"no usable item, all 1 are unreadable"):
+        VolumeSliceDataset([items[2]], LoadMedicalImaged(), on_error="skip")

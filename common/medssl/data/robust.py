@@ -152,7 +152,8 @@ class SafeDataset(Dataset):
     other attributes are delegated to it. A wrapped dataset with several samples per datalist item (e.g.
     :class:`medssl.data.VolumeSliceDataset`: the slices of a volume) says which item each sample comes from through
     ``volume_ids`` (``volume_ids[sample] = item index in .data``); messages then name that item, a bad item makes
-    all its samples bad, and replacements come from other items of the same ``modality`` and ``dim``.
+    all its samples bad, and replacements come from other items of the same ``modality`` and ``dim``. Items the
+    wrapped dataset reports in its own ``bad_items`` (left out when it was built) count toward ``max_skipped``.
     Note: a ``CacheDataset`` loads its cache when it is built, before this wrapper sees an item -- run
     ``tools/datalist.py check`` first.
 
@@ -179,7 +180,8 @@ class SafeDataset(Dataset):
         self.max_skipped = int(max_skipped)
         self.datalist_name = datalist_name
         self.image_key = image_key
-        self.bad_items: dict[int, str] = {}
+        # items the wrapped dataset already left out when it was built (VolumeSliceDataset, on_error="skip") count too
+        self.bad_items: dict[int, str] = dict(_find_attribute(dataset, "bad_items") or {})
 
     # ------------------------------------------------------------------------------------------------ delegation
     @property

@@ -9,12 +9,19 @@ random 2D augmentations (``slice_transform``) run per slice, reseeded by a :clas
 Axis convention: a loaded volume is channel-first ``(C, X, Y, Z)`` (MONAI, RAS after ``Orientationd``); the slice
 axis is a SPATIAL axis index, ``-1`` (default) = the last spatial axis = Z = depth, i.e. axial slices
 ``(C, X, Y)``. A 2D item is ``(C, H, W)``.
+
+An item that cannot be loaded while the dataset is built (volumes are read then: cached ones, and every one whose
+depth is not given) stops it with :class:`~medssl.data.robust.BadItemError` "SOURCE item N: PATH: reason", or with
+``on_error="skip"`` is left out (no sample) with the same text as a warning, as
+:class:`~medssl.data.robust.SafeDataset` does for the items that fail later.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import OrderedDict
+from multiprocessing.pool import ThreadPool
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from typing import Any
@@ -24,9 +31,12 @@ import torch
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Compose, OneOf, RandomOrder, RandomizableTrait, SomeOf
 
+from medssl.data.robust import BadItemError, describe_item_error
 from medssl.data.samplers import DistributedBatchSampler, SampleKey, VolumeGroupedBatchSampler
 
 __all__ = ["VolumeSliceDataset", "make_slice_batch_sampler"]
+
+logger = logging.getLogger(__name__)
 
 
 def _random_transforms(transform: Any) -> list[str]:
@@ -74,6 +84,10 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
             ``min_foreground`` is set, which needs the data).
         cache_num_workers: threads used to fill the CacheDataset.
         source: name used in error messages (e.g. the datalist path).
+        on_error: an item that fails to load while the dataset is built: ``"raise"`` (:class:`BadItemError` naming
+            the item and the file) or ``"skip"`` (a warning naming them; the item gives no sample and is listed in
+            ``bad_items``, which a :class:`~medssl.data.robust.SafeDataset` around this dataset counts too).
+        max_skipped: with ``"skip"``, more than this many bad items raise :class:`BadItemError`.
     """
 
     def __init__(
@@ -91,8 +105,12 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
         cache_num_workers: int = 1,
         image_key: str = "image",
         source: str = "datalist",
+        on_error: str = "raise",
+        max_skipped: int = 10,
     ) -> None:
         name = type(self).__name__
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"{name}: on_error must be 'raise' or 'skip', got {on_error!r}")
         if slice_axis not in (0, 1, 2, -1, -2, -3):
             raise ValueError(f"{name}: slice_axis={slice_axis} is not a spatial axis of a 3-D volume (0..2 or -1..-3)")
         if slices_per_volume is not None and slices_per_volume < 1:
@@ -115,19 +133,29 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
         self.min_foreground, self.foreground_threshold = min_foreground, float(foreground_threshold)
         self.cache_size = max(int(cache_size), 0)
         self.image_key, self.source = image_key, source
+        self.on_error, self.max_skipped = on_error, int(max_skipped)
+        self.bad_items: dict[int, str] = {}
+        # runtime_cache: the cache is filled by _fill_cache below, one item at a time, so a bad item can be named
         self.volumes = CacheDataset(
-            self.items, volume_transform, cache_rate=cache_rate, num_workers=cache_num_workers, progress=False
+            self.items, volume_transform, cache_rate=cache_rate, progress=False, runtime_cache=True
         )
         self._lru: OrderedDict[int, dict] = OrderedDict()
+        load_errors = self._fill_cache(cache_num_workers)
 
         volume_of, slice_of, empty = [], [], []
         self.num_slices: list[int] = []  # selected samples per item
         for vi in range(len(self.items)):
-            if vi < self.volumes.cache_num or depths is None or min_foreground is not None:
-                selected = self._select_slices(vi, self._volume(vi))
-            else:
-                selected = self._select_from_depth(depths[vi])
-            if len(selected) == 0:
+            try:
+                if vi in load_errors:
+                    raise load_errors[vi]
+                if vi < self.volumes.cache_num or depths is None or min_foreground is not None:
+                    selected = self._select_slices(vi, self._volume(vi))
+                else:
+                    selected = self._select_from_depth(depths[vi])
+            except Exception as error:  # noqa: BLE001 - every failure is reported with the item and file
+                self._bad_item(vi, error)
+                selected = []
+            if len(selected) == 0 and vi not in self.bad_items:
                 empty.append(vi)
             volume_of.extend([vi] * len(selected))
             slice_of.extend(selected)
@@ -138,8 +166,54 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
                 f"{min_foreground} and give no sample (items {empty[:10]}{'...' if len(empty) > 10 else ''})",
                 stacklevel=2,
             )
+        if not volume_of and self.bad_items:
+            raise BadItemError(
+                f"{name}: {source}: no usable item, all {len(self.bad_items)} are unreadable (first: "
+                f"{next(iter(self.bad_items.values()))}); fix the datalist (tools/datalist.py check)"
+            )
         self._volume_of = np.asarray(volume_of, dtype=np.int64)
         self._slice_of = np.asarray(slice_of, dtype=np.int64)
+
+    def _fill_cache(self, num_workers: int) -> dict[int, Exception]:
+        """Load the CacheDataset's items (``num_workers`` threads, as MONAI's own fill); returns the errors by item."""
+
+        def load(vi: int) -> Exception | None:
+            try:
+                self.volumes[vi]  # a runtime cache keeps the loaded item
+            except Exception as error:  # noqa: BLE001 - reported by the caller with the item and file
+                return error
+            return None
+
+        indices = range(self.volumes.cache_num)
+        if num_workers > 1 and len(indices) > 1:
+            with ThreadPool(num_workers) as pool:
+                results = pool.map(load, indices)
+        else:
+            results = [load(vi) for vi in indices]
+        return {vi: error for vi, error in zip(indices, results) if error is not None}
+
+    def _bad_item(self, vi: int, error: Exception) -> None:
+        """Item ``vi`` failed to load at construction: raise, or record and warn (``on_error``)."""
+        where = self._where(vi) + ": "
+        if isinstance(error, ValueError) and str(error).startswith(where):  # our own check (dim, shape): named already
+            message, reason = str(error), str(error)[len(where) :]
+            path = str(self.items[vi].get(self.image_key)) if isinstance(self.items[vi], dict) else None
+            if self.on_error == "raise":
+                raise error
+        else:
+            message, path, reason = describe_item_error(error, vi, self.items[vi], self.source, self.image_key)
+        if self.on_error == "raise":
+            raise BadItemError(message, vi, path, reason) from error
+        self.bad_items[vi] = message
+        if len(self.bad_items) > self.max_skipped:
+            raise BadItemError(
+                f"{message}; more than max_skipped={self.max_skipped} bad items ({len(self.bad_items)}): fix the "
+                "datalist (tools/datalist.py check) or raise max_bad_items",
+                vi,
+                path,
+                reason,
+            ) from error
+        logger.warning("%s; skipped (%d bad item(s) so far, at most %d)", message, len(self.bad_items), self.max_skipped)
 
     # ------------------------------------------------------------------ public views
     def __len__(self) -> int:
