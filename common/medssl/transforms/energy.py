@@ -549,9 +549,10 @@ class EnergyBandAugmentd(RandomizableTransform, MapTransform):
     mean (seed Eq. 8); with e_ref = e it is the identity up to float error.
 
     Reference statistics come from ``reference`` (a JSON path or a dict from :func:`estimate_reference_energies`,
-    per modality). Fallback (no reference, or the item's modality missing from it, logged once per modality and
-    transform instance/worker): per-image statistics, mean_i = the image's own e_i and std_i =
-    ``fallback_std_fraction`` · e_i, i.e. each band's energy is scaled by a random factor in [1 − r·f, 1 + r·f].
+    per modality). Fallback (no reference: logged once, when the transform is built, not by each DataLoader worker
+    of each epoch; the item's modality missing from the reference: logged once per modality and transform
+    instance / worker): per-image statistics, mean_i = the image's own e_i and std_i = ``fallback_std_fraction`` ·
+    e_i, i.e. each band's energy is scaled by a random factor in [1 − r·f, 1 + r·f].
 
     Guards: a band whose energy is at most ``1e-6 ×`` max(largest band energy, largest absolute value of the
     low-pass residual) — zero or float-rounding noise, e.g. every band of a constant image — is left unchanged
@@ -612,6 +613,12 @@ class EnergyBandAugmentd(RandomizableTransform, MapTransform):
         self.truncate = float(truncate)
         self._z = np.zeros(self.n_bands, dtype=np.float64)
         self._warned: set[str] = set()
+        if self.reference is None:  # said once here, in the process that builds the pipeline, not per worker / epoch
+            logger.warning(
+                "EnergyBandAugmentd: no reference energies were given (tools/energy_reference.py makes them); using "
+                "per-image statistics (mean = the image's own band energies, std = %.3g x mean)",
+                self.fallback_std_fraction,
+            )
 
     def randomize(self, data: Any = None) -> None:
         """Draw whether to apply and one standard normal z_i per band truncated to [−r, r] (inverse CDF)."""
@@ -626,7 +633,7 @@ class EnergyBandAugmentd(RandomizableTransform, MapTransform):
         self._z = np.clip(scipy.special.ndtri(u), -r, r)
 
     def reference_stats(self, modality: Any, energies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, std) of the reference energies for a modality; per-image fallback (logged once) if unknown."""
+        """(mean, std) of the reference energies for a modality; per-image fallback if unknown (see the class)."""
         modalities = {} if self.reference is None else self.reference["modalities"]
         key = None if modality is None else str(modality)
         if key is not None and key not in modalities and key.upper() in modalities:
@@ -634,17 +641,13 @@ class EnergyBandAugmentd(RandomizableTransform, MapTransform):
         if key is not None and key in modalities:
             stats = modalities[key]
             return np.asarray(stats["mean"], dtype=np.float64), np.asarray(stats["std"], dtype=np.float64)
-        tag = "<no reference>" if self.reference is None else str(key)
-        if tag not in self._warned:
-            self._warned.add(tag)
-            if self.reference is None:
-                reason = "no reference energies were given"
-            else:
-                reason = f"{self.reference['source']}: modality {key!r} has no reference energies"
+        if self.reference is not None and str(key) not in self._warned:
+            self._warned.add(str(key))
             logger.warning(
-                "EnergyBandAugmentd: %s; using per-image statistics (mean = the image's own band energies, "
-                "std = %.3g x mean)",
-                reason,
+                "EnergyBandAugmentd: %s: modality %r has no reference energies; using per-image statistics (mean = "
+                "the image's own band energies, std = %.3g x mean)",
+                self.reference["source"],
+                key,
                 self.fallback_std_fraction,
             )
         return energies, self.fallback_std_fraction * energies
