@@ -213,8 +213,15 @@ def test_input_checks_name_the_problem():
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match=r"too small.*stage"):
         model(torch.randn(1, 3, 32, 32))
-    with pytest.raises(ValueError, match=r"too small"):
+    with pytest.raises(ValueError, match=r"too small \(volumes are \(B, C, X, Y, Z\), depth last\)"):
         model(torch.randn(1, 1, 64, 64, 4))
+    # issue 13 item 10: the reference's depth-first (B, C, D, H, W) crop said only "too small"
+    with pytest.raises(ValueError) as info:
+        model(torch.randn(1, 1, 16, 96, 96))
+    assert str(info.value).startswith(
+        "MiT 3D path: input of shape (1, 1, 16, 96, 96) looks depth-first: volumes are (B, C, X, Y, Z), depth last"
+    )
+    assert "too small" not in str(info.value)
     with pytest.raises(ValueError, match=r"expected \(B, C, H, W\) or \(B, C, X, Y, Z\) with depth last"):
         model(torch.randn(3, 64, 64))
     # with the decoder, the skips must line up: 80 -> 40, 20, 10, 5, 3 does not up-sample back to 5

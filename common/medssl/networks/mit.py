@@ -600,11 +600,18 @@ class MiT(nn.Module):
         for i, ratio in enumerate(self.encoder.sr_ratios):
             grid = tuple(_down(s) for s in grid)
             if min(grid) < ratio or math.prod(grid) < 2:
-                raise ValueError(
-                    f"MiT {d}D path: input of shape {tuple(x.shape)} is too small: encoder stage {i + 1} would have "
-                    f"a {'×'.join(map(str, grid))} token grid, which its spatial reduction (ratio {ratio}) and "
-                    "instance norm cannot take (the smallest inputs are 64×64 in 2D and 64×64×16 in 3D)"
+                problem = (
+                    f"encoder stage {i + 1} would have a {'×'.join(map(str, grid))} token grid, which its spatial "
+                    f"reduction (ratio {ratio}) and instance norm cannot take (the smallest inputs are 64×64 in 2D and "
+                    "64×64×16 in 3D)"
                 )
+                if d == 3 and x.shape[2] < x.shape[4]:  # e.g. (B, C, 16, 96, 96): the depth axis given first
+                    raise ValueError(
+                        f"MiT 3D path: input of shape {tuple(x.shape)} looks depth-first: volumes are (B, C, X, Y, Z), "
+                        f"depth last (move the depth axis with x.movedim(2, -1)); as given, {problem}"
+                    )
+                layout = " (volumes are (B, C, X, Y, Z), depth last)" if d == 3 else ""
+                raise ValueError(f"MiT {d}D path: input of shape {tuple(x.shape)} is too small{layout}: {problem}")
 
     # ------------------------------------------------------------------ outputs
     def forward_features(self, x: torch.Tensor, decode: bool = True) -> dict[str, torch.Tensor]:
