@@ -4,21 +4,27 @@ A self-supervised method can "collapse": every input maps to (nearly) the same e
 the loss may still look reasonable. These numbers show it within the first epochs:
 
 * **embedding std** (:func:`embedding_std`): the mean over the D dimensions of the standard deviation of the
-  L2-normalised embeddings across a batch of rows. Rows spread over the unit sphere give about 1/√D, so the logged
-  ``emb_std_sqrt_d`` = std·√D is about 1 when healthy and 0 when every row is the same (SimSiam, Chen & He 2021,
-  Sec. 4.1, monitors exactly this);
+  L2-normalised embeddings across the rows of a batch. Rows spread over the unit sphere give about 1/√D, so the
+  logged ``emb_std_sqrt_d`` = std·√D is about 1 when healthy and 0 when every row is the same (SimSiam, Chen & He
+  2021, Sec. 4.1, monitors exactly this);
 * **effective rank** (:func:`effective_rank`): exp of the entropy of the normalised singular values of the
   L2-normalised embedding matrix (Roy & Vetterli 2007; RankMe, Garrido et al. 2023): between 1 (every row along one
-  direction: collapse) and min(N, D) (all directions used equally); dimensional collapse shows as a small rank;
+  direction: collapse) and min(N, D) (all directions used equally); dimensional collapse shows as a small rank.
+  The handler measures both on the deviations of each step's normalised rows from that step's mean, pooled over the
+  steps (the pooled within-step variance; the most recent ``max_rows`` deviations for the rank): each step is one
+  state of the model, and rows pooled as they are would count the drift of a moving model as spread. The methods
+  give one row per item (the first view), so two views of an item do not count as two items;
 * **prototype usage** (:func:`usage_entropy`, SwAV / DeepCluster-v2 / the joint method's clustering stages): the
   histogram of the prototypes each row's scores point to (argmax of z · Cᵀ), its entropy normalised by
   log min(K, N) (1 = the N rows spread over as many prototypes as they can; 0 = all in one) and the number of
   prototypes in use. The hard assignments are used, not the Sinkhorn codes: the codes are equipartitioned by
   construction, so their mean is uniform even for a collapsed encoder;
 * **teacher entropy** (:func:`distribution_entropy`, DINO / UniMiSS): the mean entropy of the centred, sharpened
-  teacher distribution P_t of each row, normalised by log K, and the entropy of the batch-mean P_t. DINO (Caron et
-  al. 2021, Sec. 5.3) names the two collapses: a uniform teacher output (per-row entropy → 1) and one dimension
-  dominating (the batch-mean entropy → 0, every row picks the same output). The **centre entropy** is the entropy of
+  teacher distribution P_t of each row, normalised by log K, and the entropy of the batch-mean P_t
+  (``teacher_mean_entropy``), each averaged over the steps. DINO (Caron et al. 2021, Sec. 5.3) names the two
+  collapses: a uniform teacher output (per-row entropy → 1) and one dimension dominating (the batch-mean entropy
+  → 0, every row picks the same output); a per-row entropy equal to the batch-mean one means every row gets the same
+  distribution. The **centre entropy** is the entropy of
   softmax(C / τ_t): the distribution of an input whose teacher logits equal the centre C, near 0 when one logit
   dominates the running mean of the teacher outputs.
 
@@ -58,6 +64,7 @@ __all__ = [
     "WARNING_STD_SQRT_D",
     "WARNING_USAGE_ENTROPY",
     "MIN_ROWS",
+    "MIN_USAGE_ROWS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,8 +79,14 @@ WARNING_STD_SQRT_D = 0.3
 """Warning below: embedding std·√D (the rows crowd into a small part of the sphere)."""
 WARNING_USAGE_ENTROPY = 0.3
 """Warning below: prototype usage entropy (a few prototypes take most rows)."""
+RANK_RMS_TOL = 1e-4
+"""Directions of the within-step deviations (of unit-norm rows) with an RMS extent at most this are float round-off,
+not spread, and do not count in the effective rank."""
 MIN_ROWS = 8
-"""Rows needed before the rank / usage checks say anything (fewer rows cannot show a spread)."""
+"""Rows needed before the std / rank checks say anything (fewer rows cannot show a spread)."""
+MIN_USAGE_ROWS = 32
+"""Rows (of a modality) needed before "one prototype takes every row" counts as collapse: a handful of similar items
+in one cluster can be chance."""
 
 
 # --------------------------------------------------------------------------------------------- pure functions
@@ -85,22 +98,25 @@ def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def embedding_std(z: torch.Tensor) -> float:
-    """Mean over the D dimensions of the per-dimension standard deviation (over the N rows) of the L2-normalised
-    rows of ``z`` (N, D). About 1/√D for rows spread over the sphere, 0 for identical rows; NaN for N = 0."""
+    """Mean over the D dimensions of the per-dimension standard deviation (unbiased, over the N rows) of the
+    L2-normalised rows of ``z`` (N, D). About 1/√D for rows spread over the sphere, 0 for identical rows; NaN for
+    fewer than two rows."""
     z = _rows(z, "embedding_std")
-    if z.shape[0] == 0:
+    if z.shape[0] < 2:
         return float("nan")
-    return float(F.normalize(z, dim=1).std(dim=0, correction=0).mean())
+    return float(F.normalize(z, dim=1).std(dim=0, correction=1).mean())
 
 
-def effective_rank(z: torch.Tensor) -> float:
-    """Effective rank (Roy & Vetterli 2007) of the L2-normalised rows of ``z`` (N, D): exp(−Σ p_k log p_k) with
-    p = σ / ‖σ‖₁, σ the singular values. 1 for rows along one direction (identical rows), min(N, D) for orthogonal
-    rows of equal norm; 0 for an all-zero (or empty) matrix."""
+def effective_rank(z: torch.Tensor, normalize: bool = True, rms_tol: float = 0.0) -> float:
+    """Effective rank (Roy & Vetterli 2007) of ``z`` (N, D), its rows L2-normalised first (``normalize``):
+    exp(−Σ p_k log p_k) with p = σ / ‖σ‖₁, σ the singular values. 1 for rows along one direction (identical
+    rows), min(N, D) for orthogonal rows of equal norm; 0 for an all-zero (or empty) matrix. Directions along which
+    the rows' root-mean-square extent σ / √N is at most ``rms_tol`` are not counted (round-off, not spread)."""
     z = _rows(z, "effective_rank")
     if z.numel() == 0:
         return 0.0
-    s = torch.linalg.svdvals(F.normalize(z, dim=1))
+    s = torch.linalg.svdvals(F.normalize(z, dim=1) if normalize else z)
+    s = s[s > rms_tol * math.sqrt(z.shape[0])]
     total = s.sum()
     if total <= 0:
         return 0.0
@@ -145,7 +161,9 @@ def distribution_entropy(probs: torch.Tensor) -> float:
     if p.dim() == 1:
         p = p.unsqueeze(0)
     if p.dim() != 2 or p.shape[1] < 2 or p.shape[0] == 0:
-        raise ValueError(f"distribution_entropy: expected (K,) or (N, K) probabilities with K >= 2, got {tuple(p.shape)}")
+        raise ValueError(
+            f"distribution_entropy: expected (K,) or (N, K) probabilities with K >= 2, got {tuple(p.shape)}"
+        )
     p = p.clamp_min(0)
     p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-300)
     h = -(p * p.clamp_min(1e-300).log()).sum(dim=1)
@@ -186,8 +204,9 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
     """(``"ok"`` | ``"warning"`` | ``"collapsed"``, reasons) for a record of :class:`HealthMonitorHandler`.
 
     Collapsed when any of: ``emb_std_sqrt_d`` < :data:`COLLAPSED_STD_SQRT_D` (0.1); ``eff_rank`` <
-    :data:`COLLAPSED_EFFECTIVE_RANK` (2) with at least :data:`MIN_ROWS` rows and D >= 2; one prototype takes every
-    row (of a modality, with per-modality prototypes) of at least :data:`MIN_ROWS` rows; ``teacher_entropy`` >
+    :data:`COLLAPSED_EFFECTIVE_RANK` (2), both from at least :data:`MIN_ROWS` rows and D >= 2 (a rank is not judged
+    for rows without spread: the shape of a negligible spread says nothing); one prototype takes every
+    row (of a modality, with per-modality prototypes) of at least :data:`MIN_USAGE_ROWS` rows; ``teacher_entropy`` >
     :data:`COLLAPSED_TEACHER_ENTROPY` (0.99, uniform teacher output); exp(``teacher_mean_entropy`` · log K) < 2 (one
     teacher output dimension for every row). Warning when: ``emb_std_sqrt_d`` < :data:`WARNING_STD_SQRT_D` (0.3) or
     ``usage_entropy`` < :data:`WARNING_USAGE_ENTROPY` (0.3). Missing or NaN numbers are not judged."""
@@ -199,16 +218,18 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
     std, rank, rows, dim = num("emb_std_sqrt_d"), num("eff_rank"), num("n_rows") or 0, num("dim") or 0
-    if std is not None and std < COLLAPSED_STD_SQRT_D:
+    judged = rows >= MIN_ROWS and dim >= 2
+    if judged and std is not None and std < COLLAPSED_STD_SQRT_D:
         collapsed.append(f"embedding std*sqrt(D) {std:.3f} < {COLLAPSED_STD_SQRT_D}")
-    elif std is not None and std < WARNING_STD_SQRT_D:
+    elif judged and std is not None and std < WARNING_STD_SQRT_D:
         warning.append(f"embedding std*sqrt(D) {std:.3f} < {WARNING_STD_SQRT_D}")
-    if rank is not None and rows >= MIN_ROWS and dim >= 2 and rank < COLLAPSED_EFFECTIVE_RANK:
+    spread = std is None or std >= COLLAPSED_STD_SQRT_D
+    if judged and spread and rank is not None and rank < COLLAPSED_EFFECTIVE_RANK:
         collapsed.append(f"effective rank {rank:.2f} < {COLLAPSED_EFFECTIVE_RANK:g}")
     usage = stats.get("prototype_usage")
     if isinstance(usage, Mapping):
         for group, u in usage.items():
-            if u.get("rows", 0) >= MIN_ROWS and u.get("n_prototypes", 0) >= 2 and u.get("used") == 1:
+            if u.get("rows", 0) >= MIN_USAGE_ROWS and u.get("n_prototypes", 0) >= 2 and u.get("used") == 1:
                 where = f" of {group}" if group else ""
                 collapsed.append(f"one prototype takes all {u['rows']} rows{where}")
     entropy = num("usage_entropy")
@@ -230,7 +251,7 @@ def health_line(record: Mapping[str, Any]) -> str:
     parts = []
     if "emb_std_sqrt_d" in record:
         parts.append(f"emb std*sqrt(D) {_fmt(record['emb_std_sqrt_d'])}")
-        parts.append(f"eff. rank {_fmt(record.get('eff_rank'), 1)}/{record.get('dim')}")
+        parts.append(f"eff. rank {_fmt(record.get('eff_rank'), 1)}/{record.get('rank_bound', record.get('dim'))}")
     if "protos_used" in record:
         parts.append(
             f"prototypes used {record['protos_used']}/{record['n_prototypes']} "
@@ -275,9 +296,10 @@ class HealthMonitorHandler:
     forward pass): ``"embeddings"`` (N, D); for the clustering methods ``"assignments"`` (N,) with
     ``"n_prototypes"`` (and ``"groups"``, the modality of each row, with per-modality prototypes); for DINO-style
     teachers ``"teacher_probs"`` (N, K), ``"center"`` (1, K) and ``"teacher_temp"``. The handler keeps the last
-    ``max_rows`` embedding rows, the assignment histograms and the teacher sums of the epoch, and at
-    Events.EPOCH_COMPLETED (and every ``every_n_iters`` iterations when > 0) computes the numbers of the module
-    docstring and :func:`collapse_verdict`, then
+    within-step deviations of the embeddings (see the module docstring), the assignment histograms and the per-step
+    teacher entropies of the epoch, and at
+    Events.EPOCH_COMPLETED (and every ``every_n_iters`` iterations when > 0, each report covering the iterations
+    since the previous one) computes the numbers of the module docstring and :func:`collapse_verdict`, then
 
     * appends a JSON line to ``<output_dir>/<filename>`` (``health.jsonl``: epoch, iteration, the numbers, the
       verdict and its reasons; a resumed run appends, the last line of an epoch wins);
@@ -296,7 +318,7 @@ class HealthMonitorHandler:
     Args:
         output_dir: directory of the JSON lines file (None = no file).
         key: the step-output entry holding the method's diagnostics.
-        max_rows: embedding rows kept for the std and the effective rank (the most recent ones).
+        max_rows: the most recent deviation rows kept for the effective rank (bounds the memory and the SVD's cost).
         every_n_iters: also report every this many iterations (0 = at epoch ends only).
         tensorboard: write TensorBoard scalars.
         tensorboard_dir: default ``<output_dir>/tensorboard``.
@@ -336,12 +358,16 @@ class HealthMonitorHandler:
 
     # ------------------------------------------------------------------ accumulation
     def _reset(self) -> None:
-        self._embeddings: deque[torch.Tensor] = deque()
-        self._n_embedding_rows = 0
+        self._deviations: deque[torch.Tensor] = deque()
+        self._n_deviations = 0
+        self._squares: torch.Tensor | None = None
+        self._dof = 0
+        self._rows = 0
         self._counts: dict[str, torch.Tensor] = {}
-        self._teacher_rows = 0
-        self._teacher_entropy_sum: torch.Tensor | None = None
-        self._teacher_prob_sum: torch.Tensor | None = None
+        self._teacher_steps = 0
+        self._teacher_entropy_sum = 0.0
+        self._teacher_mean_entropy_sum = 0.0
+        self._teacher_dim = 0
         self._center: torch.Tensor | None = None
         self._teacher_temp: float | None = None
         self._steps = 0
@@ -350,12 +376,21 @@ class HealthMonitorHandler:
         """Add one step's diagnostics (the method's ``"health"`` dict)."""
         self._steps += 1
         emb = health.get("embeddings")
-        if isinstance(emb, torch.Tensor) and emb.dim() == 2 and emb.shape[0]:
-            emb = emb.detach().float().cpu()[-self.max_rows :]
-            self._embeddings.append(emb)
-            self._n_embedding_rows += emb.shape[0]
-            while self._n_embedding_rows - self._embeddings[0].shape[0] >= self.max_rows:
-                self._n_embedding_rows -= self._embeddings.popleft().shape[0]
+        if isinstance(emb, torch.Tensor) and emb.dim() == 2 and emb.shape[0] >= 2:
+            z = F.normalize(emb.detach().to(torch.float64), dim=1).cpu()
+            deviations = z - z.mean(dim=0, keepdim=True)
+            squares = deviations.pow(2).sum(dim=0)
+            same_dim = self._squares is not None and self._squares.shape == squares.shape
+            self._squares = self._squares + squares if same_dim else squares
+            self._dof = self._dof + z.shape[0] - 1 if same_dim else z.shape[0] - 1
+            self._rows = self._rows + z.shape[0] if same_dim else z.shape[0]
+            if not same_dim:
+                self._deviations.clear()
+                self._n_deviations = 0
+            self._deviations.append(deviations[-self.max_rows :])
+            self._n_deviations += self._deviations[-1].shape[0]
+            while self._n_deviations - self._deviations[0].shape[0] >= self.max_rows:
+                self._n_deviations -= self._deviations.popleft().shape[0]
         assignments = health.get("assignments")
         if isinstance(assignments, torch.Tensor) and assignments.numel():
             k = int(health.get("n_prototypes") or (int(assignments.max()) + 1))
@@ -369,16 +404,12 @@ class HealthMonitorHandler:
                     rows = torch.tensor([i for i, g in enumerate(names) if g == group])
                     self._add_counts(group, assignments[rows], k)
         probs = health.get("teacher_probs")
-        if isinstance(probs, torch.Tensor) and probs.dim() == 2 and probs.shape[0]:
+        if isinstance(probs, torch.Tensor) and probs.dim() == 2 and probs.shape[0] and probs.shape[1] >= 2:
             p = probs.detach().float()
-            row_entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=1).double().sum().cpu()
-            prob_sum = p.sum(dim=0).double().cpu()
-            if self._teacher_prob_sum is None or self._teacher_prob_sum.shape != prob_sum.shape:
-                self._teacher_entropy_sum, self._teacher_prob_sum, self._teacher_rows = row_entropy, prob_sum, 0
-            else:
-                self._teacher_entropy_sum = self._teacher_entropy_sum + row_entropy
-                self._teacher_prob_sum = self._teacher_prob_sum + prob_sum
-            self._teacher_rows += int(p.shape[0])
+            self._teacher_entropy_sum += distribution_entropy(p)
+            self._teacher_mean_entropy_sum += distribution_entropy(p.mean(dim=0))
+            self._teacher_steps += 1
+            self._teacher_dim = int(p.shape[1])
         center = health.get("center")
         if isinstance(center, torch.Tensor):
             self._center = center.detach().reshape(-1).double().cpu()
@@ -392,16 +423,17 @@ class HealthMonitorHandler:
     def compute(self) -> dict[str, Any]:
         """The numbers of the rows collected since the last report (see the module docstring for each)."""
         record: dict[str, Any] = {"steps": self._steps}
-        if self._embeddings:
-            z = torch.cat(list(self._embeddings))[-self.max_rows :]
-            dim = int(z.shape[1])
-            std = embedding_std(z)
+        if self._squares is not None and self._dof:
+            dim = int(self._squares.numel())
+            std = float((self._squares / self._dof).sqrt().mean())  # pooled within-step std, per dimension
+            rank_rows = torch.cat(list(self._deviations))[-self.max_rows :]
             record.update(
-                n_rows=int(z.shape[0]),
                 dim=dim,
+                n_rows=self._rows,
                 emb_std=std,
                 emb_std_sqrt_d=std * math.sqrt(dim),
-                eff_rank=effective_rank(z),
+                eff_rank=effective_rank(rank_rows, normalize=False, rms_tol=RANK_RMS_TOL),
+                rank_bound=min(dim, int(rank_rows.shape[0])),
             )
         if self._counts:
             usage: dict[str, dict[str, Any]] = {}
@@ -422,12 +454,11 @@ class HealthMonitorHandler:
                 assigned_rows=rows,
                 prototype_usage=usage,
             )
-        if self._teacher_prob_sum is not None and self._teacher_rows:
-            k = int(self._teacher_prob_sum.numel())
+        if self._teacher_steps:
             record.update(
-                teacher_dim=k,
-                teacher_entropy=float(self._teacher_entropy_sum) / self._teacher_rows / math.log(k),
-                teacher_mean_entropy=distribution_entropy(self._teacher_prob_sum / self._teacher_rows),
+                teacher_dim=self._teacher_dim,
+                teacher_entropy=self._teacher_entropy_sum / self._teacher_steps,
+                teacher_mean_entropy=self._teacher_mean_entropy_sum / self._teacher_steps,
             )
         if self._center is not None and self._center.numel() >= 2:
             logits = self._center / max(self._teacher_temp or 1.0, 1e-12)
@@ -465,7 +496,9 @@ class HealthMonitorHandler:
                 self._warned_missing = True
             return
         self.update(health)
-        if self.every_n_iters and engine.state.iteration % self.every_n_iters == 0:
+        iteration, epoch_length = engine.state.iteration, engine.state.epoch_length or 0
+        last_of_epoch = bool(epoch_length) and iteration % epoch_length == 0  # the epoch report follows
+        if self.every_n_iters and iteration % self.every_n_iters == 0 and not last_of_epoch:
             self.report(engine, at="iteration")
             self._reset()
 

@@ -195,9 +195,9 @@ class DeepClusterV2(SSLMethod):
         loss = self.loss(scores, targets)
         self._store(indexes, embeddings, batch_size)
         assigned = float((targets[0] != IGNORE_INDEX).float().mean()) if batch_size else 0.0
-        # detached diagnostics of the assignment crops for medssl.evaluation.HealthMonitorHandler (first head)
-        assign = torch.cat([embeddings[c * batch_size : (c + 1) * batch_size] for c in self.crops_for_assign]).detach()
-        health = {"embeddings": assign, **prototype_assignments(assign, self.prototypes)}
+        # detached diagnostics of crop 0 (one row per item; first head) for medssl.evaluation.HealthMonitorHandler
+        first = embeddings[:batch_size].detach()
+        health = {"embeddings": first, **prototype_assignments(first, self.prototypes)}
         return {"loss": loss, "assigned": assigned, "health": health}
 
     @torch.no_grad()

@@ -439,10 +439,9 @@ class SwAV(SSLMethod):
             if queue is not None:
                 queue.push([embeddings[c * batch_size : (c + 1) * batch_size].detach() for c in self.crops_for_assign])
 
-        # detached diagnostics of the assignment crops for medssl.evaluation.HealthMonitorHandler (no extra forward)
-        assign = torch.cat([embeddings[c * batch_size : (c + 1) * batch_size] for c in self.crops_for_assign]).detach()
-        groups = None if modalities is None else modalities * len(self.crops_for_assign)
-        health = {"embeddings": assign, **prototype_assignments(assign, self.prototypes, groups)}
+        # detached diagnostics of crop 0 (one row per item) for medssl.evaluation.HealthMonitorHandler
+        first = embeddings[:batch_size].detach()
+        health = {"embeddings": first, **prototype_assignments(first, self.prototypes, modalities)}
         if self.classifier is None:
             return {"loss": self.alpha * loss_ss, "loss_ss": loss_ss.detach(), "health": health}
 

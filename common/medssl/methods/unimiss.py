@@ -203,10 +203,12 @@ class UniMiSS(SSLMethod):
         with torch.no_grad():
             teacher_features = self.teacher.backbone(match_channels(stacked, self.channels.get(dim), f"{dim}D view"))
             teacher_out = self.teacher.head(teacher_features)  # = self.teacher(...), keeping the backbone features
-            # detached diagnostics for medssl.evaluation.HealthMonitorHandler: P_t with the centre this loss uses
+            # detached diagnostics of view 0 (one row per item) for medssl.evaluation.HealthMonitorHandler: P_t
+            # with the centre this loss uses
+            first = slice(0, stacked.shape[0] // self.n_views)
             health = {
-                "embeddings": teacher_features,
-                "teacher_probs": self.loss.teacher_probs(teacher_out),
+                "embeddings": teacher_features[first],
+                "teacher_probs": self.loss.teacher_probs(teacher_out[first]),
                 "center": self.loss.center.clone(),
                 "teacher_temp": self.loss.teacher_temp,
             }
