@@ -153,13 +153,18 @@ def test_stage1_dataset_reports_and_skips_bad_volumes_by_datalist_item(demo_data
     assert list(dataset.bad_items) == [bad_volume]  # one bad datalist item, however many of its slices were asked
 
 
-def _datalist_with_truncated_volume(demo_datalist: Path, tmp_path: Path) -> tuple[Path, str]:
-    """The demo datalist (absolute paths) with, first in its training list, a copy of its first 3D volume cut in
-    half."""
+def _absolute_datalist(demo_datalist: Path) -> dict:
+    """The demo datalist with absolute image paths (a copy of it may be written anywhere)."""
     datalist = json.loads(demo_datalist.read_text())
     for section in ("training", "validation", "test"):
         for it in datalist[section]:
             it["image"] = str(demo_datalist.parent / it["image"])
+    return datalist
+
+
+def _datalist_with_truncated_volume(demo_datalist: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The demo datalist with, first in its training list, a copy of its first 3D volume cut in half."""
+    datalist = _absolute_datalist(demo_datalist)
     volume = next(it for it in datalist["training"] if it["dim"] == 3)
     source = Path(volume["image"])
     cut = tmp_path / f"cut_{source.name}"
@@ -192,6 +197,22 @@ def test_stage1_truncated_volume_is_named_and_skipped(demo_datalist, tmp_path, c
     printed = capsys.readouterr().out
     assert f"{datalist} item 0: {cut}: " in printed and "skipped (1 bad item(s) so far, at most 10)" in printed
     assert "EOFError" in printed
+
+
+def test_stage3_knn_monitors_turn_off_without_class_labels(demo_datalist, tmp_path, capsys):
+    """Issue 13 item 8: stage 3's kNN monitors (random copy and trained encoder) on a datalist without class labels
+    turn themselves off with one line; the stage trains."""
+    datalist = _absolute_datalist(demo_datalist)
+    for section in ("training", "validation", "test"):
+        for it in datalist[section]:
+            it.pop("label", None)
+    path = tmp_path / "unlabelled.json"
+    path.write_text(json.dumps(datalist))
+    out = tmp_path / "stage3"
+    _run(["train.json", "train_stage3.json", "smoke.json"], path, out, epochs=1, pretrained_path="")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "kNN monitor off" in line]
+    assert len(lines) == 1 and "no labelled item in its train_loader (memory bank) and val_loader" in lines[0]
+    assert not (out / "knn.jsonl").exists()
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -369,3 +369,54 @@ def test_knn_monitor_bad_encoder_path():
     engine = _tiny_engine(ToyMethodWithBackbone(), 1)
     with pytest.raises(AttributeError, match="no attribute 'teacher'"):
         handler.attach(engine)
+
+
+def test_knn_monitor_turns_itself_off_without_labelled_items(tmp_path, caplog):
+    """Issue 13 item 8: a datalist without class labels stopped the pretraining bundles while their kNN loaders
+    were built ("no item with ... labelled_only=class"); the loaders are now empty and the monitors turn themselves
+    off with one log line."""
+    from monai.data import Dataset
+
+    from medssl.data import load_items
+
+    from PIL import Image
+
+    for k in range(3):
+        Image.fromarray(np.full((8, 8), 40 * k, dtype=np.uint8)).save(tmp_path / f"xr{k}.png")
+    unlabelled = [{"image": f"xr{k}.png", "modality": "XR", "dim": 2} for k in range(3)]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": unlabelled[:2], "validation": unlabelled[2:]}))
+    with pytest.raises(ValueError, match="no item with .*labelled_only=class"):
+        load_items(datalist, "training", labelled_only="class")
+    assert load_items(datalist, "training", labelled_only="class", allow_empty=True) == []
+    assert load_items(datalist, "test", labelled_only="class", allow_empty=True) == []  # no such section
+    assert len(load_items(datalist, "training", allow_empty=True)) == 2
+
+    method = ToyMethodWithBackbone()
+    train_loader = DataLoader(Dataset(load_items(datalist, "training", labelled_only="class", allow_empty=True)))
+    val_loader = DataLoader(Dataset(load_items(datalist, "validation", labelled_only="class", allow_empty=True)))
+    baseline = KNNMonitorHandler(ToyMethodWithBackbone().backbone, train_loader, val_loader, every_n_epochs=0,
+                                 at_start=True, at_end=False, output_dir=tmp_path, name="knn_acc_random")
+    monitor = KNNMonitorHandler("backbone", train_loader, val_loader, every_n_epochs=1, at_start=True,
+                                output_dir=tmp_path)
+    engine = _tiny_engine(method, 2)
+    with caplog.at_level("INFO", logger="medssl.evaluation.knn"):
+        baseline.attach(engine)
+        monitor.attach(engine)
+        engine.run(range(2), max_epochs=2)
+    assert [r.getMessage() for r in caplog.records] == [
+        "kNN monitor off: no labelled item in its train_loader (memory bank) and val_loader (queries) (a datalist "
+        "without class labels); pretraining goes on without it"
+    ]
+    assert not baseline.enabled and not monitor.enabled and monitor.history == []
+    assert not (tmp_path / "knn.jsonl").exists() and "knn_acc" not in engine.state.metrics
+
+    # labelled memory bank, no labelled query: off too, and a monitor with items stays on
+    labelled = DataLoader(make_items(8, seed=1), batch_size=4)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="medssl.evaluation.knn"):
+        KNNMonitorHandler("backbone", labelled, DataLoader(Dataset([]))).attach(_tiny_engine(method, 1))
+    assert "no labelled item in its val_loader (queries)" in caplog.text
+    on = KNNMonitorHandler("backbone", labelled, labelled, k=3)
+    on.attach(_tiny_engine(method, 1))
+    assert on.enabled

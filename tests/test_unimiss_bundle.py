@@ -110,3 +110,26 @@ def test_exported_teacher_loads_into_a_2d_downstream_mit(smoke_run, tmp_path):
     report = load_pretrained_encoder(network, tmp_path / "mit.json", spatial_dims=2, verbose=False)
     assert len(report.loaded) == len(encoder.state_dict()) and not report.not_loaded
     assert any("3D path" in k for k in report.ignored) and any("decoder" in k for k in report.ignored)
+
+
+def test_unlabelled_datalist_turns_the_knn_monitor_off(demo_datalist, tmp_path):
+    """Issue 13 item 8: on a datalist without class labels the run stopped while the kNN loaders were built ("no
+    item with ... labelled_only=class"); now the monitor says once that it is off and the pretraining runs."""
+    datalist = json.loads(demo_datalist.read_text())
+    for section in ("training", "validation", "test"):
+        for item in datalist[section]:
+            item.pop("label", None)
+    unlabelled = tmp_path / "unlabelled.json"
+    unlabelled.write_text(json.dumps(datalist))
+    out = tmp_path / "run"
+    config_list = "[" + ",".join(f"'{CONFIGS / c}'" for c in ("train.json", "smoke.json")) + "]"
+    cmd = [
+        PYTHON, "-m", "monai.bundle", "run", "--config_file", config_list, "--bundle_root", str(BUNDLE),
+        "--dataset_dir", str(demo_datalist.parent), "--datalist", str(unlabelled), "--output_dir", str(out),
+        "--ckpt_dir", str(out / "ckpt"), "--epochs", "1", "--train#sampler#num_batches", "2",
+    ]
+    proc = run_cmd(cmd, cwd=BUNDLE, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "kNN monitor off" in line]
+    assert len(lines) == 1 and "no labelled item in its train_loader (memory bank) and val_loader" in lines[0]
+    assert (out / "ckpt" / "checkpoint_final.pt").is_file() and not (out / "knn.jsonl").exists()

@@ -43,6 +43,7 @@ def load_items(
     keys: Sequence[str] | None = PIPELINE_KEYS,
     labelled_only: bool | str = False,
     max_items: int | None = None,
+    allow_empty: bool = False,
 ) -> list[dict]:
     """Items of one datalist section for a pipeline.
 
@@ -56,7 +57,11 @@ def load_items(
         labelled_only: ``True`` keeps only items with a ``label``; ``"class"`` only items whose label is a class
             index (int) or a multi-label vector (list); ``"mask"`` only items whose label is a mask path.
         max_items: keep the first N (after filtering), for quick runs.
+        allow_empty: return ``[]`` instead of raising when no item is left or the datalist has no such section
+            (e.g. the labelled items of a kNN monitor, which turns itself off without them).
     """
+    if allow_empty and not _has_section(datalist, section):
+        return []
     items = load_datalist(datalist, section=section, dataset_dir=dataset_dir)
     if dims is not None:
         wanted_dims = {int(dims)} if isinstance(dims, int) else {int(d) for d in dims}
@@ -70,6 +75,8 @@ def load_items(
             items = [it for it in items if _label_kind(it.get("label")) == labelled_only]
     if max_items is not None:
         items = items[: int(max_items)]
+    if not items and allow_empty:
+        return []
     if not items:
         raise ValueError(
             f"{datalist}: section {section!r} has no item with dims={dims}, modalities={modalities}, "
@@ -84,6 +91,16 @@ def load_items(
     logger.info("%s [%s]: %d items (%s)", Path(datalist).name, section, len(items), ", ".join(
         f"{k}: {v}" for k, v in sorted(counts.items())))
     return items
+
+
+def _has_section(datalist: str | Path, section: str) -> bool:
+    """Whether ``datalist`` has a ``section`` list; True when it cannot be read (load_datalist then says why)."""
+    import json
+
+    try:
+        return isinstance(json.loads(Path(datalist).read_text(encoding="utf-8")).get(section), list)
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def _label_kind(label: Any) -> str | None:

@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -42,6 +43,9 @@ from medssl.evaluation.features import extract_features, unwrap_encoder
 __all__ = ["knn_classify", "knn_accuracy", "knn_evaluate", "KNNMonitorHandler"]
 
 logger = logging.getLogger(__name__)
+
+#: query loaders whose monitors were turned off and said so: monitors sharing them log one line together
+_ANNOUNCED_OFF: weakref.WeakSet = weakref.WeakSet()
 
 
 def _class_labels(labels: torch.Tensor, what: str) -> torch.Tensor:
@@ -281,6 +285,11 @@ class KNNMonitorHandler:
 
     The global RNG states are restored after each evaluation, so the monitor does not change the training's random
     stream. Every rank must attach it (the evaluation is a collective when the loaders are split across ranks).
+
+    A loader without any item (a datalist without class labels: the bundles build the loaders with
+    ``medssl.data.load_items(..., labelled_only='class', allow_empty=True)``) turns the monitor off when it is
+    attached, with one warning (one per query loader, however many monitors share it); ``enabled`` is then
+    False and nothing is evaluated or written.
     """
 
     def __init__(
@@ -319,6 +328,19 @@ class KNNMonitorHandler:
         self.history: list[dict[str, Any]] = []
         self._resolved: Any = None if isinstance(encoder, str) else unwrap_encoder(encoder)
         self._last_epoch: int | None = None
+        self.enabled = True
+
+    def _empty_loaders(self) -> list[str]:
+        """Which of the loaders hold no item (map-style datasets; a loader of unknown length counts as not empty)."""
+        empty = []
+        loaders = (("train_loader (memory bank)", self.train_loader), ("val_loader (queries)", self.val_loader))
+        for what, loader in loaders:
+            try:
+                if len(getattr(loader, "dataset", loader)) == 0:
+                    empty.append(what)
+            except TypeError:
+                pass
+        return empty
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -334,6 +356,20 @@ class KNNMonitorHandler:
             self._resolved = _resolve_attribute(root, self.encoder)
         if not callable(self._resolved):
             raise TypeError(f"KNNMonitorHandler: the encoder ({type(self._resolved).__name__}) is not callable")
+        empty = self._empty_loaders()
+        if empty:
+            self.enabled = False
+            try:
+                said = self.val_loader in _ANNOUNCED_OFF
+                _ANNOUNCED_OFF.add(self.val_loader)
+            except TypeError:  # a loader without weak references (a plain list): say it every time
+                said = False
+            if is_main_process() and not said:
+                logger.warning(
+                    f"kNN monitor off: no labelled item in its {' and '.join(empty)} (a datalist without class "
+                    "labels); pretraining goes on without it"
+                )
+            return
         if self.at_start:
             engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
