@@ -94,7 +94,7 @@ def test_verdict_thresholds():
     verdict, reasons = collapse_verdict(dict(healthy, emb_std_sqrt_d=0.05))
     assert verdict == "collapsed" and "std" in reasons[0]
     assert collapse_verdict(dict(healthy, eff_rank=1.3))[0] == "collapsed"
-    assert collapse_verdict(dict(healthy, eff_rank=1.3, n_rows=4))[0] == "ok"  # too few rows to judge a rank
+    assert collapse_verdict(dict(healthy, eff_rank=1.3, n_rows=4))[0] == "n/a"  # too few rows to judge a rank
     assert collapse_verdict(dict(healthy, emb_std_sqrt_d=0.2))[0] == "warning"
     assert collapse_verdict(dict(healthy, usage_entropy=0.1))[0] == "warning"
     usage = {"XR": {"used": 1, "n_prototypes": 30, "rows": 64}, "CT": {"used": 9, "n_prototypes": 30, "rows": 64}}
@@ -105,6 +105,8 @@ def test_verdict_thresholds():
     assert collapse_verdict(dict(teacher, teacher_entropy=0.999))[0] == "collapsed"  # uniform teacher output
     assert collapse_verdict(dict(teacher, teacher_mean_entropy=0.05))[0] == "collapsed"  # one dimension for all
     assert collapse_verdict({"emb_std_sqrt_d": float("nan")})[0] == "ok"  # missing numbers are not judged
+    verdict, reasons = collapse_verdict({"emb_std_sqrt_d": 0.01, "eff_rank": 1.0, "n_rows": 4, "dim": 128})
+    assert verdict == "n/a" and "only 4 rows" in reasons[0]
     line = health_line(dict(healthy, epoch=3, at="epoch", verdict="collapsed", reasons=["x"], knn={"knn_acc": 0.5}))
     assert line.startswith("epoch 3 health: emb std*sqrt(D) 0.80, eff. rank 40.0/128") and "knn_acc 0.5000" in line
     assert line.endswith("-- COLLAPSED (x)")

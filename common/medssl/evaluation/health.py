@@ -28,10 +28,11 @@ the loss may still look reasonable. These numbers show it within the first epoch
   softmax(C / τ_t): the distribution of an input whose teacher logits equal the centre C, near 0 when one logit
   dominates the running mean of the teacher outputs.
 
-:func:`collapse_verdict` turns these into ``"ok"``, ``"warning"`` or ``"collapsed"`` with the reasons; the thresholds
-are the module constants below. :class:`HealthMonitorHandler` collects the detached tensors each method puts in
-its step output under ``"health"`` (see :func:`prototype_assignments` and the methods' ``training_step``) and
-reports once per epoch: ``<output_dir>/health.jsonl``, TensorBoard scalars and one console line.
+:func:`collapse_verdict` turns these into ``"ok"``, ``"warning"`` or ``"collapsed"`` (``"n/a"`` with too few rows)
+with the reasons; the thresholds are the module constants below. :class:`HealthMonitorHandler` collects the detached
+tensors each method puts in its step output under ``"health"`` (see :func:`prototype_assignments` and the methods'
+``training_step``) and reports once per epoch: ``<output_dir>/health.jsonl``, TensorBoard scalars and one console
+line.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def prototype_assignments(
 
 # --------------------------------------------------------------------------------------------- verdict
 def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
-    """(``"ok"`` | ``"warning"`` | ``"collapsed"``, reasons) for a record of :class:`HealthMonitorHandler`.
+    """(``"ok"`` | ``"warning"`` | ``"collapsed"`` | ``"n/a"``, reasons) of a :class:`HealthMonitorHandler` record.
 
     Collapsed when any of: ``emb_std_sqrt_d`` < :data:`COLLAPSED_STD_SQRT_D` (0.1); ``eff_rank`` <
     :data:`COLLAPSED_EFFECTIVE_RANK` (2), both from at least :data:`MIN_ROWS` rows and D >= 2 (a rank is not judged
@@ -209,7 +210,8 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
     row (of a modality, with per-modality prototypes) of at least :data:`MIN_USAGE_ROWS` rows; ``teacher_entropy`` >
     :data:`COLLAPSED_TEACHER_ENTROPY` (0.99, uniform teacher output); exp(``teacher_mean_entropy`` · log K) < 2 (one
     teacher output dimension for every row). Warning when: ``emb_std_sqrt_d`` < :data:`WARNING_STD_SQRT_D` (0.3) or
-    ``usage_entropy`` < :data:`WARNING_USAGE_ENTROPY` (0.3). Missing or NaN numbers are not judged."""
+    ``usage_entropy`` < :data:`WARNING_USAGE_ENTROPY` (0.3). Missing or NaN numbers are not judged; ``"n/a"`` when
+    nothing could be judged (fewer than :data:`MIN_ROWS` embedding rows and no teacher)."""
     collapsed: list[str] = []
     warning: list[str] = []
 
@@ -220,7 +222,7 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
     std, rank, rows, dim = num("emb_std_sqrt_d"), num("eff_rank"), num("n_rows") or 0, num("dim") or 0
     judged = rows >= MIN_ROWS and dim >= 2
     if judged and std is not None and std < COLLAPSED_STD_SQRT_D:
-        collapsed.append(f"embedding std*sqrt(D) {std:.3f} < {COLLAPSED_STD_SQRT_D}")
+        collapsed.append(f"embedding std*sqrt(D) {std:.3f} < {COLLAPSED_STD_SQRT_D}: all items in a narrow cone")
     elif judged and std is not None and std < WARNING_STD_SQRT_D:
         warning.append(f"embedding std*sqrt(D) {std:.3f} < {WARNING_STD_SQRT_D}")
     spread = std is None or std >= COLLAPSED_STD_SQRT_D
@@ -242,7 +244,12 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
         collapsed.append("one teacher output dimension for every row")
     if collapsed:
         return "collapsed", collapsed + warning
-    return ("warning", warning) if warning else ("ok", [])
+    if warning:
+        return "warning", warning
+    teacher_judged = teacher is not None or teacher_mean is not None
+    if std is not None and not judged and not teacher_judged:
+        return "n/a", [f"only {int(rows)} rows since the last report, {MIN_ROWS} needed to judge"]
+    return "ok", []
 
 
 def health_line(record: Mapping[str, Any]) -> str:
@@ -305,7 +312,7 @@ class HealthMonitorHandler:
       verdict and its reasons; a resumed run appends, the last line of an epoch wins);
     * writes them as TensorBoard scalars ``health/<name>`` at the iteration (``tensorboard_dir``, default
       ``<output_dir>/tensorboard``, beside :class:`medssl.engines.TrainingLogHandler`'s scalars);
-    * logs one line (:func:`health_line`), at WARNING level when the verdict is not ok;
+    * logs one line (:func:`health_line`), at WARNING level for a warning or a collapse;
     * sets ``engine.state.health`` to the record.
 
     The kNN accuracies a :class:`medssl.evaluation.KNNMonitorHandler` stored in ``engine.state.metrics`` during the
@@ -525,7 +532,7 @@ class HealthMonitorHandler:
         self.history.append(record)
         engine.state.health = record
         line = health_line(record)
-        (logger.warning if record["verdict"] != "ok" else logger.info)(line)
+        (logger.warning if record["verdict"] in ("warning", "collapsed") else logger.info)(line)
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / self.filename, "a", encoding="utf-8") as f:
