@@ -241,3 +241,52 @@ def test_publish_url_lists_encoder_in_large_files_and_monai_downloads_it(tmp_pat
         sha256=entries["models/encoder.pt"]["hash_val"], cache_dir=tmp_path / "cache", verbose=False,
     )
     assert len(by_url.loaded) == len(report.loaded) and by_url.manifest["encoder_sha256"] == file_sha256(downloaded)
+
+
+def test_export_after_a_bundle_run_reads_the_run_config(demo_datalist, tmp_path, capsys):
+    """Issue 13 item 10: the README's export command (no --config) after a run with override files failed with
+    "216 missing keys": it parsed configs/train.json alone. The run now saves its merged config in its run folder
+    and the export reads it there. The datalist has no class labels: the swav bundle's kNN monitor turns itself off
+    (item 8)."""
+    from conftest import BUNDLES, PYTHON, run_cmd
+    from medssl.engines import RUN_CONFIG_NAME
+
+    bundle = BUNDLES / "ssl_swav_multimodal_pretrain"
+    datalist = json.loads(demo_datalist.read_text())
+    for section in ("training", "validation", "test"):
+        for item in datalist[section]:
+            item.pop("label", None)
+    unlabelled = tmp_path / "unlabelled.json"
+    unlabelled.write_text(json.dumps(datalist))
+    run = tmp_path / "run"
+    configs = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in ("train.json", "smoke.json")) + "]"
+    proc = run_cmd(
+        [PYTHON, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle),
+         "--dataset_dir", str(demo_datalist.parent), "--datalist", str(unlabelled), "--output_dir", str(run),
+         "--epochs", "1", "--backbone_2d#block_inplanes", "[4,8,8,16]"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sum("kNN monitor off" in line for line in (proc.stdout + proc.stderr).splitlines()) == 1
+    saved = json.loads((run / RUN_CONFIG_NAME).read_text())
+    assert saved["backbone_2d"]["block_inplanes"] == [4, 8, 8, 16] and saved["epochs"] == 1  # the overrides
+
+    export = [PYTHON, str(TOOLS / "export_encoder.py"), "--bundle", str(bundle), "--checkpoint", str(run / "ckpt"),
+              "--out", str(tmp_path / "encoder.pt")]
+    proc = run_cmd(export, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"parsing the run's config {run / RUN_CONFIG_NAME}" in proc.stderr
+    manifest = json.loads((tmp_path / "encoder.json").read_text())
+    assert manifest["bundle"]["configs"] == [RUN_CONFIG_NAME]
+    assert manifest["backbone"]["kwargs"]["block_inplanes"] == [4, 8, 8, 16]
+    trained = torch.load(run / "ckpt" / "checkpoint_final.pt", map_location="cpu", weights_only=False)["method"]
+    encoder = build_encoder_from_manifest(tmp_path / "encoder.json")
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(tensor, trained[f"backbone.{name}"]), name
+
+    # a run folder without it (an older run): configs/train.json, as before, and a note saying so
+    (run / RUN_CONFIG_NAME).unlink()
+    capsys.readouterr()
+    with pytest.raises(Exception, match="missing"):
+        _load_tool().main(str(bundle), str(run / "ckpt"), str(tmp_path / "old.pt"))
+    assert f"no {RUN_CONFIG_NAME} beside {run / 'ckpt'}" in capsys.readouterr().err

@@ -7,8 +7,9 @@ Usage:
 
 What it does:
 1. parses the bundle's configs with ``monai.bundle.ConfigParser``: ``configs/metadata.json`` plus the given config
-   files (default ``configs/train.json``; several: ``--config "[configs/train.json,configs/extra.json]"``; paths
-   are relative to the bundle unless they exist as given); ``bundle_root`` is set to BUNDLE_DIR;
+   files (default: the run's ``run_config.json``, see below; several:
+   ``--config "[configs/train.json,configs/extra.json]"``; paths are relative to the bundle unless they exist as
+   given); ``bundle_root`` is set to BUNDLE_DIR;
 2. takes the backbone definition at config id ``--encoder-id`` (default ``backbone``): its ``_target_`` and its
    arguments, with ``@`` references and ``$`` expressions evaluated (they must give JSON data);
 3. takes the preprocessing description at config id ``--preprocessing-id`` (default ``preprocessing_spec``; a
@@ -19,8 +20,11 @@ What it does:
    channels, feature size, the preprocessing, the bundle name / version, and the hashes of both files. The state
    dict is loaded strictly into the backbone built from the config before anything is written.
 
-CKPT may be a checkpoint file or a ``ckpt_dir`` (its latest complete checkpoint is used). A downstream bundle
-loads the result with ``medssl.weights.export.build_encoder_from_manifest("encoder.json")``.
+CKPT may be a checkpoint file or a ``ckpt_dir`` (its latest complete checkpoint is used). Without ``--config`` the
+run's own config is parsed: the ``run_config.json`` the pretraining bundles save in their run folder
+(``output_dir``, the parent of ``ckpt_dir``), with every override file and command-line value of the run; a run
+without one falls back to ``configs/train.json``. A downstream bundle loads the result with
+``medssl.weights.export.build_encoder_from_manifest("encoder.json")``.
 """
 
 from __future__ import annotations
@@ -158,7 +162,8 @@ def main(
         bundle: the pretraining bundle's directory.
         checkpoint: a medssl training checkpoint, or a ckpt_dir (its latest complete checkpoint).
         out: the state dict file to write (e.g. encoder.pt); the manifest goes beside it (encoder.json).
-        config: config file(s) of the bundle to parse (default configs/train.json).
+        config: config file(s) of the bundle to parse (default: the run's run_config.json beside CHECKPOINT, else
+            configs/train.json).
         encoder_id: config id of the backbone definition.
         encoder_key: module path of the encoder inside the method (prefix of its keys in the checkpoint).
         preprocessing_id: config id of the preprocessing description (skipped when absent).
@@ -169,6 +174,19 @@ def main(
             there yourself.
     """
     checkpoint_path = Path(checkpoint)
+    if config is None:
+        from medssl.engines.run_config import RUN_CONFIG_NAME, find_run_config
+
+        run_config = find_run_config(checkpoint_path)
+        if run_config is not None:
+            config = [str(run_config)]
+            print(f"note: parsing the run's config {run_config} (--config to parse other files)", file=sys.stderr)
+        else:
+            print(
+                f"note: no {RUN_CONFIG_NAME} beside {checkpoint} (a run of an older medssl): parsing "
+                "configs/train.json; pass --config with the run's config files if it had overrides",
+                file=sys.stderr,
+            )
     if checkpoint_path.is_dir():
         from medssl.engines.checkpoint import find_latest_checkpoint
 

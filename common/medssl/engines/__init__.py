@@ -14,6 +14,7 @@ from .checkpoint import (
 )
 from .clustering_handlers import DeepClusterEpochHandler, FreezePrototypesHandler, SwAVQueueHandler
 from .profiling import StepTimeProfiler, batch_size_of
+from .run_config import RUN_CONFIG_NAME, find_run_config, save_run_config
 from .distributed import (
     barrier,
     destroy_distributed,
