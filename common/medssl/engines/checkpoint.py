@@ -148,7 +148,7 @@ def _read_problem(path: Path, error: BaseException) -> str:
         size = None
     if size == 0:
         return "empty file (0 bytes)"
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""  # torch's first sentence
     return f"truncated or corrupt ({size} bytes; torch.load: {type(error).__name__}{': ' + text if text else ''})"
 
 
