@@ -213,7 +213,8 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
                 path,
                 reason,
             ) from error
-        logger.warning("%s; skipped (%d bad item(s) so far, at most %d)", message, len(self.bad_items), self.max_skipped)
+        count = len(self.bad_items)
+        logger.warning("%s; skipped (%d bad item(s) so far, at most %d)", message, count, self.max_skipped)
 
     # ------------------------------------------------------------------ public views
     def __len__(self) -> int:
