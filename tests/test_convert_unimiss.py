@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -316,7 +317,9 @@ def test_command_line_tool(tmp_path, capsys):
     assert list(manifest["preprocessing"]) == ["3d"]
     assert build_encoder_from_manifest(manifest).paths == (3,)
 
-    # --strict refuses the unknown key; the message names it
-    with pytest.raises(ValueError, match=r"transformer\.unexpected_gain.*strict"):
+    # --strict refuses the unknown key; the one-line error (exit status 2) names it
+    with pytest.raises(SystemExit) as exit_info:
         tool.main(["unimiss", str(ckpt), "--out", str(tmp_path / "strict.pt"), "--strict"])
+    assert exit_info.value.code == 2
+    assert re.match(r"error: .*transformer\.unexpected_gain.*strict", capsys.readouterr().err)
     assert not (tmp_path / "strict.pt").exists()

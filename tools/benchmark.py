@@ -40,8 +40,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import numpy as np
+
+from medssl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLES = (
@@ -534,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help")):
         args = ["all"] + args
-    return fire.Fire(COMMANDS, command=args, name="benchmark.py", serialize=lambda result: None)
+    return run(COMMANDS, args, name="benchmark.py", serialize=lambda result: None)
 
 
 if __name__ == "__main__":

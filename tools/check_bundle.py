@@ -12,9 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import fire
-
 from medssl.bundle import find_bundles, verify_bundle
+from medssl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,4 +35,4 @@ def main(*bundles: str, workflows: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fire
+from medssl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -262,4 +262,4 @@ def format_table(rows: list[dict[str, Any]], epochs: int, seeds: int) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    fire.Fire(compare)
+    run(compare)

@@ -22,10 +22,9 @@ To add a converter: write ``medssl.weights.convert_<source>`` and a function her
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
-import fire
+from medssl.cli import run
 
 
 def unimiss(
@@ -83,7 +82,7 @@ CONVERTERS = {"unimiss": unimiss}
 
 
 def main(argv: list[str] | None = None) -> None:
-    fire.Fire(CONVERTERS, command=argv if argv is not None else sys.argv[1:], name="convert_weights")
+    run(CONVERTERS, argv, name="convert_weights")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,16 @@ Commands:
     python tools/datalist.py build --root DIR --out FILE [--modality MR] [--val-fraction 0.1] [--test-fraction 0.1]
     python tools/datalist.py check FILE [--dataset-dir D] [--report R.json] [--workers 4] [--skip-values]
 
-`check` exits with status 1 when any item is bad, 0 otherwise.
+`check` exits with status 1 when any item is bad, 0 otherwise. A mistake on the command line (a missing folder or
+file, a datalist that is not JSON, a bad fraction, an unknown modality) is one line `error: ...` with exit status 2;
+`--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import sys
 
-import fire
-
+from medssl.cli import run
 from medssl.data.datalist import build_datalist, check_datalist
 
 
@@ -89,7 +90,7 @@ def check(
 
 
 def main() -> None:
-    fire.Fire({"build": build, "check": check})
+    run({"build": build, "check": check})
 
 
 if __name__ == "__main__":

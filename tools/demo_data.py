@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import fire
-
+from medssl.cli import run
 from medssl.data.demo import build_demo_dataset
 
 
@@ -39,4 +38,4 @@ def main(out: str, seed: int = 0, force: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import fire
 import numpy as np
 
+from medssl.cli import run
 from medssl.data.datalist import load_datalist
 
 
@@ -141,4 +141,4 @@ def estimate(
 
 
 if __name__ == "__main__":
-    fire.Fire(estimate, serialize=lambda result: None)  # the summary is printed; don't dump the returned dict
+    run(estimate, serialize=lambda result: None)  # the summary is printed; don't dump the returned dict

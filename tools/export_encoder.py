@@ -34,8 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import fire
-
+from medssl.cli import run
 from medssl.weights.export import export_encoder
 
 _SPECIAL_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
@@ -236,4 +235,4 @@ def publish_entries(bundle: Path, files: list[Path], url_base: str) -> Path:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -17,11 +17,10 @@ as "unlabelled".
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import fire
+from medssl.cli import run
 
 
 def plot_embeddings(
@@ -105,11 +104,7 @@ def plot_embeddings(
 
 
 def main() -> None:
-    try:
-        fire.Fire(plot_embeddings)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        print(f"plot_embeddings: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(plot_embeddings)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import fire
 import numpy as np
 import torch
+
+from medssl.cli import run
 
 
 def _ci95(values: list[float]) -> tuple[float, float]:
@@ -231,8 +231,4 @@ def main(out: str | None = None, **kwargs: Any) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

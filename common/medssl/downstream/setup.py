@@ -63,7 +63,7 @@ def prepare_network(
     load_pretrained_encoder(  # logs / prints its report (what loaded, what did not, preprocessing warnings)
         network,
         str(pretrained_path),
-        sha256=sha256 or None,
+        sha256=sha256,  # read by medssl.cli.as_sha256: an all-digit hash made an int by the command line counts
         encoder_prefix=encoder_prefix,
         spatial_dims=spatial_dims,
         slice_wise=slice_wise,

@@ -49,6 +49,8 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from medssl.cli import as_sha256
+
 from .export import _listing, _strip_wrappers, file_sha256, load_manifest, manifest_path_for
 
 __all__ = [
@@ -236,12 +238,15 @@ def _download(url: str, dest: Path, sha256: str | None) -> None:
 
 
 def resolve_pretrained_path(
-    path: str | Path, sha256: str | None = None, cache_dir: str | Path | None = None
+    path: str | Path, sha256: str | int | None = None, cache_dir: str | Path | None = None
 ) -> Path:
     """A local file for ``path``: a URL is downloaded once into ``cache_dir`` (default
     :func:`default_weights_cache`) under ``<sha256[:16]>/<file name>`` and its hash checked (``sha256`` is required
     for http(s) URLs); the manifest at the URL with ``.json`` is fetched beside it when it exists. A local file with
-    ``sha256`` is checked too. Errors name the file / URL and both hashes."""
+    ``sha256`` is checked too. Errors name the file / URL and both hashes. ``sha256`` is read by
+    :func:`medssl.cli.as_sha256` (an all-digit hash that a command line turned into an int counts; a value that is
+    not 64 hexadecimal digits is an error)."""
+    sha256 = as_sha256(sha256, "pretrained_sha256")
     if _is_url(path):
         url = str(path)
         if not sha256 and urlparse(url).scheme != "file":
@@ -358,7 +363,7 @@ def load_pretrained_encoder(
     network: nn.Module,
     pretrained_path: str | Path | None,
     *,
-    sha256: str | None = None,
+    sha256: str | int | None = None,
     encoder_prefix: str = "encoder",
     spatial_dims: int | None = None,
     slice_wise: bool = False,
