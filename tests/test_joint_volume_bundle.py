@@ -26,6 +26,8 @@ def _check_outputs(out: Path) -> None:
     assert (out / "ckpt" / "checkpoint_final.pt").is_file()
     losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert losses and all(math.isfinite(v) for v in losses)
+    health = [json.loads(line) for line in (out / "health.jsonl").read_text().splitlines()]  # one line per epoch
+    assert health and all(r["emb_std_sqrt_d"] >= 0.0 and r["verdict"] for r in health)
 
 
 def _run(configs: list[str], demo_datalist: Path, out: Path, **overrides) -> None:

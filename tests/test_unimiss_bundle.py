@@ -48,6 +48,14 @@ def test_smoke_run_alternates_2d_and_3d_with_the_slice_terms(smoke_run):
     assert momenta[0] == pytest.approx(0.996) and momenta[-1] == pytest.approx(1.0)
 
 
+def test_smoke_run_logs_the_teacher_health(smoke_run):
+    records = [json.loads(line) for line in (smoke_run / "health.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1)) and records
+    for r in records:  # normalised entropies of the teacher output and of the centre, and the embedding spread
+        assert 0.0 <= r["teacher_entropy"] <= 1.0 and 0.0 <= r["center_entropy"] <= 1.0 and r["teacher_dim"] >= 2
+        assert r["emb_std_sqrt_d"] >= 0.0 and r["dim"] >= 2
+
+
 def test_teacher_weights_load_into_the_inference_network(smoke_run):
     state = torch.load(smoke_run / "ckpt" / "checkpoint_final.pt", map_location="cpu", weights_only=False)["method"]
     prefix = "teacher.backbone."

@@ -440,7 +440,7 @@ class HealthMonitorHandler:
                 emb_std=std,
                 emb_std_sqrt_d=std * math.sqrt(dim),
                 eff_rank=effective_rank(rank_rows, normalize=False, rms_tol=RANK_RMS_TOL),
-                rank_bound=min(dim, int(rank_rows.shape[0])),
+                rank_bound=min(dim, int(rank_rows.shape[0]), self._dof),  # each step's deviations lose one dimension
             )
         if self._counts:
             usage: dict[str, dict[str, Any]] = {}
