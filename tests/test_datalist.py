@@ -309,7 +309,6 @@ def test_check_detects_series_spacing_dim_and_modality_problems(tmp_path):
         "gap": ({"image": "gap", "modality": "CT", "dim": 3}, "missing slice"),
         "flat": ({"image": "flat", "modality": "CT", "dim": 3}, "constant image"),
         "multi": ({"image": "multi", "modality": "CT", "dim": 3}, "2 DICOM series"),
-        "zero": ({"image": "zero.nii", "modality": "MR", "dim": 3}, "zero, negative"),
         "dim": ({"image": "vol.nii.gz", "modality": "MR", "dim": 2}, "declares dim=2"),
         "unknown": ({"image": "vol.nii.gz", "modality": "XX", "dim": 3}, "unknown modality 'XX'"),
         "nomod": ({"image": "vol.nii.gz", "dim": 3}, "no modality"),
@@ -318,14 +317,17 @@ def test_check_detects_series_spacing_dim_and_modality_problems(tmp_path):
         "missing": ({"image": "gone.nii.gz", "modality": "CT", "dim": 3}, "file not found"),
     }
     good = [{"image": "ok", "modality": "CT", "dim": 3}, {"image": "vol.nii.gz", "modality": "mri", "dim": 3}]
+    good.append({"image": "zero.nii", "modality": "MR", "dim": 3})  # zero pixdim: a warning, read as 1 mm
     path = root / "dl.json"
     path.write_text(json.dumps({"training": good + [v[0] for v in items.values()]}))
     lines = []
     report = check_datalist(path, print_fn=lines.append, progress_every=0)
     results = report["items"]
-    assert results[0]["ok"] and results[1]["ok"], results[:2]
+    assert results[0]["ok"] and results[1]["ok"] and results[2]["ok"], results[:3]
     assert results[0]["shape"] == [5, 4, 3] and results[0]["spacing"] == pytest.approx([0.5, 0.5, 2.0])
-    for result, (name, (_, problem)) in zip(results[2:], items.items()):
+    assert results[2]["warnings"] == ["zero spacing (pixdim) [0.0, 1.0, 1.0]: read as 1 mm"]
+    assert f"warning: training item 2: {root / 'zero.nii'}: zero spacing (pixdim)" in "\n".join(lines)
+    for result, (name, (_, problem)) in zip(results[3:], items.items()):
         assert not result["ok"] and problem in result["error"], (name, result["error"])
     bad_lines = [line for line in lines if BAD_LINE.match(line) or "(no image)" in line]
     assert len(bad_lines) == len(items)
@@ -345,3 +347,210 @@ def test_help_documents_every_command():
         result = run_tool(command, "--help")
         text = result.stdout + result.stderr
         assert all(flag in text for flag in flags), (command, text)
+
+
+# ------------------------------------------------------------------------------------- datalists from the wild
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def test_msd_style_datalist_without_dim_or_item_modality(tmp_path):
+    """Medical Segmentation Decathlon dataset.json: image / label items, a channel-map "modality", plain test paths."""
+    from medssl.data import load_items
+    from medssl.data.readers import LoadMedicalImaged
+
+    rng = np.random.RandomState(0)
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (tmp_path / folder).mkdir()
+    for name in ("la_003", "la_004"):
+        write_nifti(tmp_path / "imagesTr" / f"{name}.nii.gz", rng.rand(6, 5, 4), zooms=(1.0, 1.0, 2.5))
+        write_nifti(tmp_path / "labelsTr" / f"{name}.nii.gz", rng.rand(6, 5, 4) > 0.5)
+    write_nifti(tmp_path / "imagesTr" / "flat.nii.gz", rng.rand(6, 5, 1))  # (X, Y, 1): a 2D image
+    write_nifti(tmp_path / "imagesTs" / "la_010.nii.gz", rng.rand(6, 5, 4))
+    dataset = {
+        "name": "Heart",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "left atrium"},
+        "numTraining": 3,
+        "training": [
+            {"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in ("la_003", "la_004")
+        ]
+        + [{"image": "./imagesTr/flat.nii.gz"}],
+        "test": ["./imagesTs/la_010.nii.gz"],
+    }
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(dataset))
+
+    lines = []
+    report = check_datalist(path, print_fn=lines.append, progress_every=0)
+    assert report["summary"]["bad"] == 0, lines
+    assert report["summary"]["dim_from_header"] == {"2D": 1, "3D": 3}
+    assert '"dim" read from the image headers (as the bundles do at load): 2D: 1, 3D: 3' in "\n".join(lines)
+    assert "  MR 3D: 3 items" in lines and "  MR 2D: 1 item" in lines
+    assert run_tool("check", path).returncode == 0
+
+    items = load_items(path, "training", dims=[3], keys=["image", "modality", "dim", "label"], labelled_only="mask")
+    assert [(Path(it["image"]).name, it["modality"], it["dim"]) for it in items] == [
+        ("la_003.nii.gz", "MR", 3),
+        ("la_004.nii.gz", "MR", 3),
+    ]
+    assert items[0]["label"] == str(tmp_path / "labelsTr" / "la_003.nii.gz")
+    assert [it["dim"] for it in load_items(path, "training", dims=[2])] == [2]
+    (test_item,) = load_items(path, "test", dims=[3])
+    assert test_item["image"] == str(tmp_path / "imagesTs" / "la_010.nii.gz") and test_item["modality"] == "MR"
+    sample = LoadMedicalImaged()(dict(items[0]))
+    assert tuple(sample["image"].shape) == (1, 6, 5, 4)
+
+    # no "dim" and a header that gives none: one error naming the item, its file and the way out
+    dataset["training"].append({"image": "./imagesTr/gone.nii.gz"})
+    path.write_text(json.dumps(dataset))
+    with pytest.raises(ValueError, match=r'dataset\.json training item 3: no "dim", and the header of .*gone\.nii\.gz '
+                       r"gives none \(file not found\).*tools/datalist.py check"):
+        load_datalist(path)
+    # a channel map naming several modalities gives the items none: check says so
+    dataset["training"].pop()
+    dataset["modality"] = {"0": "T2", "1": "ADC"}
+    path.write_text(json.dumps(dataset))
+    report = check_datalist(path, verbose=False, sections="training")
+    assert all("no modality" in r["error"] and "{'0': 'T2', '1': 'ADC'}" in r["error"] for r in report["items"])
+
+
+def test_zero_or_missing_pixel_spacing_is_a_warning_and_the_image_loads(tmp_path):
+    """A computed radiograph with PixelSpacing [0, 0]: check and build warn (read as 1 mm), the readers load it."""
+    import nrrd
+    import pydicom
+
+    from medssl.data.readers import load_medical_image
+
+    rng = np.random.RandomState(0)
+    root = tmp_path / "data"
+    root.mkdir()
+    write_dicom(root / "cr_zero.dcm", rng.randint(0, 4000, (6, 7)).astype(np.uint16), "CR", sop_class=CR_STORAGE)
+    write_dicom(root / "cr_none.dcm", rng.randint(0, 4000, (6, 7)).astype(np.uint16), "CR", sop_class=CR_STORAGE)
+    write_series(root / "ct_zero", [0.0, 2.0, 4.0])
+    for file, change in [(root / "cr_zero.dcm", [0.0, 0.0]), (root / "cr_none.dcm", None)]:
+        ds = pydicom.dcmread(file)
+        if change is None:
+            del ds.PixelSpacing
+        else:
+            ds.PixelSpacing = change
+        ds.save_as(file)
+    for file in (root / "ct_zero").iterdir():
+        ds = pydicom.dcmread(file)
+        ds.PixelSpacing = [0.0, 0.0]
+        ds.save_as(file)
+    header = {"space": "left-posterior-superior", "space directions": np.diag([0.0, 1.0, 1.0]), "space origin": [0, 0, 0]}
+    nrrd.write(str(root / "mr_zero.nrrd"), rng.rand(4, 5, 6).astype(np.float32), header)
+    expected = {
+        "cr_zero.dcm": "zero PixelSpacing [0.0, 0.0]: read as 1 mm",
+        "cr_none.dcm": "no PixelSpacing in the header: read as 1 mm",
+        "ct_zero": "zero spacing [0.0, 0.0, 2.0]: read as 1 mm",
+        "mr_zero.nrrd": "zero spacing (space directions) [0.0, 1.0, 1.0]: read as 1 mm",
+    }
+
+    built = run_tool("build", "--root", root, "--out", tmp_path / "dl.json", "--modality", "MR")
+    assert built.returncode == 0, built.stderr
+    written = json.loads((tmp_path / "dl.json").read_text())
+    assert {it["image"] for it in written["training"]} == set(expected) and written["excluded"] == []
+    for name, warning in expected.items():
+        assert f"warning: {root / name}: {warning}" in built.stdout, built.stdout
+
+    checked = run_tool("check", tmp_path / "dl.json")
+    assert checked.returncode == 0, checked.stdout
+    assert "4 ok (4 with warnings), 0 bad" in checked.stdout
+    report = check_datalist(tmp_path / "dl.json", verbose=False)
+    assert {Path(r["image"]).name: r["warnings"] for r in report["items"]} == {k: [v] for k, v in expected.items()}
+    for item in load_datalist(tmp_path / "dl.json"):  # what check promises: each loads, at 1 mm
+        image = load_medical_image(item["image"])
+        assert image.ndim - 1 == item["dim"] and torch_allclose(image.pixdim[:2], [1.0, 1.0]), item["image"]
+
+
+def torch_allclose(values, expected) -> bool:
+    return bool(np.allclose(np.asarray(values, dtype=float), expected))
+
+
+def test_build_pairs_masks_with_their_images(tmp_path):
+    import nrrd
+
+    rng = np.random.RandomState(0)
+    root = tmp_path / "data"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    space = {"space": "left-posterior-superior", "space directions": np.eye(3), "space origin": np.zeros(3)}
+    for case, mask_shape in (("case1", (4, 5, 6)), ("case2", (4, 5, 6)), ("case3", (4, 5, 7))):
+        nrrd.write(str(root / f"{case}_image.nrrd"), rng.rand(4, 5, 6).astype(np.float32), space)
+        nrrd.write(str(root / f"{case}_label.nrrd"), (rng.rand(*mask_shape) > 0.5).astype(np.uint8), space)
+    Image.fromarray(rng.randint(0, 256, (8, 9)).astype(np.uint8)).save(root / "benign (1).png")
+    Image.fromarray((rng.rand(8, 9) > 0.5).astype(np.uint8) * 255).save(root / "benign (1)_mask.png")
+    Image.fromarray((rng.rand(8, 9) > 0.5).astype(np.uint8) * 255).save(root / "benign (1)_mask_1.png")
+    write_nifti(root / "imagesTr" / "la_003.nii.gz", rng.rand(6, 5, 4))
+    write_nifti(root / "labelsTr" / "la_003.nii.gz", rng.rand(6, 5, 4) > 0.5)
+    write_nifti(root / "orphan_seg.nii.gz", rng.rand(6, 5, 4) > 0.5)
+
+    result = run_tool("build", "--root", root, "--out", tmp_path / "dl.json", "--modality", "MR")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "dl.json").read_text())
+    labels = {it["image"]: it.get("label") for it in written["training"]}
+    assert labels == {
+        "case1_image.nrrd": "case1_label.nrrd",
+        "case2_image.nrrd": "case2_label.nrrd",
+        "case3_image.nrrd": None,
+        "benign (1).png": "benign (1)_mask.png",
+        "imagesTr/la_003.nii.gz": "labelsTr/la_003.nii.gz",
+    }
+    left_out = {e["image"]: e["reason"] for e in written["excluded"]}
+    assert set(left_out) == {"case3_label.nrrd", "benign (1)_mask_1.png", "orphan_seg.nii.gz"}
+    assert "shape [4, 5, 7] differs" in left_out["case3_label.nrrd"]
+    assert "already has the mask benign (1)_mask.png" in left_out["benign (1)_mask_1.png"]
+    assert "no listed image of the same name" in left_out["orphan_seg.nii.gz"]
+    assert (
+        'masks: 7 files named like masks (*_label*, *_seg*, *mask*, or in labels/masks folders): 4 paired with '
+        'their image as "label", 3 left out (see excluded)' in result.stdout
+    )
+    loaded = {Path(it["image"]).name: it.get("label") for it in load_datalist(tmp_path / "dl.json")}
+    assert loaded["case1_image.nrrd"] == str(root / "case1_label.nrrd")
+
+
+def test_empty_folder_or_datalist_is_an_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    for folder in (empty, tmp_path / "notes"):
+        result = run_tool("build", "--root", folder, "--out", tmp_path / "dl.json")
+        assert result.returncode == 2 and not (tmp_path / "dl.json").exists(), result.stdout + result.stderr
+        assert re.fullmatch(rf"error: {re.escape(str(folder))}: no image to list \(.*nothing written.*\n", result.stderr)
+
+    for content in ({"training": []}, {"training": [], "validation": [], "test": []}, {"name": "x"}):
+        path = tmp_path / "dl.json"
+        path.write_text(json.dumps(content))
+        result = run_tool("check", path)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {path}: the datalist has no items ")
+        with pytest.raises(ValueError, match="the datalist has no items"):
+            load_datalist(path)
+    # an empty section of a datalist with items is just empty
+    path.write_text(json.dumps({"training": [{"image": "a.png", "modality": "XR", "dim": 2}], "test": []}))
+    assert load_datalist(path, "test") == []
+
+
+def test_build_reads_headers_only_and_points_to_check(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    write_nifti(root / "good.nii.gz", np.random.RandomState(0).rand(8, 8, 8))
+    write_nifti(root / "full.nii.gz", np.random.RandomState(1).rand(32, 32, 32))
+    raw = (root / "full.nii.gz").read_bytes()
+    (root / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (root / "full.nii.gz").unlink()
+    write_nifti(root / "allnan.nii.gz", np.full((4, 4, 4), np.nan))
+
+    built = run_tool("build", "--root", root, "--out", tmp_path / "dl.json", "--modality", "MR")
+    assert built.returncode == 0, built.stderr
+    listed = {it["image"] for it in json.loads((tmp_path / "dl.json").read_text())["training"]}
+    assert listed == {"good.nii.gz", "truncated.nii.gz", "allnan.nii.gz"}  # headers only: all three get in
+    assert (
+        "note: build reads headers only, so truncated files, NaN/Inf values and constant images are listed too: "
+        f"run `python tools/datalist.py check {tmp_path / 'dl.json'}` before training" in built.stdout
+    )
+    checked = run_tool("check", tmp_path / "dl.json")
+    assert checked.returncode == 1 and "1 ok, 2 bad" in checked.stdout
+    bad = {Path(m.group(3)).name for m in map(BAD_LINE.match, checked.stdout.splitlines()) if m}
+    assert bad == {"truncated.nii.gz", "allnan.nii.gz"}

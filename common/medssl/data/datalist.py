@@ -8,9 +8,13 @@ Format (compatible with ``monai.data.load_decathlon_datalist``)::
 
     item = {"image": path relative to the dataset directory (or absolute); a DICOM series is its directory,
             "modality": one of MODALITIES (aliases such as CR, DX, MRI, PET accepted and normalised),
-            "dim": 2 | 3 (spatial dimensions after loading),
+            "dim": 2 | 3 (spatial dimensions after loading; read from the image header when absent),
             "series_uid": str? (picks one DICOM series out of a directory holding several),
             "label": str (mask path, relative like image) | int (class index) | list (multi-label vector)?}
+
+Medical Segmentation Decathlon ``dataset.json`` files load as they are: items without ``"dim"`` get it from the image
+header, items without ``"modality"`` take the top-level ``"modality"`` (``"CT"`` or ``{"0": "CT"}``), and ``"test"``
+may be a list of plain paths.
 
 The dataset directory that relative paths are resolved against is, in order: the ``dataset_dir`` argument, the
 datalist's own ``"dataset_dir"`` entry (relative to the datalist's folder; written by :func:`build_datalist`), the
@@ -30,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODALITIES",
@@ -49,6 +56,7 @@ __all__ = [
     "build_datalist",
     "check_datalist",
     "datalist_sections",
+    "datalist_modality",
     "resolve_dataset_dir",
     "ImageReadError",
     "NIFTI_SUFFIXES",
@@ -335,6 +343,7 @@ def _new_info(fmt: str | None) -> dict[str, Any]:
         "channels": None,
         "modality": None,
         "problems": [],
+        "warnings": [],
     }
 
 
@@ -375,12 +384,17 @@ class _ValueStats:
 
 
 def _check_spacing(info: dict, spacing: Sequence[float] | None, what: str = "spacing") -> None:
+    """Record ``spacing``; zero or missing spacing is a warning (the readers use 1 mm, as MONAI's and nibabel's do),
+    negative or non-finite spacing a problem (a corrupt header)."""
     if spacing is None:
+        info["warnings"].append(f"no {what} in the header: read as 1 mm")
         return
     values = [float(s) for s in spacing]
     info["spacing"] = values
-    if any(not math.isfinite(v) or v <= 0 for v in values):
-        info["problems"].append(f"zero, negative or non-finite {what} {values}")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        info["problems"].append(f"negative or non-finite {what} {values}")
+    elif any(v == 0 for v in values):
+        info["warnings"].append(f"zero {what} {values}: read as 1 mm")
 
 
 def _inspect_nifti(path: str, values: bool) -> dict:
@@ -406,11 +420,13 @@ def _inspect_nifti(path: str, values: bool) -> dict:
     n_spatial = min(len(shape), 3)
     raw_pixdim = [float(v) for v in raw_header["pixdim"][1 : n_spatial + 1]]
     _check_spacing(info, raw_pixdim[:dim], "spacing (pixdim)")
-    if not info["problems"]:
+    if not info["problems"] and not info["warnings"]:
         affine = np.asarray(image.affine, dtype=float)
         columns = np.linalg.norm(affine[:3, :n_spatial], axis=0)
-        if not np.isfinite(affine).all() or np.any(columns <= 0):
-            info["problems"].append(f"zero or non-finite spacing in the affine (column norms {columns.tolist()})")
+        if not np.isfinite(affine).all():
+            info["problems"].append(f"non-finite values in the affine (column norms {columns.tolist()})")
+        elif np.any(columns <= 0):
+            info["warnings"].append(f"zero spacing in the affine (column norms {columns.tolist()}): read as 1 mm")
         else:
             info["spacing"] = [float(c) for c in columns[:dim]]
     if values:
@@ -452,6 +468,8 @@ def _inspect_nrrd(path: str, values: bool) -> dict:
     elif header.get("spacings") is not None:
         spacings = np.asarray(header["spacings"], dtype=float)[spatial]
         _check_spacing(info, spacings[:dim].tolist(), "spacing (spacings)")
+    else:
+        _check_spacing(info, None, "spacing (space directions / spacings)")
     if values:
         array, _ = nrrd.read(path)
         stats = _ValueStats()
@@ -565,11 +583,12 @@ def _inspect_dicom_series(path: str, values: bool, series_uid: str | None) -> di
             spacing.append(float(np.median(steps)) if steps.size else 0.0)
         else:
             spacing.append(float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0))
-    if spacing is not None:
-        if problems:
-            info["spacing"] = spacing
-        else:
-            _check_spacing(info, spacing, "spacing")
+    if spacing is None:
+        _check_spacing(info, None, "PixelSpacing")
+    elif problems:
+        info["spacing"] = spacing
+    else:
+        _check_spacing(info, spacing, "spacing")
     if values and not problems:
         stats = _ValueStats()
         for file_path, _ in headers:
@@ -602,8 +621,9 @@ def inspect_image(path: os.PathLike | str, values: bool = True, series_uid: str 
     (Columns, Rows[, slices or frames]); PIL (W, H). Trailing singleton axes are dropped ((X, Y, 1) is 2D).
 
     Returns:
-        ``{"format", "shape", "spacing", "dim", "channels", "modality" (DICOM tag or None), "problems": [str]}``;
-        a missing or unreadable file gives a problem, never an exception.
+        ``{"format", "shape", "spacing", "dim", "channels", "modality" (DICOM tag or None), "problems": [str],
+        "warnings": [str]}``; a missing or unreadable file gives a problem, never an exception. Problems make an
+        image unusable; warnings do not (zero or missing spacing: the readers use 1 mm, as MONAI's readers do).
     """
     path = str(path)
     try:
@@ -669,10 +689,41 @@ def datalist_sections(raw: dict) -> list[str]:
     return names
 
 
-def _validate_item(item: Any) -> tuple[dict, list[str]]:
-    """Check one raw datalist item; returns (item with normalised modality / int dim, problems)."""
+def datalist_modality(raw: dict) -> tuple[str | None, str | None]:
+    """The modality of the items that name none, from the datalist's top-level ``"modality"``: a code (``"CT"``) or
+    the Medical Segmentation Decathlon's channel map (``{"0": "CT"}``; several channels must name one modality).
+
+    Returns:
+        (modality code or None, why the top-level entry gives none -- None when there is no entry)
+    """
+    value = raw.get("modality")
+    if value is None:
+        return None, None
+    values = list(value.values()) if isinstance(value, dict) else [value]
+    try:
+        codes = {normalize_modality(v) for v in values}
+    except ValueError:
+        return None, f'the datalist\'s "modality" {value!r} is not one of {", ".join(MODALITIES)}'
+    if len(codes) != 1:
+        return None, f'the datalist\'s "modality" {value!r} names {len(codes)} modalities'
+    return codes.pop(), None
+
+
+def _validate_item(
+    item: Any, section: str | None = None, default_modality: str | None = None
+) -> tuple[dict, list[str]]:
+    """Check one raw datalist item; returns (item with normalised modality / int dim, problems).
+
+    A plain path is an item ``{"image": path}`` in ``"test"`` (the Medical Segmentation Decathlon's test list);
+    ``default_modality`` (see :func:`datalist_modality`) fills a missing ``"modality"``.
+    """
+    if isinstance(item, str) and section == "test":
+        item = {"image": item}
     if not isinstance(item, dict):
-        return {}, [f"an item must be a JSON object, got {type(item).__name__}"]
+        hint = ' (plain paths are read in "test" only)' if isinstance(item, str) else ""
+        return {}, [f'an item must be a JSON object such as {{"image": ...}}, got {type(item).__name__}{hint}']
+    if "modality" not in item and default_modality is not None:
+        item = {**item, "modality": default_modality}
     out, problems = dict(item), []
     image = item.get("image")
     if image is None or image == "" or image == []:
@@ -699,21 +750,28 @@ def load_datalist(
     """Load one section of a datalist with ``monai.data.load_decathlon_datalist``.
 
     ``"image"`` and string ``"label"`` paths become absolute (resolved against the dataset directory, see the module
-    docstring); ``"modality"`` is normalised to a code of ``MODALITIES``; ``"dim"`` is an int; every other key keeps
-    its JSON value (MONAI would turn a value such as ``"MR"`` into a path when a folder of that name exists).
+    docstring); ``"modality"`` is normalised to a code of ``MODALITIES`` (the datalist's top-level ``"modality"``
+    for items without one); ``"dim"`` is an int, read from the image header (:func:`inspect_image`, no pixel values)
+    for items without one; every other key keeps its JSON value (MONAI would turn a value such as ``"MR"`` into a
+    path when a folder of that name exists). An empty section gives ``[]``.
 
     Raises:
         ValueError: "FILE SECTION item N: problem" for an item without ``"image"``, with an unknown modality or a
-            bad ``dim``; "FILE: ..." for a missing file, invalid JSON or a missing section.
+            bad ``dim``, or without ``dim`` and a header that gives none; "FILE: ..." for a missing file, invalid
+            JSON, a missing section or a datalist without any item.
     """
     path = Path(path)
     raw = _read_json(path)
+    _require_items(path, raw)
     if section not in raw or not isinstance(raw[section], list):
         found = ", ".join(datalist_sections(raw)) or "none"
         raise ValueError(f"{path}: no {section!r} list in the datalist (sections: {found})")
+    if not raw[section]:
+        return []
+    default_modality, _ = datalist_modality(raw)
     checked = []
     for index, item in enumerate(raw[section]):
-        fixed, problems = _validate_item(item)
+        fixed, problems = _validate_item(item, section, default_modality)
         if problems:
             raise ValueError(f"{path} {section} item {index}: {'; '.join(problems)}")
         checked.append(fixed)
@@ -726,7 +784,47 @@ def load_datalist(
             if key == "image" or (key == "label" and isinstance(value, (str, list))):
                 continue
             item[key] = value
+    _infer_dims(resolved, path, section)
     return resolved
+
+
+def _require_items(path: os.PathLike | str, raw: dict, sections: Sequence[str] | None = None) -> None:
+    """Raise the one-line error of a datalist without any item (in ``sections``, default: all of its lists)."""
+    sections = list(sections) if sections is not None else datalist_sections(raw) or list(SECTIONS)
+    if any(isinstance(raw.get(s), list) and raw[s] for s in sections):
+        return
+    found = ", ".join(f"{s} {len(raw[s]) if isinstance(raw.get(s), list) else 'absent'}" for s in sections)
+    raise ValueError(
+        f"{path}: the datalist has no items ({found}); list images under \"training\" "
+        "(python tools/datalist.py build --root DIR --out FILE writes one)"
+    )
+
+
+def _infer_dims(items: list[dict], path: os.PathLike | str, section: str) -> None:
+    """Fill the ``"dim"`` of the items that have none (Medical Segmentation Decathlon style lists) from the image
+    headers (:func:`inspect_image` without pixel values), in place.
+
+    Raises:
+        ValueError: naming the item and its file when the header cannot give a dim of 2 or 3.
+    """
+    counts: Counter = Counter()
+    for index, item in enumerate(items):
+        if item.get("dim") is not None:
+            continue
+        image = item["image"][0] if isinstance(item["image"], list) else item["image"]
+        info = inspect_image(image, values=False, series_uid=item.get("series_uid"))
+        if info["dim"] not in (2, 3):
+            reason = "; ".join(info["problems"]) or f"a {info['dim']}-D image"
+            raise ValueError(
+                f'{path} {section} item {index}: no "dim", and the header of {image} gives none ({reason}); fix or '
+                f'remove the item, or give its "dim" (python tools/datalist.py check {path} lists every bad item)'
+            )
+        item["dim"] = int(info["dim"])
+        counts[item["dim"]] += 1
+    if counts:
+        found = ", ".join(f"{dim}D: {n}" for dim, n in sorted(counts.items()))
+        n = sum(counts.values())
+        logger.info('%s [%s]: "dim" read from the image headers of %d items (%s)', path, section, n, found)
 
 
 def _relative(path: str, base: str | None) -> str:
@@ -850,7 +948,17 @@ def build_datalist(
     Modality: the DICOM ``Modality`` tag when it is known, else ``modality``; ``dim`` (2 or 3) from the headers
     (a trailing singleton axis does not count: (X, Y, 1) is 2D). Files that cannot be listed -- unreadable header,
     no modality, 4-D image, DICOM series with duplicate / missing slices -- are printed and recorded under
-    ``"excluded"`` with the reason, never dropped silently.
+    ``"excluded"`` with the reason, never dropped silently. Zero or missing spacing is a printed warning (the readers
+    use 1 mm), not a reason to leave an image out.
+
+    Masks: NIfTI / NRRD / PNG / JPEG / TIFF files named like label maps (``*_label*``, ``*_seg*``, ``*mask*``) or in a
+    ``labels`` / ``masks`` / ``segmentations`` folder (``labelsTr`` as in the Medical Segmentation Decathlon) are
+    never listed as images: each becomes the ``"label"`` of the image of the same name (``case1_image.nrrd`` +
+    ``case1_label.nrrd``, ``x.png`` + ``x_mask.png``, ``imagesTr/a.nii.gz`` + ``labelsTr/a.nii.gz``) when its header
+    has the image's shape, else it is excluded with the reason; the summary counts both.
+
+    Only headers are read: truncated files, NaN / Inf values and constant images are listed; the summary says so and
+    points to :func:`check_datalist`.
 
     Paths are written relative to ``root`` (POSIX separators) and ``"dataset_dir"`` records ``root`` relative to the
     datalist's folder. ``val_fraction`` / ``test_fraction`` of the items (rounded) go to ``validation`` / ``test``
@@ -867,6 +975,10 @@ def build_datalist(
         name: the datalist's ``name`` (default: the folder name).
         progress_every: print a progress line to stderr every this many files.
         verbose: print progress and the summary.
+
+    Raises:
+        ValueError: ``root`` is not a directory, a bad fraction or modality, or no image to list (an empty folder:
+            nothing is written).
     """
     root = os.path.abspath(str(root))
     out_path = os.path.abspath(str(out))
@@ -874,10 +986,16 @@ def build_datalist(
         raise ValueError(f"{root}: not a directory")
     fallback = normalize_modality(modality) if modality else None
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
-        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to < 1")
+        raise ValueError(
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in [0, 1) and their sum below 1 "
+            "(e.g. 0.1 and 0.1)"
+        )
 
     items: list[dict] = []
     excluded: list[dict] = []
+    masks: list[str] = []
+    shapes: dict[str, list[int] | None] = {}  # image (relative) -> its header shape, for the mask shape check
+    warned: list[tuple[str, str]] = []
     n_files = n_ignored = 0
 
     def relative(p: str) -> str:
@@ -895,6 +1013,8 @@ def build_datalist(
             exclude(p, reason)
             return
         items.append({"image": relative(p), "modality": mod, "dim": int(info["dim"])})
+        shapes[relative(p)] = info["shape"]
+        warned.extend((os.path.join(root, relative(p)), w) for w in info["warnings"])
 
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
@@ -908,7 +1028,10 @@ def build_datalist(
                 continue
             lower = file_name.lower()
             if lower.endswith(NIFTI_SUFFIXES + NRRD_SUFFIXES + PIL_SUFFIXES):
-                add_file(file_path, inspect_image(file_path, values=False))
+                if _is_mask(relative(file_path)):
+                    masks.append(file_path)
+                else:
+                    add_file(file_path, inspect_image(file_path, values=False))
             elif lower.endswith(DICOM_SUFFIXES) or is_dicom_file(file_path):
                 dicom_candidates.append(file_path)
             else:
@@ -938,6 +1061,21 @@ def build_datalist(
             if series_uid:
                 item["series_uid"] = uid
             items.append(item)
+            shapes[item["image"]] = info["shape"]
+            warned.extend((os.path.join(root, display), w) for w in info["warnings"])
+
+    n_paired = _pair_masks(items, masks, shapes, relative, exclude)
+    lines = [f"excluded: {os.path.join(root, entry['image'])}: {entry['reason']}" for entry in excluded]
+    if not items:
+        for line in lines if verbose else ():
+            print(line)
+        what = f"{len(excluded)} excluded" + (" (listed above)" if verbose and excluded else "")
+        masks_note = f", {len(masks)} masks" if masks else ""
+        raise ValueError(
+            f"{root}: no image to list ({n_files} files scanned: {what}{masks_note}, {n_ignored} not image files); "
+            f"nothing written to {out_path}"
+            + ("" if fallback or not excluded else "; give --modality for files without a DICOM Modality tag")
+        )
 
     n = len(items)
     permutation = np.random.RandomState(seed).permutation(n)
@@ -966,13 +1104,109 @@ def build_datalist(
             f"validation {len(validation)}, test {len(test)}; {len(excluded)} excluded, {n_ignored} ignored "
             f"(not image files); wrote {out_path}"
         )
-        for entry in excluded:
-            print(f"excluded: {os.path.join(root, entry['image'])}: {entry['reason']}")
+        if masks:
+            print(
+                f"masks: {len(masks)} file{'s' if len(masks) != 1 else ''} named like masks (*_label*, *_seg*, *mask*, "
+                "or in labels/masks folders): "
+                f"{n_paired} paired with their image as \"label\", {len(masks) - n_paired} left out (see excluded)"
+            )
+        for line in lines:
+            print(line)
+        _print_warnings(warned, print, f"`python tools/datalist.py check {out_path}`")
+        print(
+            "note: build reads headers only, so truncated files, NaN/Inf values and constant images are listed too: "
+            f"run `python tools/datalist.py check {out_path}` before training"
+        )
     with open(out_path, encoding="utf-8") as f:
         return json.load(f)
 
 
+# mask (label map) files: names like *_label*, *_seg*, *mask*, or a folder such as labelsTr/, masks/, segmentations/
+_MASK_NAME = re.compile(r"[_\-. ](label|seg)|mask", re.IGNORECASE)
+_FOLDER_SPLIT = r"(tr|ts|[_\-. ]?(train|training|test|val|validation))?$"
+_MASK_FOLDER = re.compile(r"^(labels?|masks?|segmentations?|segs?)" + _FOLDER_SPLIT, re.IGNORECASE)
+_IMAGE_FOLDER = re.compile(r"^(images?|imgs?)" + _FOLDER_SPLIT, re.IGNORECASE)
+_MASK_TOKEN = re.compile(r"[_\-. ]?(labels?|segmentations?|seg|masks?)([_\-. ]?\d+)?(?=[_\-. ]|$)", re.IGNORECASE)
+_IMAGE_TOKEN = re.compile(r"[_\-. ]?(images?|imgs?)(?=[_\-. ]|$)", re.IGNORECASE)
+
+
+def _stem(name: str) -> str:
+    lower = name.lower()
+    for suffix in sorted(NIFTI_SUFFIXES + NRRD_SUFFIXES + PIL_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_mask(relative_path: str) -> bool:
+    """Whether a file (path relative to the scanned folder) is a mask by its name or folder, see ``_MASK_NAME``."""
+    parts = Path(relative_path).parts
+    return bool(_MASK_NAME.search(_stem(parts[-1]))) or any(_MASK_FOLDER.match(d) for d in parts[:-1])
+
+
+def _pair_key(relative_path: str) -> tuple[str, ...]:
+    """What an image and its mask share: the path without the image / mask words (``case1_image.nrrd`` and
+    ``case1_label.nrrd`` -> ``("case1",)``; ``imagesTr/la_003.nii.gz`` and ``labelsTr/la_003.nii.gz`` ->
+    ``("tr", "la_003")``)."""
+    parts = Path(relative_path).parts
+    folders = []
+    for d in parts[:-1]:
+        match = _MASK_FOLDER.match(d) or _IMAGE_FOLDER.match(d)
+        folders.append((match.group(2) or "").strip("_-. ").lower() if match else d.lower())
+    stem = _IMAGE_TOKEN.sub("", _MASK_TOKEN.sub("", _stem(parts[-1])))
+    return tuple(folders + [stem.strip("_-. ").lower()])
+
+
+def _pair_masks(
+    items: list[dict],
+    masks: Sequence[str],
+    shapes: dict[str, list[int] | None],
+    relative: Callable[[str], str],
+    exclude: Callable[[str, str], None],
+) -> int:
+    """Give each image item the mask of the same name as ``"label"`` (in place); the masks that match no single
+    image, a second mask of an image, or a mask whose header is unreadable or of another shape are excluded with
+    the reason. Returns the number of masks paired."""
+    by_key: dict[tuple[str, ...], list[dict]] = {}
+    for item in items:
+        by_key.setdefault(_pair_key(item["image"]), []).append(item)
+    paired = 0
+    for mask in masks:
+        candidates = by_key.get(_pair_key(relative(mask)), [])
+        reason = None
+        if not candidates:
+            reason = "no listed image of the same name"
+        elif len(candidates) > 1:
+            reason = f"{len(candidates)} images match its name ({', '.join(c['image'] for c in candidates[:3])})"
+        elif "label" in candidates[0]:
+            reason = f"{candidates[0]['image']} already has the mask {candidates[0]['label']}"
+        else:
+            info = inspect_image(mask, values=False)
+            image_shape = shapes.get(candidates[0]["image"])
+            if info["problems"]:
+                reason = "; ".join(info["problems"])
+            elif image_shape is not None and sorted(info["shape"] or []) != sorted(image_shape):
+                reason = f"its shape {info['shape']} differs from the shape {image_shape} of {candidates[0]['image']}"
+        if reason:
+            exclude(mask, f"mask (by its name) left out: {reason}")
+        else:
+            candidates[0]["label"] = relative(mask)
+            paired += 1
+    return paired
+
+
 # ------------------------------------------------------------------------------------------------------------ check
+_MAX_WARNING_LINES = 20
+
+
+def _print_warnings(warnings: Sequence[tuple[str, str]], print_fn: Callable[[str], Any], where: str) -> None:
+    """Print ``"warning: WHAT: MESSAGE"`` lines, at most ``_MAX_WARNING_LINES`` (then where the rest is)."""
+    for what, message in warnings[:_MAX_WARNING_LINES]:
+        print_fn(f"warning: {what}: {message}")
+    if len(warnings) > _MAX_WARNING_LINES:
+        print_fn(f"warning: ... and {len(warnings) - _MAX_WARNING_LINES} more (all in {where})")
+
+
 def _check_item(task: dict) -> dict:
     """Check one datalist item (picklable, for process pools); see :func:`check_datalist`."""
     problems = list(task["problems"])
@@ -982,6 +1216,7 @@ def _check_item(task: dict) -> dict:
         "image": task["image"],
         "ok": False,
         "error": None,
+        "warnings": [],
         "format": None,
         "dim": None,
         "shape": None,
@@ -993,6 +1228,7 @@ def _check_item(task: dict) -> dict:
     if isinstance(image, str):
         info = inspect_image(image, values=task["values"], series_uid=task.get("series_uid"))
         problems += info["problems"]
+        result["warnings"] = list(info["warnings"])
         result.update({k: info[k] for k in ("format", "dim", "shape", "spacing")})
         declared = task["dim"]
         if declared in (2, 3) and info["dim"] in (2, 3) and int(declared) != info["dim"]:
@@ -1018,19 +1254,21 @@ def _check_item(task: dict) -> dict:
 
 def _check_tasks(raw: dict, base_dir: str, sections: Sequence[str], values: bool) -> list[dict]:
     tasks = []
+    default_modality, why_not = datalist_modality(raw)
     for section in sections:
         for index, item in enumerate(raw.get(section) or []):
-            fixed, problems = _validate_item(item)
+            fixed, problems = _validate_item(item, section, default_modality)
             image = fixed.get("image")
             if isinstance(image, str) and image:
                 image = os.path.normpath(os.path.join(base_dir, os.path.expanduser(image)))
             elif not isinstance(image, list):
                 image = None
             modality = fixed.get("modality")
-            if isinstance(item, dict) and "modality" not in item:
-                problems.append("no modality")
-            if isinstance(item, dict) and "dim" not in item:
-                problems.append('no "dim"')
+            if fixed and "modality" not in fixed:
+                problems.append(
+                    f'no modality: add "modality" ({", ".join(MODALITIES)}) to the item, or one top-level '
+                    '"modality" for the whole datalist' + (f" ({why_not})" if why_not else "")
+                )
             tasks.append(
                 {
                     "section": section,
@@ -1049,7 +1287,10 @@ def _check_tasks(raw: dict, base_dir: str, sections: Sequence[str], values: bool
 def _summary(results: Sequence[dict]) -> dict:
     by_section: dict[str, dict] = {}
     by_group: dict[str, dict] = {}
+    inferred: Counter = Counter()
     for r in results:
+        if r.get("declared_dim") is None and r["dim"] in (2, 3):
+            inferred[f"{r['dim']}D"] += 1
         section = by_section.setdefault(r["section"], {"items": 0, "bad": 0})
         section["items"] += 1
         section["bad"] += 0 if r["ok"] else 1
@@ -1063,6 +1304,8 @@ def _summary(results: Sequence[dict]) -> dict:
         "items": len(results),
         "ok": len(results) - n_bad,
         "bad": n_bad,
+        "warned": sum(1 for r in results if r.get("warnings")),
+        "dim_from_header": dict(sorted(inferred.items())),
         "sections": by_section,
         "modality_dim": dict(sorted(by_group.items())),
     }
@@ -1086,12 +1329,14 @@ def check_datalist(
     values; zero, negative or non-finite spacing; a DICOM series with missing slices (gap in the slice positions) or
     duplicate slices (same position), mixed orientations or several series in one directory; an empty series
     directory; a missing or unknown modality, or one that contradicts the DICOM Modality tag; a declared ``dim``
-    that disagrees with the file. Headers are read without pixel data where the format allows; the value checks
+    that disagrees with the file. Items without ``dim`` get it from the header, as :func:`load_datalist` does (the
+    summary counts them). Zero or missing spacing is a warning, not a problem: the readers use 1 mm. A datalist
+    without any item is an error. Headers are read without pixel data where the format allows; the value checks
     (NaN / Inf, constant image, truncated data) read the pixel values once, cheaply -- see
     :func:`medssl.data.readers.inspect_image` for the trade-off; ``values=False`` skips them.
 
     Prints a summary per section and per modality / dimension, then one line per bad item:
-    ``"SECTION item N: PATH: PROBLEM"``.
+    ``"SECTION item N: PATH: PROBLEM"``, then up to 20 ``"warning: SECTION item N: PATH: WARNING"`` lines.
 
     Args:
         path: the datalist JSON file.
@@ -1105,11 +1350,12 @@ def check_datalist(
         print_fn: where the summary lines go.
 
     Returns:
-        ``{"datalist", "dataset_dir", "items": [{"section", "index", "image", "ok", "error", "format", "dim",
-        "shape", "spacing", "modality", "declared_dim"}, ...], "summary": {"items", "ok", "bad", "sections",
-        "modality_dim"}}`` -- ``dim`` / ``shape`` / ``spacing`` are read from the file (None when unreadable),
-        ``modality`` and ``declared_dim`` come from the datalist; ``modality_dim`` counts items per
-        "MODALITY nD" (the file's dim, else the declared one).
+        ``{"datalist", "dataset_dir", "items": [{"section", "index", "image", "ok", "error", "warnings", "format",
+        "dim", "shape", "spacing", "modality", "declared_dim"}, ...], "summary": {"items", "ok", "bad", "warned",
+        "dim_from_header", "sections", "modality_dim"}}`` -- ``dim`` / ``shape`` / ``spacing`` are read from the
+        file (None when unreadable), ``modality`` and ``declared_dim`` come from the datalist; ``modality_dim`` counts
+        items per "MODALITY nD" (the file's dim, else the declared one); ``dim_from_header`` counts the items without
+        a declared ``dim`` per "nD"; ``warned`` the items with warnings.
     """
     path = os.path.abspath(str(path))
     raw = _read_json(path)
@@ -1120,6 +1366,7 @@ def check_datalist(
     missing = [s for s in sections if not isinstance(raw.get(s), list)]
     if missing:
         raise ValueError(f"{path}: no {', '.join(missing)} list in the datalist (sections: {datalist_sections(raw)})")
+    _require_items(path, raw, sections or None)
     tasks = _check_tasks(raw, base_dir, sections, values)
 
     results: list[dict] = []
@@ -1147,17 +1394,26 @@ def check_datalist(
     if verbose:
         summary = output["summary"]
         per_section = ", ".join(f"{k} {v['items']}" for k, v in summary["sections"].items())
+        warned = f" ({summary['warned']} with warnings)" if summary["warned"] else ""
         print_fn(
             f"check_datalist: {path}: {summary['items']} items ({per_section or 'none'}), "
-            f"{summary['ok']} ok, {summary['bad']} bad"
+            f"{summary['ok']} ok{warned}, {summary['bad']} bad"
         )
         for key, group in summary["modality_dim"].items():
             count = f"{group['items']} item" + ("s" if group["items"] != 1 else "")
             print_fn(f"  {key}: {count}" + (f" ({group['bad']} bad)" if group["bad"] else ""))
+        if summary["dim_from_header"]:
+            found = ", ".join(f"{k}: {v}" for k, v in summary["dim_from_header"].items())
+            print_fn(f'  "dim" read from the image headers (as the bundles do at load): {found}')
         for r in results:
             if not r["ok"]:
                 shown = r["image"] if r["image"] is not None else "(no image)"
                 print_fn(f"{r['section']} item {r['index']}: {shown}: {r['error']}")
+        _print_warnings(
+            [(f"{r['section']} item {r['index']}: {r['image']}", w) for r in results for w in r.get("warnings") or []],
+            print_fn,
+            "--report",
+        )
         if report is not None:
             print_fn(f"check_datalist: report written to {report}")
     return output

@@ -287,8 +287,39 @@ class MedicalImageLoader:
         if dim is not None and int(dim) != found:
             raise ImageReadError(path, f"{found}-D image of shape {spatial} where the datalist declares dim={int(dim)}")
         if found == 3 and self._orient is not None:
-            image = self._orient(image)
+            image = self._orient(_unit_spacing_fallback(image))
         return image
+
+
+def _unit_spacing_fallback(image: MetaTensor) -> MetaTensor:
+    """``image`` with each zero (or non-finite) column of its affine replaced by a 1 mm step orthogonal to the other
+    axes. MONAI's readers already read zero / missing spacing as 1 mm for 2D images and NIfTI ``pixdim``; what this
+    adds: the volumes whose affine keeps a zero column (DICOM series with PixelSpacing 0, NRRD space directions or a
+    NIfTI sform with a zero vector), which ``Orientation`` cannot reorient."""
+    affine = np.asarray(image.affine, dtype=float)
+    axes = affine[:3, :3]
+    norms = np.linalg.norm(axes, axis=0)
+    bad = ~(np.isfinite(norms) & (norms > 0))
+    if not bad.any() or affine.shape != (4, 4):
+        return image
+    def orthogonal(v: np.ndarray) -> np.ndarray:
+        return v - sum((np.dot(v, u) * u for u in basis), np.zeros(3))
+
+    basis: list[np.ndarray] = []  # orthonormal, spanning the good columns
+    for j in np.flatnonzero(~bad):
+        if np.linalg.norm(residual := orthogonal(axes[:, j])) > 1e-6 * norms[j]:
+            basis.append(residual / np.linalg.norm(residual))
+    fixed = axes.copy()
+    for k in np.flatnonzero(bad):  # Gram-Schmidt on the unit vectors, e_k first: diag(0, 1, 1) -> diag(1, 1, 1)
+        for candidate in [np.eye(3)[k]] + [np.eye(3)[j] for j in range(3) if j != k]:
+            if np.linalg.norm(residual := orthogonal(candidate)) > 1e-3:
+                break
+        fixed[:, k] = residual / np.linalg.norm(residual)
+        basis.append(fixed[:, k])
+    affine[:3, :3] = fixed
+    affine[:3, 3] = np.where(np.isfinite(affine[:3, 3]), affine[:3, 3], 0.0)
+    image.affine = torch.as_tensor(affine, dtype=image.affine.dtype)
+    return image
 
 
 _DEFAULT_LOADERS: dict[tuple, MedicalImageLoader] = {}
