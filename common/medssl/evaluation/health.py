@@ -302,11 +302,11 @@ class HealthMonitorHandler:
     Every method's ``training_step`` returns, under ``key`` (``"health"``), a dict of detached tensors (no extra
     forward pass): ``"embeddings"`` (N, D); for the clustering methods ``"assignments"`` (N,) with
     ``"n_prototypes"`` (and ``"groups"``, the modality of each row, with per-modality prototypes); for DINO-style
-    teachers ``"teacher_probs"`` (N, K), ``"center"`` (1, K) and ``"teacher_temp"``. The handler keeps the last
-    within-step deviations of the embeddings (see the module docstring), the assignment histograms and the per-step
-    teacher entropies of the epoch, and at
-    Events.EPOCH_COMPLETED (and every ``every_n_iters`` iterations when > 0, each report covering the iterations
-    since the previous one) computes the numbers of the module docstring and :func:`collapse_verdict`, then
+    teachers ``"teacher_probs"`` (N, K), ``"center"`` (1, K) and ``"teacher_temp"``. The handler pools the
+    within-step deviations of the embeddings (the last ``max_rows`` of them for the rank; see the module docstring),
+    the assignment histograms and the per-step teacher entropies, and at Events.EPOCH_COMPLETED (and every
+    ``every_n_iters`` iterations when > 0, each report covering the iterations since the previous one) computes the
+    numbers of the module docstring and :func:`collapse_verdict`, then
 
     * appends a JSON line to ``<output_dir>/<filename>`` (``health.jsonl``: epoch, iteration, the numbers, the
       verdict and its reasons; a resumed run appends, the last line of an epoch wins);
