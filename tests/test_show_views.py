@@ -105,3 +105,37 @@ def test_one_line_errors(demo_datalist, tmp_path, args, words):
     lines = err.getvalue().strip().splitlines()
     assert status == 2 and len(lines) == 1 and all(w in lines[0] for w in words), lines
     assert not (tmp_path / "v.png").exists()
+
+
+def test_recipe_overlays_on_converted_medmnist(tmp_path):
+    """recipes/medmnist.md's config overlays build every pretraining pipeline, at 64 pixels, on the union that
+    tools/prepare_medmnist.py writes (synthetic files in the MedMNIST+ 64-pixel format)."""
+    spec = importlib.util.spec_from_file_location("prepare_medmnist_for_views", TOOLS / "prepare_medmnist.py")
+    prepare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = prepare
+    spec.loader.exec_module(prepare)
+    rng = np.random.default_rng(0)
+    for name, shape, classes in (("pathmnist_64", (64, 64, 3), 9), ("organmnist3d_64", (64, 64, 64), 11)):
+        arrays = {}
+        for split, n in (("train", 3), ("val", 2), ("test", 2)):
+            arrays[f"{split}_images"] = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+            arrays[f"{split}_labels"] = rng.integers(0, classes, (n, 1)).astype(np.uint8)
+        np.savez_compressed(tmp_path / f"{name}.npz", **arrays)
+    data = tmp_path / "medmnist"
+    prepare.prepare([tmp_path / "pathmnist_64.npz", tmp_path / "organmnist3d_64.npz"], data)
+
+    recipe = BUNDLES.parent / "recipes" / "medmnist"
+    swav, unimiss, joint = (BUNDLES / b for b in ("ssl_swav_multimodal_pretrain", "ssl_unimiss_pretrain",
+                                                  "ssl_joint_image_volume_pretrain"))
+    cases = [
+        (swav, [recipe / "swav_2d.json"], {2: [(1, 64, 64)] * 2 + [(1, 32, 32)] * 6}),
+        (swav, ["configs/train_3d.json", recipe / "swav_3d.json"], {3: [(1, 64, 64, 64)] + [(1, 32, 32, 32)] * 4}),
+        (unimiss, [recipe / "unimiss.json"], {2: [(1, 64, 64)] * 2, 3: [(1, 64, 64, 16)] * 2}),
+        (joint, [recipe / "joint.json"], {d: [(1, 64, 64)] * 2 + [(1, 32, 32)] * 6 for d in (2, 3)}),  # slices too
+        (joint, ["configs/train_stage3.json", recipe / "joint.json"], {3: [(1, 64, 64, 64)] * 2}),
+    ]
+    for bundle, configs, expected in cases:
+        result = TOOL.show_views(bundle, data, tmp_path / "v.png", [str(c) for c in configs], n_items=2)
+        for row in result["rows"]:
+            assert row["views"] == expected[row["dim"]], (bundle.name, configs, row)
+            assert isinstance(row["label"], int)  # the union's global class index
