@@ -241,5 +241,5 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'breastmnist.npz'}: key 'test_images' missing (found: test_labels, train_images, "
         "train_labels, val_images, val_labels; a MedMNIST v2 file has train_images, train_labels, val_images, "
-        "val_labels, test_images, test_labels)"
+        "val_labels, test_images, test_labels) (--debug shows the traceback)"
     ]

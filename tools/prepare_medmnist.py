@@ -37,7 +37,8 @@ are written as NIfTI holding the uint8 values with the NIfTI scaling HU = lo + v
 gives back v / 255. This is why 2D CT slices are ``.nii.gz`` rather than PNG (a PNG cannot hold HU).
 
 A malformed file (a missing key, a wrong shape or dtype, labels out of range, a file name that is no MedMNIST subset)
-stops the run before anything of it is written, with one line naming the file and the key; exit status 2.
+stops the run before anything of it is written, with one line naming the file and the key; exit status 2
+(``--debug`` shows the traceback, as in every medssl tool: ``medssl.cli``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medssl.cli import DEBUG_FLAG, is_user_error, user_message
 
 SPLITS = (("train", "training"), ("val", "validation"), ("test", "test"))
 KEYS = tuple(f"{split}_{kind}" for split, _ in SPLITS for kind in ("images", "labels"))
@@ -546,11 +549,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="convert again a subset already in DIR")
     parser.add_argument("--ct-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LOW", "HIGH"),
                         help="HU window that 8-bit CT values are spread over (medssl's CT preset window)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    args = parser.parse_args([a for a in argv if a != DEBUG_FLAG])
     try:
         prepare(args.npz, args.out, args.modality, args.limit, args.workers, args.force, args.ct_window)
-    except MedMNISTError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a user mistake is one line (medssl.cli's rule); a bug keeps its traceback
+        if debug or not is_user_error(e):
+            raise
+        print(f"error: {user_message(e)} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from medssl.cli import DEBUG_FLAG, is_user_error, user_message
+
 
 class ShowViewsError(ValueError):
     """A user-facing problem (bundle, config, data); its message is one line."""
@@ -267,15 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the item choice and of the augmentations")
     parser.add_argument("--datalist", default=None, help="datalist file (default: the bundle's, DIR/datalist.json)")
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="keep items of these dims (2 and / or 3)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    args = parser.parse_args([a for a in argv if a != DEBUG_FLAG])
     try:
         result = show_views(args.bundle, args.dataset_dir, args.out, args.config, args.n_items, args.seed,
                             args.datalist, args.dims)
-    except (ShowViewsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # datalist problems are one-line ValueErrors naming the file
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a user mistake is one line (medssl.cli's rule); a bug keeps its traceback
+        if debug or not is_user_error(e):
+            raise
+        print(f"error: {user_message(e)} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
         return 2
     for row in result["rows"]:
         print(f"{row['image']}: {row['modality']} {row['dim']}D, views {row['views']}")
