@@ -20,7 +20,7 @@ def demo_datalist(tmp_path_factory) -> Path:
     from medssl.data.demo import build_demo_dataset
 
     out = tmp_path_factory.mktemp("demo_data")
-    return Path(build_demo_dataset(out, seed=0))
+    return Path(build_demo_dataset(out, seed=0, learn=False))  # the learnability set: tests/test_demo_data.py
 
 
 def subprocess_env(**extra: str) -> dict:

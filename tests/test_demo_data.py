@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -65,7 +66,7 @@ def demo(tmp_path_factory):
     """One fresh build shared by the tests of this module: (directory, datalist dict, build seconds)."""
     root = tmp_path_factory.mktemp("demo")
     start = time.perf_counter()
-    datalist_path = build_demo_dataset(root, seed=0)
+    datalist_path = build_demo_dataset(root, seed=0, learn=False)  # the learnability set: the tests at the end
     seconds = time.perf_counter() - start
     assert datalist_path == root.resolve() / "datalist.json"
     return root.resolve(), json.loads(datalist_path.read_text()), seconds
@@ -275,7 +276,7 @@ def test_real_files_are_recorded_with_licence_and_documented(demo):
 
 def test_same_seed_gives_identical_files(demo, tmp_path):
     root, _, _ = demo
-    build_demo_dataset(tmp_path / "again", seed=0)
+    build_demo_dataset(tmp_path / "again", seed=0, learn=False)
     assert _digests(tmp_path / "again") == _digests(root)
 
 
@@ -286,16 +287,16 @@ def test_reuse_force_repair_and_seed_change(demo, tmp_path):
     datalist_path = out / "datalist.json"
     stamp = datalist_path.stat().st_mtime_ns
     time.sleep(0.01)
-    assert build_demo_dataset(out, seed=0) == datalist_path.resolve()
+    assert build_demo_dataset(out, seed=0, learn=False) == datalist_path.resolve()
     assert datalist_path.stat().st_mtime_ns == stamp  # reused, not rewritten
-    build_demo_dataset(out, seed=0, force=True)
+    build_demo_dataset(out, seed=0, force=True, learn=False)
     assert datalist_path.stat().st_mtime_ns != stamp  # rebuilt
     victim = out / json.loads(datalist_path.read_text())["validation"][0]["image"]
     victim.unlink()
-    build_demo_dataset(out, seed=0)
+    build_demo_dataset(out, seed=0, learn=False)
     assert victim.is_file()  # a missing file triggers a rebuild
     (out / "mine.txt").write_text("not the builder's")
-    build_demo_dataset(out, seed=1)  # another seed: rebuilt without force
+    build_demo_dataset(out, seed=1, learn=False)  # another seed: rebuilt without force
     assert json.loads(datalist_path.read_text())["builder"]["seed"] == 1
     assert (out / "mine.txt").read_text() == "not the builder's"  # foreign files are left alone
     reference, other = _digests(root), _digests(out)
@@ -318,7 +319,8 @@ def test_refuses_to_replace_a_foreign_datalist(tmp_path):
 def test_cli_builds_the_dataset(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "common"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "demo_data.py"), "--out", str(tmp_path / "cli"), "--seed", "3"],
+        [sys.executable, str(REPO / "tools" / "demo_data.py"), "--out", str(tmp_path / "cli"), "--seed", "3"]
+        + ["--no-learn"],
         capture_output=True,
         text=True,
         env=env,
@@ -328,6 +330,7 @@ def test_cli_builds_the_dataset(tmp_path):
     datalist = json.loads((tmp_path / "cli" / "datalist.json").read_text())
     assert datalist["builder"]["seed"] == 3
     assert "validation: " in result.stdout and str(tmp_path / "cli" / "datalist.json") in result.stdout
+    assert not (tmp_path / "cli" / "datalist_learn.json").exists() and not (tmp_path / "cli" / "learn").exists()
 
 
 def test_labelled_3d_split_is_balanced_ras_hounsfield_volumes(demo):
@@ -396,3 +399,194 @@ def test_xr_organ_masks_name_lungs_heart_and_clavicles(demo):
             # the lungs are dark on the image (air), the heart and clavicles brighter
             assert image[mask == 1].mean() + 20 < min(image[mask == 2].mean(), image[mask == 3].mean()), item
     assert sizes == [12, 4, 4]
+
+
+# --------------------------------------------------------------------------------------------------
+# the learnability set (demo data v3, medssl.data.learnability)
+# --------------------------------------------------------------------------------------------------
+LEARN_2D, LEARN_3D = (4, 2, 2), (2, 1, 1)  # items per class and section of the reduced builds below
+
+
+@pytest.fixture(scope="module")
+def learn(tmp_path_factory):
+    """A reduced learnability build (same generators, fewer items per class) with the rest of the demo data:
+    (directory, {datalist name: dict})."""
+    from medssl.data import learnability
+
+    root = tmp_path_factory.mktemp("learn")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(learnability, "PER_CLASS_2D", LEARN_2D)
+        patch.setattr(learnability, "PER_CLASS_3D", LEARN_3D)
+        build_demo_dataset(root, seed=0)
+    datalists = {name: json.loads((root / name).read_text()) for name in learnability.LEARN_DATALISTS}
+    return root.resolve(), datalists
+
+
+def test_learn_set_has_balanced_splits_sizes_and_its_own_datalists(learn):
+    from medssl.data import load_items
+    from medssl.data.learnability import LABEL_OFFSETS, LEARN_CLASSES
+
+    root, datalists = learn
+    full = datalists["datalist_learn.json"]
+    assert full["builder"] == {"module": "medssl.data.demo", "part": "learn", "version": DEMO_VERSION, "seed": 0,
+                               "per_class_2d": list(LEARN_2D), "per_class_3d": list(LEARN_3D)}
+    assert DEMO_VERSION == "3"
+    # one flat label space, a disjoint range of 3 per modality
+    assert full["classes"] == [f"{m}: {name}" for m, names in LEARN_CLASSES.items() for name in names]
+    assert full["modality_classes"] == {m: list(names) for m, names in LEARN_CLASSES.items()}
+    assert full["label_offsets"] == LABEL_OFFSETS == {"XR": 0, "FUNDUS": 3, "PATH": 6, "CT": 9, "MR": 12}
+    for section, n2, n3 in zip(SECTIONS, LEARN_2D, LEARN_3D):
+        items = full[section]
+        assert full[f"num{section.capitalize()}"] == len(items)
+        for modality, offset in LABEL_OFFSETS.items():
+            labels = [it["label"] for it in items if it["modality"] == modality]
+            expected = n2 if modality in ("XR", "FUNDUS", "PATH") else n3
+            assert np.bincount(np.array(labels) - offset, minlength=3).tolist() == [expected] * 3, (section, modality)
+            kept = load_items(root / "datalist_learn.json", section, modalities=[modality], labelled_only="class")
+            assert len(kept) == 3 * expected and all(Path(it["image"]).is_file() for it in kept)
+        # the 2D / 3D datalists are the dim subsets; datalist.json lists none of these items
+        for name, dim in (("datalist_learn_2d.json", 2), ("datalist_learn_3d.json", 3)):
+            assert datalists[name][section] == [it for it in items if it["dim"] == dim]
+    main = json.loads((root / "datalist.json").read_text())
+    assert not any(it["image"].startswith("learn/") for section in SECTIONS for it in main[section])
+    shapes = Counter()
+    for item in (it for section in SECTIONS for it in full[section]):
+        path = root / item["image"]
+        if item["dim"] == 2:
+            with Image.open(path) as image:
+                shapes[(item["modality"], image.mode, image.size)] += 1
+        else:
+            volume = nib.load(path)
+            assert volume.get_data_dtype() == np.int16 and nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+            shapes[(item["modality"], "int16", volume.shape)] += 1
+    n2, n3 = 3 * sum(LEARN_2D), 3 * sum(LEARN_3D)
+    assert shapes == {("XR", "L", (128, 128)): n2, ("FUNDUS", "RGB", (128, 128)): n2, ("PATH", "RGB", (128, 128)): n2,
+                      ("CT", "int16", (64, 64, 64)): n3, ("MR", "int16", (64, 64, 64)): n3}
+
+
+def test_learn_datalist_passes_the_datalist_check(learn):
+    from medssl.data.datalist import check_datalist
+
+    root, _ = learn
+    result = check_datalist(root / "datalist_learn.json", verbose=False, print_fn=lambda *_: None)
+    assert result["summary"]["bad"] == 0 and result["summary"]["items"] == 3 * 3 * sum(LEARN_2D) + 2 * 3 * sum(LEARN_3D)
+    assert {item["dim"] for item in result["items"]} == {2, 3}
+
+
+def test_learn_classes_do_not_differ_by_global_intensity():
+    """The class is not global brightness or contrast: per modality, the class means of the per-image mean and std of
+    the (grey) intensities differ by less than 1.5 within-class standard deviations (a fixed sample of 20 images /
+    8 volumes per class)."""
+    from medssl.data import learnability
+
+    generators = {"XR": (learnability.learn_chest_xr, 20), "FUNDUS": (learnability.learn_fundus, 20),
+                  "PATH": (learnability.learn_histology, 20), "CT": (learnability.learn_chest_ct, 8),
+                  "MR": (learnability.learn_brain_mr, 8)}  # fmt: skip
+    for modality, (generator, n) in generators.items():
+        stats = []
+        for class_index in range(3):
+            rows = []
+            for i in range(n):
+                pixels = generator(np.random.default_rng([0, class_index, i]), class_index)
+                if pixels.dtype == np.uint8:
+                    pixels = np.asarray(Image.fromarray(pixels).convert("L"))
+                rows.append((pixels.mean(), pixels.std()))
+            stats.append(np.array(rows))
+        means = np.array([s.mean(axis=0) for s in stats])
+        spread = np.sqrt(np.mean([s.var(axis=0, ddof=1) for s in stats], axis=0))
+        assert ((means.max(axis=0) - means.min(axis=0)) < 1.5 * spread).all(), (modality, means, spread)
+
+
+def test_learn_builds_are_byte_identical_and_independent_of_workers(learn, tmp_path):
+    from medssl.data import learnability
+    from medssl.data.demo import dataset_digest
+
+    root, datalists = learn
+    sections = learnability.build_learnability_set(tmp_path, seed=0, per_class_2d=LEARN_2D, per_class_3d=LEARN_3D,
+                                                   workers=2)
+    assert sections == {s: datalists["datalist_learn.json"][s] for s in SECTIONS}
+    reference = {name: digest for name, digest in dataset_digest(root).items() if name.startswith("learn/")}
+    assert len(reference) == 3 * 3 * sum(LEARN_2D) + 2 * 3 * sum(LEARN_3D)
+    assert {name: digest for name, digest in dataset_digest(tmp_path).items() if name.startswith("learn/")} == reference
+    for name in ("learn/mr/mr_000.nii.gz", "learn/ct/ct_000.nii.gz"):  # gzip header: no time stamp
+        header = (root / name).read_bytes()[:10]
+        assert header[:2] == b"\x1f\x8b" and header[4:8] == b"\x00\x00\x00\x00", header
+    # another seed gives other images under the same names
+    other = learnability.build_learnability_set(tmp_path / "seed1", seed=1, per_class_2d=(1, 1, 1),
+                                                per_class_3d=(1, 1, 1))
+    assert other["training"][0]["image"] == "learn/xr/xr_000.png"
+    assert (tmp_path / "seed1" / "learn/xr/xr_000.png").read_bytes() != (root / "learn/xr/xr_000.png").read_bytes()
+
+
+def test_learn_set_is_added_reused_and_left_out_on_its_own(learn, tmp_path):
+    from medssl.data import learnability
+
+    root, _ = learn
+    out = tmp_path / "demo"
+    shutil.copytree(root, out)  # parts 1 and 2 up to date, and a learnability set of LEARN_2D / LEARN_3D items
+    datalist_path, learn_path = out / "datalist.json", out / "datalist_learn.json"
+    stamps = datalist_path.stat().st_mtime_ns, learn_path.stat().st_mtime_ns
+    build_demo_dataset(out, seed=0, learn=False)  # leaves a learnability set alone, even one of other counts
+    assert (datalist_path.stat().st_mtime_ns, learn_path.stat().st_mtime_ns) == stamps
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(learnability, "PER_CLASS_2D", (1, 1, 1))
+        patch.setattr(learnability, "PER_CLASS_3D", (1, 1, 1))
+        build_demo_dataset(out, seed=0)  # other counts: only the learnability set is rebuilt
+        assert datalist_path.stat().st_mtime_ns == stamps[0] and learn_path.stat().st_mtime_ns != stamps[1]
+        assert not (out / "learn" / "xr" / "xr_009.png").exists()  # the old, larger set's files are gone
+        learn_stamp = learn_path.stat().st_mtime_ns
+        build_demo_dataset(out, seed=0)  # up to date: reused
+        assert learn_path.stat().st_mtime_ns == learn_stamp
+        (out / "learn" / "mr" / "mr_000.nii.gz").unlink()
+        build_demo_dataset(out, seed=0)  # a missing file: rebuilt
+        assert (out / "learn" / "mr" / "mr_000.nii.gz").is_file() and datalist_path.stat().st_mtime_ns == stamps[0]
+        build_demo_dataset(out, seed=2, learn=False)  # another seed: the stale learnability set is removed
+        assert not (out / "learn").exists() and not learn_path.exists()
+        assert datalist_path.stat().st_mtime_ns != stamps[0]
+        patch.setattr(learnability, "PER_CLASS_2D", (1, 0, 1))
+        with pytest.raises(ValueError, match="3 positive counts"):
+            build_demo_dataset(out, seed=2)
+
+
+def test_learn_generators_reject_unknown_classes():
+    from medssl.data import learnability
+
+    for generator in (learnability.learn_chest_xr, learnability.learn_fundus, learnability.learn_histology,
+                      learnability.learn_chest_ct, learnability.learn_brain_mr):
+        with pytest.raises(ValueError, match="class_index 3 outside 0..2"):
+            generator(np.random.default_rng(0), 3)
+
+
+def test_random_init_knn_reports_every_modality_and_encoder(learn, capsys):
+    from medssl.data.learnability import _main, random_init_knn
+
+    root, _ = learn
+    results = random_init_knn(root / "datalist_learn.json", ["PATH", "MR"], ["resnet_small_2d", "resnet_small_3d"],
+                              seeds=(0,), k=3, eval_section="test")
+    assert set(results) == {"PATH", "MR"}
+    for modality, rows in results.items():
+        expected = {"raw_pixels", "resnet_small_2d" if modality == "PATH" else "resnet_small_3d"}
+        assert set(rows) == expected, modality
+        assert all(0.0 <= row["accuracy"] <= 1.0 and len(row["per_seed"]) == 1 for row in rows.values())
+    _main([str(root), "--modalities", "XR", "--encoders", "resnet_small_2d", "--seeds", "1", "--k", "3"])
+    out = capsys.readouterr().out
+    assert "| XR | raw_pixels | 64x64 |" in out and "| XR | resnet_small_2d | 64x64 |" in out
+
+
+@pytest.mark.slow
+def test_full_learn_build_and_random_init_knn_at_most_chance_plus_15_points(tmp_path):
+    """The full build (timed, printed; the figure in DEMO_DATA.md) and the documented target: random-init kNN of the
+    quick start's ResNet and raw-pixel kNN at most 1/3 + 0.15 on every modality."""
+    from medssl.data.learnability import random_init_knn
+
+    started, cpu = time.perf_counter(), time.process_time()
+    build_demo_dataset(tmp_path / "full", seed=0)
+    print(f"full demo build: {time.perf_counter() - started:.1f} s wall, {time.process_time() - cpu:.1f} s CPU")
+    datalist = json.loads((tmp_path / "full" / "datalist_learn.json").read_text())
+    assert sum(it["dim"] == 2 for s in SECTIONS for it in datalist[s]) >= 3000
+    assert sum(it["dim"] == 3 for s in SECTIONS for it in datalist[s]) >= 300
+    results = random_init_knn(tmp_path / "full" / "datalist_learn.json",
+                              encoders=["resnet_small_2d", "resnet_small_3d"])
+    for modality, rows in results.items():
+        for name, row in rows.items():
+            assert row["accuracy"] <= 1 / 3 + 0.15, (modality, name, row)

@@ -1,6 +1,7 @@
-"""The embedded demo dataset: a small, mixed 2D / 3D, multi-modality dataset built offline in seconds.
+"""The embedded demo dataset: a small, mixed 2D / 3D, multi-modality dataset built offline in seconds, plus a larger
+learnability set.
 
-It has two parts (see ``DEMO_DATA.md`` next to this file, copied to ``DIR/README.md``):
+It has three parts (see ``DEMO_DATA.md`` next to this file, copied to ``DIR/README.md``):
 
 1. Real images that ship *on disk* inside installed packages (pydicom, pydicom-data, nibabel, dipy,
    scikit-image). They are copied (small DICOM files) or re-written in our formats after downscaling
@@ -12,12 +13,17 @@ It has two parts (see ``DEMO_DATA.md`` next to this file, copied to ``DIR/README
    tiles, 3D CT phantoms (Hounsfield units) and MR phantoms (T1- or T2-like) with segmentation masks, one
    CT phantom written as a DICOM series, and class-labelled chest CT volumes (``normal`` / ``nodule``:
    the labelled 3D split).
+3. The learnability set (version 3, :mod:`medssl.data.learnability`, optional: ``learn=False`` leaves it out):
+   3,060 class-labelled 2D images (chest X-ray-, fundus- and H&E-like, 128 px) and 480 volumes (chest CT, brain
+   MR, 64^3) under ``DIR/learn/``, whose class cue is shape or texture, with their own datalists
+   (``datalist_learn.json``, ``datalist_learn_2d.json``, ``datalist_learn_3d.json``); about 40 s of CPU.
 
 The result is ``DIR/datalist.json`` (sections ``training`` / ``validation`` / ``test``, each item
 ``{"image", "modality", "dim", "label"?}``; ``label`` is an ``int`` class index into ``"classes"`` for
 the 2D and 3D classification items and a ``str`` mask path for segmentation items, whose values are named
 by ``"mask_classes"[modality]``), plus task datalists holding only the items of one kind
-(:data:`TASK_DATALISTS`).
+(:data:`TASK_DATALISTS`). ``datalist.json`` never lists the learnability set (the test-suite and the bundles' smoke
+runs read it).
 
 Axis conventions: volumes are written as NIfTI in RAS+ world orientation with array axes (X, Y, Z) =
 (right, anterior, superior); the depth (axial slice) axis is the LAST one, as MONAI loads it. 2D images
@@ -74,7 +80,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the content of a build changes; a datalist built by another version is rebuilt.
-DEMO_VERSION = "2"
+DEMO_VERSION = "3"
 #: Class names of the 2D classification items (``label`` = index into this list).
 CLASSES = ("normal", "nodule", "effusion")
 #: Names of the values of the segmentation masks, per modality of the masked items (``mask == i`` is
@@ -1138,6 +1144,49 @@ def _task_datalist(datalist: dict[str, Any], keep: Callable[[dict[str, Any]], bo
     return task
 
 
+def _remove(out: Path, names: tuple[str, ...] | list[str]) -> None:
+    for name in names:
+        entry = out / name
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.exists():
+            entry.unlink()
+
+
+def _learn_owned() -> tuple[str, ...]:
+    from .learnability import LEARN_DATALISTS
+
+    return ("learn", *LEARN_DATALISTS)
+
+
+def _learn_is_current(out: Path, seed: int) -> bool:
+    """True when ``out/datalist_learn.json`` was built by this version with ``seed`` and the current per-class
+    counts, and all its files exist."""
+    from .learnability import LEARN_DATALISTS, learn_builder_info
+
+    try:
+        datalist = json.loads((out / "datalist_learn.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(datalist, dict) or datalist.get("builder") != learn_builder_info(seed):
+        return False
+    names = [*LEARN_DATALISTS, *(item["image"] for section in SECTIONS for item in datalist.get(section, []))]
+    return all((out / name).exists() for name in names)
+
+
+def _build_learn(out: Path, seed: int, workers: int) -> None:
+    """(Re)build the learnability set and write its datalists, ``datalist_learn.json`` last and atomically."""
+    from .learnability import LEARN_DATALISTS, build_learnability_set, learn_builder_info, learn_datalists
+
+    _remove(out, _learn_owned())
+    sections = build_learnability_set(out, seed, workers=workers)
+    datalists = learn_datalists(sections, learn_builder_info(seed))
+    for name in sorted(LEARN_DATALISTS, key=lambda n: n == "datalist_learn.json"):
+        temporary = out / f"{name}.tmp"
+        temporary.write_text(json.dumps(datalists[name], indent=2) + "\n")
+        os.replace(temporary, out / name)
+
+
 def _is_current(datalist_path: Path, seed: int) -> bool:
     """True when ``datalist_path`` was built by this DEMO_VERSION with ``seed`` and all its files exist."""
     try:
@@ -1187,7 +1236,9 @@ def _build_lock(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, force: bool = False) -> Path:
+def build_demo_dataset(
+    out_dir: str | os.PathLike, seed: int = 0, force: bool = False, learn: bool = True, workers: int = 1
+) -> Path:
     """Build the demo dataset in ``out_dir`` and return the path of ``out_dir/datalist.json``.
 
     Offline and deterministic: the same ``seed`` and installed packages give byte-identical files.
@@ -1196,11 +1247,16 @@ def build_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, force: bool = 
     builder's own entries (``real/``, ``synthetic/``, the datalists, ``README.md``) are deleted and
     rebuilt; other files in ``out_dir`` are left alone. ``datalist.json`` is written last, atomically.
     A ``datalist.json`` that this builder did not write is never replaced (``FileExistsError``).
+    The learnability set (``learn/``, ``datalist_learn*.json``) is reused or rebuilt the same way, on its own: a
+    build with ``learn=False`` leaves an up-to-date one in place, and one with ``learn=True`` adds it to an
+    up-to-date ``datalist.json`` without rebuilding the rest.
 
     Args:
         out_dir: dataset directory (created if needed); it is the ``dataset_dir`` of the datalist.
         seed: seed of every synthetic image.
         force: rebuild even when an up-to-date build exists.
+        learn: also build the learnability set (:mod:`medssl.data.learnability`, about 40 s of CPU and 150 MB).
+        workers: processes writing the learnability set (the files do not depend on it).
 
     Returns:
         Path to ``datalist.json`` (format: ``medssl.data`` datalist, loadable with
@@ -1211,38 +1267,46 @@ def build_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, force: bool = 
     out.mkdir(parents=True, exist_ok=True)
     datalist_path = out / "datalist.json"
     with _build_lock(out):
-        if not force and _is_current(datalist_path, seed):
+        main_current = not force and _is_current(datalist_path, seed)
+        learn_current = not force and _learn_is_current(out, seed)
+        if not main_current:
+            _refuse_foreign_datalist(datalist_path)
+        if not learn_current and (learn or not main_current):
+            _refuse_foreign_datalist(out / "datalist_learn.json")
+        if main_current:
             logger.info("demo dataset: reusing %s", datalist_path)
-            return datalist_path
-        _refuse_foreign_datalist(datalist_path)
-        for name in _OWNED:
-            entry = out / name
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            elif entry.exists():
-                entry.unlink()
-        datalist = _build(out, seed)
-        shutil.copyfile(Path(__file__).with_name("DEMO_DATA.md"), out / "README.md")
-        tasks = {
-            "datalist_classification_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), int),
-            "datalist_segmentation_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), str),
-            "datalist_segmentation_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), str),
-            "datalist_classification_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), int),
-        }
-        for name, keep in tasks.items():
-            (out / name).write_text(json.dumps(_task_datalist(datalist, keep, TASK_DATALISTS[name]), indent=2) + "\n")
-        temporary = out / "datalist.json.tmp"
-        temporary.write_text(json.dumps(datalist, indent=2) + "\n")
-        os.replace(temporary, datalist_path)
-    logger.info("demo dataset: built %s", datalist_path)
+        else:
+            _remove(out, _OWNED if learn_current else [*_OWNED, *_learn_owned()])
+            _build_main(out, seed, datalist_path)
+            logger.info("demo dataset: built %s", datalist_path)
+        if learn and not learn_current:
+            _build_learn(out, seed, workers)
+            logger.info("demo dataset: built the learnability set %s", out / "datalist_learn.json")
     return datalist_path
+
+
+def _build_main(out: Path, seed: int, datalist_path: Path) -> None:
+    """Parts 1 and 2 (real files and the small synthetic set): files, task datalists, README, ``datalist.json``."""
+    datalist = _build(out, seed)
+    shutil.copyfile(Path(__file__).with_name("DEMO_DATA.md"), out / "README.md")
+    tasks = {
+        "datalist_classification_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), int),
+        "datalist_segmentation_2d.json": lambda it: it["dim"] == 2 and isinstance(it.get("label"), str),
+        "datalist_segmentation_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), str),
+        "datalist_classification_3d.json": lambda it: it["dim"] == 3 and isinstance(it.get("label"), int),
+    }
+    for name, keep in tasks.items():
+        (out / name).write_text(json.dumps(_task_datalist(datalist, keep, TASK_DATALISTS[name]), indent=2) + "\n")
+    temporary = out / "datalist.json.tmp"
+    temporary.write_text(json.dumps(datalist, indent=2) + "\n")
+    os.replace(temporary, datalist_path)
 
 
 def dataset_digest(out_dir: str | os.PathLike) -> dict[str, str]:
     """SHA-256 of every file the builder wrote under ``out_dir`` (relative posix path -> hex digest)."""
     out = Path(out_dir)
     digests = {}
-    for name in _OWNED:
+    for name in (*_OWNED, *_learn_owned()):
         entry = out / name
         files = sorted(p for p in entry.rglob("*") if p.is_file()) if entry.is_dir() else [entry]
         for path in files:
