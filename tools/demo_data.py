@@ -43,6 +43,8 @@ def main(
         workers: processes writing the learnability set (the files are the same for any number).
         check: then print the random-init and raw-pixel kNN accuracy on the learnability set.
     """
+    if check and no_learn:
+        raise ValueError("--check needs the learnability set: drop --no-learn")
     started = time.perf_counter()
     path = build_demo_dataset(out, seed=seed, force=force, learn=not no_learn, workers=workers)
     seconds = time.perf_counter() - started
@@ -58,8 +60,6 @@ def main(
         print(f"labels: one range per modality, offsets {learn_list['label_offsets']} (see README.md)")
     print(f"built or reused in {seconds:.1f} s")
     if check:
-        if no_learn:
-            raise ValueError("--check needs the learnability set: drop --no-learn")
         from medssl.data.learnability import _main as check_learnability
 
         check_learnability([str(path.parent)])
