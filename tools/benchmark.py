@@ -360,7 +360,7 @@ def step(
             from medssl.data.demo import build_demo_dataset
 
             started = time.perf_counter()
-            built = Path(build_demo_dataset(tmp_path / "demo"))
+            built = Path(build_demo_dataset(tmp_path / "demo", learn=False))
             data_dir = built.parent
             data_text = f"demo dataset built in {data_dir} ({time.perf_counter() - started:.1f} s)"
         else:
