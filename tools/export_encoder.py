@@ -173,6 +173,8 @@ def main(
             there yourself.
     """
     checkpoint_path = Path(checkpoint)
+    if not Path(bundle).is_dir():  # before any note: a wrong --bundle is the one line the user sees
+        raise FileNotFoundError(f"--bundle {bundle}: not a directory")
     if config is None:
         from medssl.engines.run_config import RUN_CONFIG_NAME, find_run_config
 
