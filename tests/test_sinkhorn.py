@@ -115,6 +115,9 @@ def _entry(rank: int, world_size: int, tmp: str, worker, args) -> None:
     )
     try:
         torch.save(worker(rank, world_size, *args), os.path.join(tmp, f"rank{rank}.pt"))
+        # both ranks done before teardown: a rank tearing gloo down while the other still talks to it aborted once
+        # ("terminate called without an active exception", SIGABRT) in a full-suite run
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
