@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -55,3 +57,13 @@ def pytest_collection_modifyitems(config, items):
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def write_unlabelled_datalist(demo_datalist: Path, out: Path) -> Path:
+    """The demo datalist with every ``label`` removed (a datalist without class labels), written to ``out``."""
+    datalist = json.loads(Path(demo_datalist).read_text())
+    for section in ("training", "validation", "test"):
+        for item in datalist[section]:
+            item.pop("label", None)
+    out.write_text(json.dumps(datalist))
+    return out

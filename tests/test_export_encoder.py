@@ -248,16 +248,11 @@ def test_export_after_a_bundle_run_reads_the_run_config(demo_datalist, tmp_path,
     "216 missing keys": it parsed configs/train.json alone. The run now saves its merged config in its run folder
     and the export reads it there. The datalist has no class labels: the swav bundle's kNN monitor turns itself off
     (item 8)."""
-    from conftest import BUNDLES, PYTHON, run_cmd
+    from conftest import BUNDLES, PYTHON, run_cmd, write_unlabelled_datalist
     from medssl.engines import RUN_CONFIG_NAME
 
     bundle = BUNDLES / "ssl_swav_multimodal_pretrain"
-    datalist = json.loads(demo_datalist.read_text())
-    for section in ("training", "validation", "test"):
-        for item in datalist[section]:
-            item.pop("label", None)
-    unlabelled = tmp_path / "unlabelled.json"
-    unlabelled.write_text(json.dumps(datalist))
+    unlabelled = write_unlabelled_datalist(demo_datalist, tmp_path / "unlabelled.json")
     run = tmp_path / "run"
     configs = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in ("train.json", "smoke.json")) + "]"
     proc = run_cmd(

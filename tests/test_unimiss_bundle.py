@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLES, PYTHON, run_cmd
+from conftest import BUNDLES, PYTHON, run_cmd, write_unlabelled_datalist
 
 BUNDLE = BUNDLES / "ssl_unimiss_pretrain"
 CONFIGS = BUNDLE / "configs"
@@ -123,12 +123,7 @@ def test_exported_teacher_loads_into_a_2d_downstream_mit(smoke_run, tmp_path):
 def test_unlabelled_datalist_turns_the_knn_monitor_off(demo_datalist, tmp_path):
     """Issue 13 item 8: on a datalist without class labels the run stopped while the kNN loaders were built ("no
     item with ... labelled_only=class"); now the monitor says once that it is off and the pretraining runs."""
-    datalist = json.loads(demo_datalist.read_text())
-    for section in ("training", "validation", "test"):
-        for item in datalist[section]:
-            item.pop("label", None)
-    unlabelled = tmp_path / "unlabelled.json"
-    unlabelled.write_text(json.dumps(datalist))
+    unlabelled = write_unlabelled_datalist(demo_datalist, tmp_path / "unlabelled.json")
     out = tmp_path / "run"
     config_list = "[" + ",".join(f"'{CONFIGS / c}'" for c in ("train.json", "smoke.json")) + "]"
     cmd = [
