@@ -273,3 +273,26 @@ def test_cuda_crops_and_augmentations_stay_on_the_device():
     cpu = seed002_multicrop(2, sizes=[16, 8], counts=[2, 2]).set_random_state(0)(sample(image.cpu()))["crops"]
     for a, b in zip(crops, cpu):
         np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), atol=1e-4)
+
+
+def test_view_nuisance_augmentations_flip_blur_noise_and_reproducible():
+    from medssl.transforms import view_nuisance_augmentations
+
+    image = torch.zeros(1, 16, 16)
+    image[0, :4, :] = 1.0  # a bright band at low X: a left-right flip (axis 0) moves it to high X
+    flip_only = view_nuisance_augmentations(2, flip_prob=1.0, blur_prob=0.0, noise_prob=0.0)
+    out = flip_only({"image": image.clone()})["image"]
+    assert torch.equal(torch.as_tensor(out), torch.flip(image, dims=[1]))
+    blur_only = view_nuisance_augmentations(2, flip_prob=0.0, blur_prob=1.0, noise_prob=0.0, blur_sigma=(1.0, 1.0))
+    blurred = torch.as_tensor(blur_only({"image": image.clone()})["image"])
+    assert 0.0 < blurred[0, 4, 8] < 0.5 < blurred[0, 3, 8] < 1.0  # the band's edge is softened both ways
+    noisy = view_nuisance_augmentations(2, flip_prob=0.0, blur_prob=0.0, noise_prob=1.0, noise_std=0.1)
+    noisy.set_random_state(3)
+    a = torch.as_tensor(noisy({"image": image.clone()})["image"])
+    noisy.set_random_state(3)
+    b = torch.as_tensor(noisy({"image": image.clone()})["image"])
+    assert torch.equal(a, b) and not torch.equal(a, image) and float((a - image).std()) < 0.1
+    volume = view_nuisance_augmentations(3)({"image": torch.rand(1, 8, 8, 4)})["image"]
+    assert tuple(volume.shape) == (1, 8, 8, 4)
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        view_nuisance_augmentations(1)

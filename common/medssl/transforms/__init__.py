@@ -19,6 +19,7 @@ from .views import (
     expand_crop_size,
     seed002_augmentations,
     seed002_multicrop,
+    view_nuisance_augmentations,
 )
 from .utility import PlainTensord
 from .unimiss_views import ByDimensiond, unimiss_augmentations_2d, unimiss_augmentations_3d  # unimiss_views: by module path

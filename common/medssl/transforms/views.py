@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import Compose, MapTransform, Randomizable
+from monai.transforms import Compose, MapTransform, Randomizable, RandFlipd, RandGaussianNoised, RandGaussianSmoothd
 from monai.utils import MAX_SEED
 
 from .energy import EnergyBandAugmentd
@@ -66,6 +66,7 @@ __all__ = [
     "MultiCropd",
     "seed002_augmentations",
     "seed002_multicrop",
+    "view_nuisance_augmentations",
 ]
 
 # seed 002, Table I: crops [2, 6] / [1, 4]; sizes [224, 92] / [(224, 192), (112, 96)] = (in-plane, depth)
@@ -401,6 +402,36 @@ def seed002_augmentations(
             EnergyBandAugmentd(keys, reference=energy_reference, prob=energy_prob, **dict(energy_kwargs or {})),
             RandGammad(keys, gamma_range=gamma_range, reciprocal_prob=gamma_reciprocal_prob, prob=gamma_prob),
             RandLinearIntensityd(keys, a_range=a_range, b_fraction=b_fraction, prob=linear_prob),
+        ]
+    )
+
+
+def view_nuisance_augmentations(
+    spatial_dims: int = 2,
+    keys: KeysCollection = "image",
+    flip_prob: float = 0.5,
+    blur_prob: float = 0.5,
+    blur_sigma: Sequence[float] = (0.25, 1.5),
+    noise_prob: float = 0.5,
+    noise_std: float = 0.08,
+) -> Compose:
+    """Per-view left-right flip, Gaussian blur and Gaussian noise (MONAI's ``RandFlipd``, ``RandGaussianSmoothd``,
+    ``RandGaussianNoised``; the noise standard deviation drawn in [0, ``noise_std``] on the [0, 1]-scaled image).
+
+    Not part of seed 002's set A. Added after set A by the small-data configs (the bundles' ``demo.json``): two crops
+    of one image share its noise level, sharpness and orientation, so without these a small network matches views by
+    those nuisances instead of by anatomy (measured in the SwAV bundle's ``docs/README.md``, "Does it learn?").
+    ``blur_sigma`` is in voxels, drawn per axis; the flip mirrors the first spatial axis (X, left-right in RAS).
+    """
+    if int(spatial_dims) not in (2, 3):
+        raise ValueError(f"view_nuisance_augmentations: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    sigma = tuple(float(v) for v in blur_sigma)
+    sigmas = {f"sigma_{axis}": sigma for axis in "xyz"[: int(spatial_dims)]}
+    return Compose(
+        [
+            RandFlipd(keys, prob=flip_prob, spatial_axis=0),
+            RandGaussianSmoothd(keys, prob=blur_prob, **sigmas),
+            RandGaussianNoised(keys, prob=noise_prob, std=noise_std, sample_std=True),
         ]
     )
 
