@@ -37,7 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai.transforms import Compose, Resized
+
 from medssl.cli import run
+from medssl.data.pipeline import load_items, loading_transforms
+from medssl.downstream.subsets import label_fraction_subset
+from medssl.evaluation.cache import cached_embeddings
+from medssl.evaluation.knn import knn_classify
+from medssl.evaluation.metrics import classification_metrics
 
 
 def _ci95(values: list[float]) -> tuple[float, float]:
@@ -116,16 +123,28 @@ def run_probe(
 ) -> dict[str, Any]:
     """Run the probes; returns ``{"encoder", "n_train", "n_test", "label_fraction", "seeds", "results": {method:
     {metric: {"mean", "ci95", "values"}}}}``."""
-    from monai.transforms import Compose, Resized
-
-    from medssl.data.pipeline import load_items, loading_transforms
-    from medssl.downstream.subsets import label_fraction_subset
-    from medssl.evaluation.cache import cached_embeddings
-    from medssl.evaluation.knn import knn_classify
-    from medssl.evaluation.metrics import classification_metrics
-
     if method not in ("knn", "linear", "both"):
         raise ValueError(f"--method {method!r}: choose knn, linear or both")
+    data = embed_sections(encoder, datalist, dataset_dir, image_size, train_section, test_section, dims, cache_dir,
+                          batch_size, max_items, device)
+    return score_probes(data, method, label_fraction, seeds, k, temperature)
+
+
+def embed_sections(
+    encoder: str,
+    datalist: str,
+    dataset_dir: str | None = None,
+    image_size: Any = None,
+    train_section: str = "training",
+    test_section: str = "test",
+    dims: int | None = None,
+    cache_dir: str | None = None,
+    batch_size: int = 8,
+    max_items: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Steps 1-3 of the module docstring: the encoder's embeddings of the two sections' class-labelled items, for
+    :func:`score_probes` (which can then score several label fractions without embedding again)."""
     module, manifest, fingerprint = build_probe_encoder(str(encoder))
     spatial_dims = _encoder_dims(module, manifest, dims)
     size = _input_size(manifest, spatial_dims, image_size)
@@ -146,6 +165,8 @@ def run_probe(
     test_items = load_items(datalist, test_section, dataset_dir, dims=spatial_dims, keys=keys,
                             labelled_only="class", max_items=max_items)
     classes = json.loads(Path(datalist).read_text()).get("classes")
+    if isinstance(classes, int):  # a class count instead of names
+        classes = None
     num_classes = len(classes) if classes else 1 + max(int(it["label"]) for it in train_items + test_items)
     name = "random" if fingerprint is None else Path(manifest["_manifest_path"]).stem
     cache = cache_dir if fingerprint is not None else None  # a random encoder is never cached
@@ -157,6 +178,21 @@ def run_probe(
     print(f"embedded {len(train_items)} {train_section} + {len(test_items)} {test_section} items "
           f"({'cache' if train.from_cache and test.from_cache else 'computed'}, {time.perf_counter() - start:.1f} s)",
           flush=True)
+    return {"encoder": str(encoder), "train": train, "test": test, "train_items": train_items,
+            "test_items": test_items, "classes": classes, "num_classes": num_classes}
+
+
+def score_probes(
+    data: dict[str, Any],
+    method: str = "both",
+    label_fraction: float = 1.0,
+    seeds: int = 5,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, Any]:
+    """Steps 4-5 of the module docstring on :func:`embed_sections`' embeddings; returns what :func:`run_probe` does."""
+    train, test, train_items, test_items = data["train"], data["test"], data["train_items"], data["test_items"]
+    classes, num_classes = data["classes"], data["num_classes"]
     index_of = {key: i for i, key in enumerate(train.keys)}
     results: dict[str, dict[str, list[float]]] = {}
     methods = ["knn", "linear"] if method == "both" else [method]
@@ -180,7 +216,7 @@ def run_probe(
         for m, per in results.items()
     }
     return {
-        "encoder": str(encoder), "n_train": len(train_items), "n_test": len(test_items),
+        "encoder": data["encoder"], "n_train": len(train_items), "n_test": len(test_items),
         "label_fraction": float(label_fraction), "seeds": int(seeds), "results": summary,
     }
 
