@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from medssl.cli import as_sha256, run
 from medssl.downstream.setup import prepare_network
-from medssl.weights import file_sha256, load_pretrained_encoder
+from medssl.utils.io import file_sha256
+from medssl.weights import load_pretrained_encoder
 
 from conftest import TOOLS, subprocess_env
 

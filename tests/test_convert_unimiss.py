@@ -22,7 +22,8 @@ from medssl.weights.convert_unimiss import (
     reference_state_dict_shapes,
     select_backbone_state_dict,
 )
-from medssl.weights.export import MANIFEST_FORMAT, build_encoder_from_manifest, file_sha256, load_manifest
+from medssl.utils.io import file_sha256
+from medssl.weights.export import MANIFEST_FORMAT, build_encoder_from_manifest, load_manifest
 
 # the reference MiT-small / DINO-head key list (key -> shape) of the authors' checkpoints, kept in the repository
 SPEC_FILE = REPO / "tests" / "fixtures" / "unimiss_reference_keys.json"

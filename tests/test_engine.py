@@ -17,7 +17,6 @@ from medssl.engines import checkpoint as ckpt_mod
 from medssl.engines.checkpoint import (
     FINAL_CHECKPOINT_NAME,
     CheckpointHandler,
-    atomic_torch_save,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -25,6 +24,7 @@ from medssl.engines.checkpoint import (
 from medssl.engines.handlers import CosineScheduleHandler, TerminateOnNanHandler, TrainingLogHandler
 from medssl.engines.trainer import SSLTrainer, StepOutput, to_device
 from medssl.methods.base import SSLMethod
+from medssl.utils.io import atomic_torch_save
 
 import toy_training
 

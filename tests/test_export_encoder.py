@@ -15,11 +15,11 @@ from ignite.engine import Engine
 from conftest import TOOLS
 from medssl.engines.checkpoint import CheckpointHandler, checkpoint_name
 from medssl.networks import DenseNet3D, ResNetBackbone
+from medssl.utils.io import file_sha256
 from medssl.weights.export import (
     MANIFEST_FORMAT,
     build_encoder_from_manifest,
     export_encoder,
-    file_sha256,
     load_manifest,
 )
 

@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from medssl.networks import ResNetBackbone
 from medssl.networks.mit import mit_tiny
-from medssl.weights import file_sha256, load_pretrained_encoder, pretrained_preprocessing, write_encoder_files
+from medssl.utils.io import file_sha256
+from medssl.weights import load_pretrained_encoder, pretrained_preprocessing, write_encoder_files
 
 TINY = {"layers": [1, 1, 1, 1], "block_inplanes": [4, 8, 8, 16], "in_channels": 1}
 

@@ -216,7 +216,7 @@ def publish_entries(bundle: Path, files: list[Path], url_base: str) -> Path:
     keeping its other entries and its leading comment lines. Returns the file's path."""
     import yaml
 
-    from medssl.weights.export import file_sha256
+    from medssl.utils.io import file_sha256
 
     path = bundle / "large_files.yml"
     text = path.read_text(encoding="utf-8") if path.is_file() else ""

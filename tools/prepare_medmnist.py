@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from medssl.cli import DEBUG_FLAG, is_user_error, user_message
+from medssl.utils.io import atomic_write_text
 
 SPLITS = (("train", "training"), ("val", "validation"), ("test", "test"))
 KEYS = tuple(f"{split}_{kind}" for split, _ in SPLITS for kind in ("images", "labels"))
@@ -473,8 +474,6 @@ def union_datalist(out: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from medssl.engines.checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 

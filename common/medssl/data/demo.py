@@ -36,7 +36,6 @@ seconds. Every random draw comes from ``numpy.random.default_rng(SeedSequence([s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -54,6 +53,8 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from medssl.utils.io import file_sha256
 
 __all__ = [
     "DEMO_VERSION",
@@ -1311,5 +1312,5 @@ def dataset_digest(out_dir: str | os.PathLike) -> dict[str, str]:
         files = sorted(p for p in entry.rglob("*") if p.is_file()) if entry.is_dir() else [entry]
         for path in files:
             if path.is_file():
-                digests[path.relative_to(out).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+                digests[path.relative_to(out).as_posix()] = file_sha256(path)
     return digests

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
+from medssl.utils.io import atomic_torch_save, atomic_write_text
+
 __all__ = [
     "Predictions",
     "add_case_ids",
@@ -347,7 +349,6 @@ class ValidationHandler:
             self._save(_unwrap(self.network), int(engine.state.epoch), {})
 
     def _save(self, network: nn.Module, epoch: int | None, metrics: Mapping[str, float]) -> None:
-        from medssl.engines.checkpoint import atomic_torch_save
         from medssl.engines.distributed import is_main_process
 
         self.saved = True
@@ -443,8 +444,6 @@ class ClassProbabilityWriter:
         writer.writeheader()
         for row in self.rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        from medssl.engines.checkpoint import atomic_write_text
-
         path = atomic_write_text(self.path, buffer.getvalue())
         logger.info(f"class probabilities of {len(self.rows)} images written to {path}")
         return path

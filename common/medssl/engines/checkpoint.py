@@ -30,11 +30,9 @@ Events.STARTED for an end-of-epoch one), i.e. where the uninterrupted run stood 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +44,11 @@ from ignite.engine import Engine, Events
 
 from medssl.engines.distributed import get_rank, get_world_size, is_main_process
 from medssl.engines.trainer import epoch_sampler, output_is_finite
+from medssl.utils.io import atomic_torch_save
 
 __all__ = [
     "CheckpointHandler",
     "CheckpointReadError",
-    "atomic_torch_save",
-    "atomic_write",
-    "atomic_write_text",
     "checkpoint_name",
     "list_checkpoints",
     "find_latest_checkpoint",
@@ -74,45 +70,6 @@ _RESERVED = ("engine", "scaler", "sampler", "rng", "world_size", "format")
 def checkpoint_name(iteration: int) -> str:
     """File name of the periodic checkpoint at ``iteration``: ``checkpoint_00001234.pt``."""
     return f"checkpoint_{int(iteration):08d}.pt"
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
-    """Write ``path`` atomically: ``write(f)`` fills ``.<name>.tmp.<pid>`` (a binary file) in the same directory
-    (created if needed), which is flushed, fsynced and ``os.replace``-d onto ``path``; then the directory is fsynced.
-    On any error the temp file is removed and the error re-raised; ``path`` is then untouched (the previous file, if
-    any, stays whole). Every medssl output file (checkpoints, encoder files, caches, reports, figures) goes through
-    this function."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (best effort: not every OS / file system allows opening a directory)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medssl.engines.checkpoint import atomic_write_text
 from medssl.engines.distributed import is_main_process
+from medssl.utils.io import atomic_write_text
 
 __all__ = ["RUN_CONFIG_NAME", "find_run_config", "save_run_config"]
 

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.utils.io import atomic_torch_save
+
 __all__ = ["EmbeddingSet", "encoder_fingerprint", "embedding_cache_key", "cached_embeddings"]
 
 logger = logging.getLogger(__name__)
@@ -156,7 +158,6 @@ def cached_embeddings(
     """
     from monai.data import DataLoader, Dataset
 
-    from medssl.engines.checkpoint import atomic_torch_save
     from medssl.engines.distributed import get_rank
 
     from .features import extract_features

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medssl.engines.checkpoint import atomic_torch_save, atomic_write_text
+from medssl.utils.io import atomic_torch_save, atomic_write_text, file_sha256
 
 __all__ = [
     "EncoderSpec",
@@ -241,7 +241,7 @@ def write_random_encoders(
 
     Returns the ``encoders`` list for :class:`DVMEProtocol`: ``[{"name", "path", "embed_fn"?}]``.
     """
-    from medssl.weights.export import MANIFEST_FORMAT, file_sha256, load_manifest, write_encoder_files
+    from medssl.weights.export import MANIFEST_FORMAT, load_manifest, write_encoder_files
 
     out_dir = Path(out_dir)
     specs = []

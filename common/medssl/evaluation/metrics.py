@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl.utils.io import atomic_write_text
+
 __all__ = [
     "classification_metrics",
     "segmentation_case_metrics",
@@ -224,8 +226,6 @@ def write_metric_reports(
     """Write ``<out_dir>/<name>.csv`` (one row per case; columns = union of the rows' keys in first-seen order) and
     ``<out_dir>/<name>_summary.json`` (``summary``, or :func:`summarise_rows` of the rows when None; NaN as null).
     Both atomically. Returns the two paths."""
-    from medssl.engines.checkpoint import atomic_write_text
-
     out_dir = Path(out_dir)
     columns: list[str] = []
     for row in rows:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from medssl.utils.io import atomic_write
+
 __all__ = [
     "EmbeddingPanel",
     "tsne_embedding",
@@ -129,8 +131,6 @@ def _sorted_groups(values: np.ndarray) -> list:
 
 def save_figure(fig: Any, out_path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib ``Figure`` as a PNG atomically (parent folders created). Returns the path."""
-    from medssl.engines.checkpoint import atomic_write
-
     return atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
 
 

@@ -5,7 +5,6 @@ from .export import (
     build_encoder_from_manifest,
     export_encoder,
     extract_encoder_state_dict,
-    file_sha256,
     load_encoder_state_dict,
     load_manifest,
     method_state_dict,

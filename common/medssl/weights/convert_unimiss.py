@@ -67,10 +67,10 @@ import torch
 
 import medssl
 from medssl.networks.mit import MIT_VARIANTS, MiT, mit_small, mit_tiny
+from medssl.utils.io import file_sha256
 from medssl.weights.export import (
     MANIFEST_FORMAT,
     _listing,
-    file_sha256,
     load_encoder_state_dict,
     write_encoder_files,
 )

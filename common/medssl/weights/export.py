@@ -34,7 +34,6 @@ checkpoints you trust. The exported ``.pt`` itself is loaded with ``weights_only
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -46,6 +45,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.utils.io import atomic_write, atomic_write_text, file_sha256
+
 __all__ = [
     "MANIFEST_FORMAT",
     "export_encoder",
@@ -53,7 +54,6 @@ __all__ = [
     "load_manifest",
     "build_encoder_from_manifest",
     "load_encoder_state_dict",
-    "file_sha256",
     "manifest_path_for",
 ]
 
@@ -62,15 +62,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = "medssl-encoder/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 12
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (streamed)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_path_for(weights_path: str | Path) -> Path:
@@ -339,8 +330,6 @@ def write_encoder_files(
     ``encoder_sha256``. Shared by :func:`export_encoder` and the weight converters."""
     out_path = Path(out_path)
     manifest_path = manifest_path_for(out_path) if manifest_path is None else Path(manifest_path)
-    from medssl.engines.checkpoint import atomic_write, atomic_write_text
-
     record = _json_ready(dict(record), "")
     atomic_write(out_path, lambda f: torch.save(dict(state_dict), f))
     record["encoder_sha256"] = file_sha256(out_path)

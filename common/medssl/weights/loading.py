@@ -50,8 +50,9 @@ import torch
 import torch.nn as nn
 
 from medssl.cli import as_sha256
+from medssl.utils.io import file_sha256
 
-from .export import _listing, _strip_wrappers, file_sha256, load_manifest, manifest_path_for
+from .export import _listing, _strip_wrappers, load_manifest, manifest_path_for
 
 __all__ = [
     "LoadReport",

@@ -1,0 +1,7 @@
+"""medssl.utils: the bottom layer, helpers every other medssl package may use; it imports no other medssl package.
+
+* :mod:`medssl.utils.io` — atomic file writes, file hashes, JSON-safe values.
+
+Import the sub-modules themselves (``from medssl.utils.io import atomic_write``): this package imports none of them,
+so a light tool pays only for what it uses.
+"""
