@@ -39,11 +39,46 @@ def test_resnet_overrides_build_the_exported_architecture():
         tool._encoder_overrides("xray_classification", {"backbone": {"_target_": "x.DenseNet3D", "kwargs": {}}})
 
 
-def test_table_and_errors():
+def _row(method, mean, ci, random=False, arch="resnet-small", dims=2):
+    return {"method": method, "encoder": f"random ({method} arch.)" if random else method, "dims": dims,
+            "random": random, "arch": arch, "linear@0.1": {"mean": mean, "ci95": ci, "values": []},
+            "knn@0.1": {"mean": mean - 0.05, "ci95": ci, "values": []}}
+
+
+def test_table_verdict_needs_confidence_intervals_apart():
     tool = _tool()
-    rows = [{"encoder": "swav", "knn_acc": "0.5 ± 0.1", "linear_acc": "0.6 ± 0.0", "finetune_auc": "0.700",
-             "finetune_acc": "0.500", "seg_dice": "0.300"}]
-    table = tool.format_table(rows, epochs=8, seeds=3)
-    assert table.splitlines()[0].startswith("| encoder | kNN acc (probe, 3 seeds)") and "| swav | 0.5 ± 0.1 |" in table
+    base = _row("swav", 0.40, 0.02, random=True)
+    clear, overlapping = _row("swav", 0.50, 0.03), _row("deepcluster", 0.43, 0.03)
+    assert tool.beats_random(clear, base) is True
+    assert tool.beats_random(overlapping, base) is False  # 0.43 - 0.03 < 0.40 + 0.02
+    assert tool.beats_random({"method": "x"}, base) is None
+    table = tool.format_table([clear, base, overlapping], fractions=[0.1], seeds=3)
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | dims | encoder | kNN 10 % | linear 10 % |")
+    assert "| swav | 2D | swav | 0.450 ± 0.030 | 0.500 ± 0.030 | **yes** |" in table
+    assert "| deepcluster | 2D | deepcluster | 0.380 ± 0.030 | 0.430 ± 0.030 | no |" in table
+    # a method whose architecture has no random baseline gets no verdict
+    other = _row("unimiss", 0.9, 0.01, arch="mit", dims=3)
+    assert "| unimiss | 3D | unimiss | 0.850 ± 0.010 | 0.900 ± 0.010 | n/a |" in tool.format_table([other], [0.1], 3)
+
+
+def test_xr_datalist_keeps_xray_items_with_labels_from_zero(tmp_path):
+    tool = _tool()
+    learn = {"classes": [f"c{i}" for i in range(15)], "label_offsets": {"XR": 0, "FUNDUS": 3},
+             "modality_classes": {"XR": ["normal", "nodules", "effusion"], "FUNDUS": ["a", "b", "c"]},
+             "training": [{"image": "learn/xr/0.png", "modality": "XR", "dim": 2, "label": 2},
+                          {"image": "learn/fundus/0.png", "modality": "FUNDUS", "dim": 2, "label": 4}],
+             "validation": [], "test": [{"image": "learn/xr/1.png", "modality": "XR", "dim": 2, "label": 1}]}
+    (tmp_path / "datalist_learn.json").write_text(json.dumps(learn))
+    out = json.loads(tool.xr_datalist(tmp_path, tmp_path / "work").read_text())
+    assert out["classes"] == ["normal", "nodules", "effusion"]
+    assert [(it["label"], it["modality"]) for it in out["training"]] == [(2, "XR")]
+    assert out["training"][0]["image"] == str(tmp_path / "learn/xr/0.png") and len(out["test"]) == 1
+
+
+def test_argument_errors():
+    tool = _tool()
     with pytest.raises(ValueError, match="unknown \\['byol'\\]"):
         tool.compare(methods="swav,byol")
+    with pytest.raises(ValueError, match="--fractions"):
+        tool.compare(methods="swav", fractions="0.1,2")

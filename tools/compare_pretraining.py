@@ -1,36 +1,40 @@
-"""Compare pretraining methods against random initialisation on the demo data: the seeds' comparison tables in
-miniature.
+"""The evidence table: does each pretraining method beat random initialisation of the same architecture?
 
 Usage:
     python tools/compare_pretraining.py [--dataset-dir demo_data] [--work-dir runs/compare] \\
-        [--methods swav,unimiss,joint] [--finetune-epochs 8] [--seeds 3] [--out-dir runs/compare]
+        [--methods swav,deepcluster,unimiss,joint] [--fractions 0.01,0.1,1.0] [--seeds 3] \\
+        [--pretrain-seeds 1] [--finetune-epochs 20] [--out-dir runs/compare]
 
-What it does (every step is a ``python -m monai.bundle run`` / tool command, printed before it runs, so any row of
-the table can be reproduced by hand; steps whose output already exists are skipped, so an interrupted comparison
-resumes):
+What it does (every pretraining / fine-tuning step is a ``python -m monai.bundle run`` or tool command, printed
+before it runs, so any row can be reproduced by hand; steps whose output exists are skipped, so an interrupted
+comparison resumes):
 
-1. builds the demo dataset in ``--dataset-dir`` when it has no ``datalist.json``;
-2. pretrains each method for a short budget with the bundle's ``demo.json`` (the README quick start's budget):
-   ``swav`` = ``ssl_swav_multimodal_pretrain`` (small ResNet), ``unimiss`` = ``ssl_unimiss_pretrain`` (narrow
-   MiT-tiny), ``joint`` = stage 1 of ``ssl_joint_image_volume_pretrain`` (its 2D slice trunk), and exports each
-   encoder with ``tools/export_encoder.py``;
-3. for each encoder and for a randomly initialised encoder of the same architecture ("random"):
-   * ``xray_classification`` linear probes on frozen features (``tools/probe.py``: kNN and logistic regression,
-     mean ± 95 % CI over ``--seeds`` seeds at label fraction 1.0) on the demo's 3-class X-ray items;
-   * ``xray_classification`` fine-tuning (``finetune_mode finetune`` from the encoder, ``scratch`` for random) for
-     ``--finetune-epochs`` epochs, then ``evaluate.json`` on the test section: macro AUC and accuracy;
-   * ``xray_segmentation_2d`` fine-tuning (ResNet encoders: the U-Net's encoder; MiT: the MiT segmenter), then
-     ``evaluate.json``: mean Dice over the organs;
-4. prints one table (markdown) and writes it with the raw numbers to ``--out-dir`` (``comparison.md``,
+1. builds the demo data in ``--dataset-dir`` when its learnability set (``datalist_learn.json``, demo data v3) is
+   missing;
+2. pretrains each method on the learnability set with its bundle's ``demo.json`` budget, once per pretraining seed
+   (``--pretrain-seeds``), and exports the encoder with ``tools/export_encoder.py``:
+   ``swav`` and ``deepcluster`` (``ssl_swav_multimodal_pretrain``, + ``deepcluster_v2.json``) on the 2D items;
+   ``unimiss`` (``ssl_unimiss_pretrain``) on the 2D and 3D items, one dimension-free MiT probed on both;
+   ``joint`` stage 1 (``ssl_joint_image_volume_pretrain``: the 2D slice trunk) on the 2D items;
+3. probes every encoder and a randomly initialised encoder of the same architecture ("random") on the frozen
+   features of its own dimensionality (``tools/probe.py``): kNN and logistic regression trained on a stratified
+   ``--fractions`` share of the labelled training items (1 %, 10 %, 100 %), scored on the test section, over
+   ``--seeds`` label-subset seeds x ``--pretrain-seeds``: mean and 95 % CI (Student t). Labels are the learnability
+   set's flat classes, three per modality (chance within a modality 1/3);
+4. fine-tunes ``xray_classification`` on 10 % of the learnability set's X-ray items from each 2D encoder and from
+   scratch (``--finetune-epochs``, 0 = skip), one seed, and reports test accuracy;
+5. prints one markdown table -- with a verdict per method: does its linear probe at 10 % labels beat random with
+   non-overlapping confidence intervals? -- and writes it with the raw numbers to ``--out-dir`` (``comparison.md``,
    ``comparison.json``).
 
-The demo set is tiny (tens of images), so differences of a few points are noise; the table says what the methods
-do at this scale, not what they do at the seeds' scale. It takes about 20-40 minutes on 2 CPU cores.
+These are the demo's minutes-long budgets on synthetic data: the table shows whether a method learns at all, not
+how well it does at the papers' scale. The README gives the measured table, its command, date and duration.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,32 +42,48 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medssl.cli import run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import probe  # noqa: E402  (tools/probe.py: the frozen-feature probes)
+from medssl.cli import run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 
-# method -> how to pretrain and export it
+# method -> how to pretrain it (bundle, config files, overrides), which learnability datalist it trains on, the key of
+# the encoder to export, and the dimensionalities its encoder is probed on
 METHODS: dict[str, dict[str, Any]] = {
     "swav": {
         "bundle": "ssl_swav_multimodal_pretrain",
         "configs": ["configs/train.json", "configs/demo.json"],
+        "datalist": "datalist_learn_2d.json",
         "encoder_key": "backbone",
-        "kind": "resnet",
+        "dims": [2],
+    },
+    "deepcluster": {
+        "bundle": "ssl_swav_multimodal_pretrain",
+        "configs": ["configs/train.json", "configs/deepcluster_v2.json", "configs/demo.json"],
+        "datalist": "datalist_learn_2d.json",
+        "encoder_key": "backbone",
+        "dims": [2],
+        # demo.json sizes SwAV's one prototype matrix; DeepCluster-v2's three heads get the same count
+        "overrides": {"n_heads_prototypes": "$[@n_prototypes] * 3"},
     },
     "unimiss": {
         "bundle": "ssl_unimiss_pretrain",
         "configs": ["configs/train.json", "configs/smoke.json", "configs/demo.json"],
+        "datalist": "datalist_learn.json",
         "encoder_key": "teacher.backbone",
-        "kind": "mit",
+        "dims": [2, 3],
     },
     "joint": {
         "bundle": "ssl_joint_image_volume_pretrain",
         "configs": ["configs/train.json", "configs/train_stage1.json", "configs/demo.json"],
+        "datalist": "datalist_learn_2d.json",
         "encoder_key": "backbone",
-        "kind": "resnet",
+        "dims": [2],
     },
 }
+LEARN_DATALIST = "datalist_learn.json"  # every learnability item: the probes' labels
 
 
 def _config_arg(bundle: Path, configs: list[str]) -> str:
@@ -93,25 +113,26 @@ def _bundle_run(bundle: Path, configs: list[str], overrides: dict[str, Any], log
     _run(cmd, log)
 
 
-def pretrain_and_export(name: str, dataset_dir: Path, work: Path) -> Path:
-    """Pretrain ``name`` with its demo budget and export the encoder; returns the manifest path."""
+def pretrain_and_export(name: str, dataset_dir: Path, work: Path, seed: int = 0) -> Path:
+    """Pretrain ``name`` with its demo budget and pretraining ``seed``, export the encoder; returns the manifest."""
     spec = METHODS[name]
     bundle = BUNDLES / spec["bundle"]
-    out_dir = work / "pretrain" / name
-    manifest = work / "encoders" / f"{name}.json"
+    tag = f"{name}_seed{seed}"
+    out_dir = work / "pretrain" / tag
+    manifest = work / "encoders" / f"{tag}.json"
     if manifest.is_file():
-        print(f"[{name}] encoder exists: {manifest}")
+        print(f"[{tag}] encoder exists: {manifest}")
         return manifest
     ckpt_dir = out_dir / "ckpt"
     if not (ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint_final*"))):
         resume = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
-        _bundle_run(bundle, spec["configs"], {"dataset_dir": str(dataset_dir), "output_dir": str(out_dir),
-                                              "ckpt_dir": str(ckpt_dir), "resume": resume},
-                    work / "logs" / f"pretrain_{name}.log")
+        overrides = {"dataset_dir": str(dataset_dir), "datalist": str(dataset_dir / spec["datalist"]),
+                     "output_dir": str(out_dir), "ckpt_dir": str(ckpt_dir), "resume": resume, "seed": seed,
+                     **spec.get("overrides", {})}
+        _bundle_run(bundle, spec["configs"], overrides, work / "logs" / f"pretrain_{tag}.log")
     _run([sys.executable, str(REPO / "tools" / "export_encoder.py"), "--bundle", str(bundle), "--checkpoint",
-          str(ckpt_dir), "--out", str(manifest.with_suffix(".pt")), "--config",
-          ",".join(spec["configs"]), "--encoder-key", spec["encoder_key"]],
-         work / "logs" / f"export_{name}.log")
+          str(ckpt_dir), "--out", str(manifest.with_suffix(".pt")), "--encoder-key", spec["encoder_key"]],
+         work / "logs" / f"export_{tag}.log")
     return manifest
 
 
@@ -146,38 +167,116 @@ def _encoder_overrides(task: str, manifest: dict) -> tuple[list[str], dict[str, 
     raise ValueError(f"compare_pretraining: no downstream mapping for encoder {target}")
 
 
-def finetune_and_evaluate(task: str, method: str, manifest_path: Path, dataset_dir: Path, work: Path,
-                          epochs: int, random_init: bool) -> dict[str, Any]:
-    """Fine-tune ``task`` from the encoder (or from scratch) and evaluate on the test section; returns the
-    evaluation summary."""
+def xr_datalist(dataset_dir: Path, work: Path) -> Path:
+    """The learnability set's X-ray items as a 3-class datalist (labels 0-2) for ``xray_classification``."""
+    learn = json.loads((dataset_dir / LEARN_DATALIST).read_text())
+    offset = learn["label_offsets"]["XR"]
+    out = {"name": "learnability set, X-ray items", "classes": learn["modality_classes"]["XR"]}
+    for section in ("training", "validation", "test"):
+        out[section] = [{**it, "image": str(dataset_dir / it["image"]), "label": int(it["label"]) - offset}
+                        for it in learn[section] if it.get("modality") == "XR"]
+    path = work / "data" / "learn_xr.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
+
+
+def finetune_and_evaluate(tag: str, manifest_path: Path, datalist: Path, dataset_dir: Path, work: Path,
+                          epochs: int, random_init: bool, label_fraction: float = 0.1) -> dict[str, Any]:
+    """Fine-tune ``xray_classification`` on ``label_fraction`` of ``datalist``'s training items from the encoder (or
+    from scratch with its architecture) and evaluate on the test section; returns the evaluation summary."""
+    task = "xray_classification"
     bundle = BUNDLES / task
     manifest = json.loads(manifest_path.read_text())
     extra_configs, overrides = _encoder_overrides(task, manifest)
-    tag = f"{task}_{method}_{'scratch' if random_init else 'finetune'}"
-    out_dir = work / "downstream" / tag
+    out_dir = work / "finetune" / tag
     eval_dir = out_dir / "eval"
     summary_file = eval_dir / "metrics_summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
-    common = {"dataset_dir": str(dataset_dir), "output_dir": str(out_dir), "seed": 0, **overrides}
-    train_configs = ["configs/train.json", *extra_configs, "configs/smoke.json"]
-    train = {**common, "epochs": epochs, "ckpt_dir": str(out_dir / "ckpt"),
+    names = json.loads(datalist.read_text())["classes"]
+    common = {"dataset_dir": str(dataset_dir), "datalist": str(datalist), "output_dir": str(out_dir), "seed": 0,
+              "class_names": names, **overrides}
+    configs = ["configs/train.json", *extra_configs, "configs/smoke.json"]
+    train = {**common, "epochs": epochs, "ckpt_dir": str(out_dir / "ckpt"), "max_train_items": None,
+             "batch_size": 16, "label_fraction": label_fraction,
              "finetune_mode": "scratch" if random_init else "finetune",
              "pretrained_path": "" if random_init else str(manifest_path)}
-    if task == "xray_classification":
-        train.update({"max_train_items": None})
-    else:
-        train["train#items"] = "$medssl.downstream.label_fraction_subset(@train#all_items, @label_fraction, @seed, stratify=False)"
     if not (out_dir / "models" / "model.pt").is_file():
-        _bundle_run(bundle, train_configs, train, work / "logs" / f"{tag}.log")
-    evaluate = {**common, "model_path": str(out_dir / "models" / "model.pt")}
-    if task == "xray_classification":
-        evaluate["eval_output_dir"] = str(eval_dir)
-    else:
-        evaluate["output_dir"] = str(eval_dir)
-    _bundle_run(bundle, ["configs/train.json", *extra_configs, "configs/smoke.json", "configs/evaluate.json"],
-                evaluate, work / "logs" / f"{tag}_eval.log")
+        _bundle_run(bundle, configs, train, work / "logs" / f"finetune_{tag}.log")
+    evaluate = {**common, "model_path": str(out_dir / "models" / "model.pt"), "eval_output_dir": str(eval_dir)}
+    _bundle_run(bundle, [*configs, "configs/evaluate.json"], evaluate, work / "logs" / f"finetune_{tag}_eval.log")
     return json.loads(summary_file.read_text())
+
+
+def compare(
+    dataset_dir: str = "demo_data",
+    work_dir: str = "runs/compare",
+    methods: Any = ("swav", "deepcluster", "unimiss", "joint"),
+    fractions: Any = (0.01, 0.1, 1.0),
+    seeds: int = 3,
+    pretrain_seeds: int = 1,
+    finetune_epochs: int = 20,
+    out_dir: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run the comparison (see the module docstring); returns the table rows."""
+    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; known: {sorted(METHODS)}")
+    fractions = [float(f) for f in (str(fractions).strip("[]()").split(",") if not isinstance(fractions, (list, tuple))
+                                    else fractions)]
+    if any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"--fractions {fractions}: every fraction must be in (0, 1]")
+    started = time.perf_counter()
+    dataset = Path(dataset_dir).resolve()
+    work = Path(work_dir).resolve()
+    if not (dataset / LEARN_DATALIST).is_file():
+        _run([sys.executable, str(REPO / "tools" / "demo_data.py"), "--out", str(dataset)], work / "logs" / "demo.log")
+    datalist = str(dataset / LEARN_DATALIST)
+    xr = xr_datalist(dataset, work) if finetune_epochs > 0 else None
+    rows: list[dict[str, Any]] = []
+    done_random: set[tuple[str, int]] = set()  # (architecture, dims) of the random baselines already probed
+    for method in methods:
+        manifests = [pretrain_and_export(method, dataset, work, seed) for seed in range(int(pretrain_seeds))]
+        arch = json.dumps(json.loads(manifests[0].read_text())["backbone"], sort_keys=True)
+        for dims in METHODS[method]["dims"]:
+            encoders = [(method, [str(m) for m in manifests], False)]
+            if (arch, dims) not in done_random:
+                done_random.add((arch, dims))
+                encoders.append((f"random ({method} arch.)", [f"random:{manifests[0]}"], True))
+            for label, paths, random_init in encoders:
+                row: dict[str, Any] = {"method": method, "encoder": label, "dims": dims, "random": random_init,
+                                       "arch": arch}
+                values: dict[str, list[float]] = {}
+                for path in paths:
+                    print(f"[{label}, {dims}D] probes of {path}", flush=True)
+                    data = probe.embed_sections(path, datalist, str(dataset), dims=dims,
+                                                cache_dir=str(work / "feature_cache"), batch_size=32)
+                    for fraction in fractions:
+                        result = probe.score_probes(data, "both", fraction, seeds, k=10)
+                        for m in ("knn", "linear"):
+                            values.setdefault(f"{m}@{fraction:g}", []).extend(result["results"][m]["accuracy"]["values"])
+                for key, vals in values.items():
+                    mean, half = probe._ci95(vals)
+                    row[key] = {"mean": mean, "ci95": half, "values": vals}
+                if xr is not None and dims == 2 and "resnet" in arch.lower():
+                    tag = f"{method}_random" if random_init else f"{method}_seed0"
+                    summary = finetune_and_evaluate(tag, manifests[0], xr, dataset, work, finetune_epochs, random_init)
+                    row["finetune@0.1"] = _metric(summary, "accuracy")
+                rows.append(row)
+                print(f"[{label}, {dims}D] " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in row.items()
+                                                       if isinstance(v, dict)), flush=True)
+    minutes = (time.perf_counter() - started) / 60
+    table = format_table(rows, fractions, seeds, int(pretrain_seeds), finetune_epochs)
+    print(table)
+    print(f"comparison took {minutes:.0f} min")
+    out = Path(out_dir or work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table + f"\n\n{minutes:.0f} min, {time.strftime('%Y-%m-%d')}\n")
+    (out / "comparison.json").write_text(json.dumps({"rows": rows, "minutes": minutes}, indent=2) + "\n")
+    print(f"wrote {out / 'comparison.md'} and {out / 'comparison.json'}")
+    return rows
 
 
 def _metric(summary: dict, key: str) -> float:
@@ -187,76 +286,36 @@ def _metric(summary: dict, key: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def compare(
-    dataset_dir: str = "demo_data",
-    work_dir: str = "runs/compare",
-    methods: Any = ("swav", "unimiss", "joint"),
-    finetune_epochs: int = 8,
-    seeds: int = 3,
-    out_dir: str | None = None,
-) -> list[dict[str, Any]]:
-    """Run the comparison (see the module docstring); returns the table rows."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import probe
-
-    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; known: {sorted(METHODS)}")
-    dataset = Path(dataset_dir).resolve()
-    work = Path(work_dir).resolve()
-    if not (dataset / "datalist.json").is_file():
-        _run([sys.executable, str(REPO / "tools" / "demo_data.py"), "--out", str(dataset)], work / "logs" / "demo.log")
-    datalist = dataset / "datalist.json"
-    rows: list[dict[str, Any]] = []
-    random_archs: dict[str, str] = {}  # backbone spec -> the label of its random baseline
-    for method in methods:
-        manifest = pretrain_and_export(method, dataset, work)
-        arch = json.dumps(json.loads(manifest.read_text())["backbone"], sort_keys=True)
-        kind = METHODS[method]["kind"]
-        random_label = f"random ({kind})" if f"random ({kind})" not in random_archs.values() else f"random ({method} arch.)"
-        for label, encoder, random_init in ((method, str(manifest), False), (random_label, f"random:{manifest}", True)):
-            if random_init and arch in random_archs:
-                continue  # one random baseline per architecture
-            if random_init:
-                random_archs[arch] = label
-            print(f"[{label}] linear probes", flush=True)
-            spatial = {"dims": 2} if METHODS[method]["kind"] == "mit" else {}
-            result = probe.run_probe(encoder=encoder, datalist=str(datalist), method="both", seeds=seeds,
-                                     k=10, cache_dir=str(work / "feature_cache"), **spatial)
-            row: dict[str, Any] = {"encoder": label, "method": method}
-            for m in ("knn", "linear"):
-                acc = result["results"][m]["accuracy"]
-                row[f"{m}_acc"] = f"{acc['mean']:.3f} ± {acc['ci95']:.3f}"
-            tag = method if not random_init else ("random_" + (kind if label == f"random ({kind})" else method))
-            cls = finetune_and_evaluate("xray_classification", tag, manifest, dataset, work, finetune_epochs,
-                                        random_init)
-            row["finetune_auc"] = f"{_metric(cls, 'auc_macro'):.3f}"
-            row["finetune_acc"] = f"{_metric(cls, 'accuracy'):.3f}"
-            seg = finetune_and_evaluate("xray_segmentation_2d", tag, manifest, dataset, work, finetune_epochs,
-                                        random_init)
-            row["seg_dice"] = f"{_metric(seg, 'dice_mean'):.3f}"
-            rows.append(row)
-            print(f"[{label}] {row}", flush=True)
-    table = format_table(rows, finetune_epochs, seeds)
-    print(table)
-    out = Path(out_dir or work_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(table + "\n")
-    (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {out / 'comparison.md'} and {out / 'comparison.json'}")
-    return rows
+def beats_random(row: dict[str, Any], baseline: dict[str, Any], key: str = "linear@0.1") -> bool | None:
+    """True when ``row``'s 95 % CI on ``key`` lies wholly above ``baseline``'s (None when either lacks it)."""
+    if key not in row or key not in baseline:
+        return None
+    a, b = row[key], baseline[key]
+    return a["mean"] - a["ci95"] > b["mean"] + b["ci95"]
 
 
-def format_table(rows: list[dict[str, Any]], epochs: int, seeds: int) -> str:
-    header = (
-        f"| encoder | kNN acc (probe, {seeds} seeds) | logistic acc (probe) | fine-tune AUC ({epochs} ep) "
-        "| fine-tune acc | seg. Dice (fine-tune) |"
-    )
-    lines = [header, "|---|---|---|---|---|---|"]
+def format_table(rows: list[dict[str, Any]], fractions: list[float], seeds: int, pretrain_seeds: int = 1,
+                 finetune_epochs: int = 0) -> str:
+    """One markdown table: accuracy mean ± 95 % CI per probe and label fraction, and the verdict per method."""
+    cols = [f"{m}@{f:g}" for m in ("knn", "linear") for f in fractions]
+    names = [f"{'kNN' if c.startswith('knn') else 'linear'} {float(c.split('@')[1]) * 100:g} %" for c in cols]
+    header = "| method | dims | encoder | " + " | ".join(names)
+    header += " | fine-tune 10 % (XR) | beats random (linear 10 %, CIs apart) |" if finetune_epochs else \
+        " | beats random (linear 10 %, CIs apart) |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    baselines = {(r.get("arch"), r["dims"]): r for r in rows if r.get("random")}
     for r in rows:
-        lines.append(f"| {r['encoder']} | {r['knn_acc']} | {r['linear_acc']} | {r['finetune_auc']} | "
-                     f"{r['finetune_acc']} | {r['seg_dice']} |")
+        cells = [f"{r[c]['mean']:.3f} ± {r[c]['ci95']:.3f}" if c in r else "—" for c in cols]
+        if r.get("random"):
+            verdict = "(baseline)"
+        else:
+            base = baselines.get((r.get("arch"), r["dims"]))
+            ok = beats_random(r, base) if base else None
+            verdict = "n/a" if ok is None else ("**yes**" if ok else "no")
+        ft = [f"{r['finetune@0.1']:.3f}" if "finetune@0.1" in r else "—"] if finetune_epochs else []
+        lines.append(f"| {r['method']} | {r['dims']}D | {r['encoder']} | " + " | ".join(cells + ft + [verdict]) + " |")
+    lines.append(f"\nAccuracy on the test items, mean ± 95 % CI over {seeds} label-subset seeds x {pretrain_seeds} "
+                 "pretraining seed(s); chance within a modality 1/3.")
     return "\n".join(lines)
 
 
