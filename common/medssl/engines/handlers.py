@@ -343,7 +343,7 @@ class TrainingLogHandler:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "a", encoding="utf-8")
             line = dict(record, time=round(time.time(), 3))
-            self._file.write(json.dumps(_json_safe(line)) + "\n")
+            self._file.write(json.dumps(_nonfinite_as_text(line)) + "\n")
             self._file.flush()
         if iteration % self.print_every == 0:
             logger.info(self._console_line(engine, record))
@@ -388,8 +388,9 @@ class TrainingLogHandler:
         return {k: v for k, v in self.last_record.items() if k not in ("epoch", "iteration")}
 
 
-def _json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
-    """NaN / Inf as strings ("nan", "inf", "-inf"): strict JSON has no literal for them."""
+def _nonfinite_as_text(record: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN / Inf as strings ("nan", "inf", "-inf"): strict JSON has no literal for them, and the training log shows
+    a diverged value as text where :func:`medssl.utils.io.json_safe` (the other JSON outputs) writes null."""
     return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 

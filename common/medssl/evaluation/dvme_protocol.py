@@ -52,7 +52,6 @@ depth last, unchanged by this module.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -66,6 +65,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from medssl.utils.imports import locate
 from medssl.utils.io import atomic_torch_save, atomic_write_text, file_sha256
 
 __all__ = [
@@ -152,14 +152,6 @@ def parse_encoder_specs(
     return specs
 
 
-def _locate(dotted: str, where: str) -> Any:
-    module_name, _, attr = dotted.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ImportError(f"{where}: cannot import {dotted!r} ({type(e).__name__}: {e})") from e
-
-
 def mit_token_and_mean(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """An ``embed_fn`` for :class:`medssl.networks.MiT`: the encoder's SSL token concatenated with the mean of its
     last-stage tokens, (B, 2·512) — a multi-part transformer embedding in the spirit of the paper's DINO feature
@@ -210,13 +202,13 @@ def build_encoder(spec: EncoderSpec) -> nn.Module:
     if spec.path is not None:
         encoder = build_encoder_from_manifest(load_manifest(spec.path))
     else:
-        factory = _locate(spec.backbone["_target_"], f"encoder {spec.name}: backbone")
+        factory = locate(spec.backbone["_target_"], f"encoder {spec.name}: backbone")
         with torch.random.fork_rng(devices=[]):  # random init without touching the caller's global RNG
             torch.manual_seed(zlib.crc32(spec.name.encode()))
             encoder = factory(**spec.backbone.get("kwargs", {}))
     channels = _expected_channels(encoder)
     if spec.embed_fn:
-        fn = _locate(spec.embed_fn, f"encoder {spec.name}: embed_fn")
+        fn = locate(spec.embed_fn, f"encoder {spec.name}: embed_fn")
         encoder = EmbeddingFunction(encoder, fn, spec.embed_fn, channels=channels)
     elif channels and channels > 1:  # grey images are repeated to the encoder's channel count
         encoder = EmbeddingFunction(encoder, None, "", channels=channels)
@@ -250,7 +242,7 @@ def write_random_encoders(
         path = out_dir / f"{name}.pt"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            module = _locate(spec.backbone["_target_"], f"write_random_encoders: {name}")(**spec.backbone["kwargs"])
+            module = locate(spec.backbone["_target_"], f"write_random_encoders: {name}")(**spec.backbone["kwargs"])
         state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
         record = {
             "format": MANIFEST_FORMAT, "weights": path.name, "method": "random initialisation (no pretraining)",

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from medssl.engines.distributed import is_main_process
+from medssl.utils.io import json_safe
 
 __all__ = [
     "embedding_std",
@@ -283,16 +284,6 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "n/a"
     return f"{value:.{digits}f}"
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------------------------- handler
@@ -536,7 +527,7 @@ class HealthMonitorHandler:
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / self.filename, "a", encoding="utf-8") as f:
-                f.write(json.dumps(_json_safe(record)) + "\n")
+                f.write(json.dumps(json_safe(record)) + "\n")
         self._write_tensorboard(record)
         return record
 

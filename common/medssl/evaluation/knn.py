@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import time
 import weakref
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from medssl.engines.distributed import is_main_process
 from medssl.evaluation.features import extract_features, unwrap_encoder
+from medssl.utils.io import json_safe
 
 __all__ = ["knn_classify", "knn_accuracy", "knn_evaluate", "KNNMonitorHandler"]
 
@@ -437,18 +437,8 @@ class KNNMonitorHandler:
             if self.output_dir is not None:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 with open(self.output_dir / "knn.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(_json_safe(record)) + "\n")
+                    f.write(json.dumps(json_safe(record)) + "\n")
         return record
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def knn_summary(output_dir: str | Path) -> dict[str, Any] | None:

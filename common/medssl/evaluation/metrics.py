@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl.utils.io import atomic_write_text
+from medssl.utils.io import atomic_write_text, json_safe
 
 __all__ = [
     "classification_metrics",
@@ -205,18 +205,6 @@ def summarise_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, flo
     return summary
 
 
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None  # JSON has no NaN; null = undefined metric
-    if isinstance(value, Mapping):
-        return {k: _json_number(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_number(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_number(value.item())
-    return value
-
-
 def write_metric_reports(
     rows: Sequence[Mapping[str, Any]],
     summary: Mapping[str, Any] | None,
@@ -240,5 +228,5 @@ def write_metric_reports(
     csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}_summary.json"
     atomic_write_text(csv_path, buffer.getvalue())
     summary = summarise_rows(rows) if summary is None else summary
-    atomic_write_text(json_path, json.dumps(_json_number(dict(summary)), indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(json_safe(dict(summary)), indent=2) + "\n")
     return csv_path, json_path

@@ -34,7 +34,6 @@ checkpoints you trust. The exported ``.pt`` itself is loaded with ``weights_only
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from collections import OrderedDict
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.utils.imports import locate
 from medssl.utils.io import atomic_write, atomic_write_text, file_sha256
 
 __all__ = [
@@ -161,23 +161,6 @@ def _json_ready(value: Any, where: str) -> Any:
     raise TypeError(f"manifest{where}: {type(value).__name__} value {value!r} is not JSON data")
 
 
-def _locate(target: str, source: str) -> Any:
-    """The object named by a dotted path ``package.module.Name`` (or ``package.module.Class.attr``)."""
-    parts = target.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        try:
-            for name in parts[cut:]:
-                obj = getattr(obj, name)
-        except AttributeError:
-            continue
-        return obj
-    raise ImportError(f"{source}: backbone _target_ {target!r} cannot be imported (a full dotted path is needed)")
-
-
 def _backbone_spec(manifest: Mapping[str, Any], source: str) -> tuple[str, dict[str, Any]]:
     spec = manifest.get("backbone")
     if not isinstance(spec, Mapping) or not isinstance(spec.get("_target_"), str):
@@ -190,7 +173,7 @@ def _backbone_spec(manifest: Mapping[str, Any], source: str) -> tuple[str, dict[
 
 def _instantiate(manifest: Mapping[str, Any], source: str) -> nn.Module:
     target, kwargs = _backbone_spec(manifest, source)
-    factory = _locate(target, source)
+    factory = locate(target, source)
     try:
         module = factory(**kwargs)
     except TypeError as e:

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from medssl.cli import as_sha256
+from medssl.utils.imports import locate
 from medssl.utils.io import file_sha256
 
 from .export import _listing, _strip_wrappers, load_manifest, manifest_path_for
@@ -154,13 +155,11 @@ def _source_classes(target: str | None) -> set[str]:
     function (``mit_small``, ``resnet50_2d``), its name and its return annotation."""
     import inspect
 
-    from .export import _locate
-
     names = {_class_name(target)} if target else set()
     if not target:
         return names
     try:
-        obj = _locate(str(target), "manifest")
+        obj = locate(str(target), "manifest")
     except ImportError:
         return names
     if inspect.isclass(obj):
