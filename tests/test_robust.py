@@ -200,3 +200,18 @@ def test_volume_slice_dataset_skips_unreadable_volumes_when_built(items, caplog)
         VolumeSliceDataset(volumes, LoadMedicalImaged(), on_error="skip", max_skipped=0)
     with pytest.raises(BadItemError, match=r"no usable item, all 1 are unreadable"):
         VolumeSliceDataset([items[2]], LoadMedicalImaged(), on_error="skip")
+
+
+def test_all_nan_image_is_a_bad_item_at_training_time(tmp_path, items):
+    """An all-NaN volume loads fine but has no usable intensity: the modality preset rejects it, so training names the
+    file (raise) or replaces it (skip) instead of running into a NaN loss."""
+    from medssl.data.presets import ModalityIntensityd
+
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii.gz")
+    bad = [items[0], {"image": str(tmp_path / "nan.nii.gz"), "modality": "MR", "dim": 3}, items[5]]
+    dataset = SafeDataset(monai_dataset(bad, ModalityIntensityd()), datalist_name="dl.json")
+    assert torch.isfinite(torch.as_tensor(dataset[0]["image"])).all()
+    with pytest.raises(BadItemError, match=r"dl.json item 1: .*nan.nii.gz: ValueError: NaN/Inf values \(48 of 48 voxels\)"):
+        dataset[1]
+    skipping = SafeDataset(monai_dataset(bad, ModalityIntensityd()), on_error="skip", datalist_name="dl.json")
+    assert torch.isfinite(torch.as_tensor(skipping[1]["image"])).all() and 1 in skipping.bad_items

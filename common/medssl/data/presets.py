@@ -23,6 +23,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from monai.config import DtypeLike, KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
 
@@ -200,6 +201,18 @@ class ModalityIntensityd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         preset = self.preset_of(d.get(self.modality_key))
+        for key in self.key_iterator(d):
+            _check_finite(d[key])
         if preset == "none":
             return d
         return self.transforms[preset](d)
+
+
+def _check_finite(image: Any) -> None:
+    """Raise ValueError when ``image`` holds NaN / Inf values (the message of ``tools/datalist.py check``): a percentile
+    or window of such an image is NaN, and so would be the loss of every step it joins."""
+    values = torch.as_tensor(image)
+    if values.is_floating_point():
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise ValueError(f"NaN/Inf values ({bad} of {values.numel()} voxels)")
