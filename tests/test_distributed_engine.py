@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from medssl.engines import distributed
+from medssl.utils import dist as distributed
 from medssl.engines.checkpoint import FINAL_CHECKPOINT_NAME, load_checkpoint
 
 import toy_training

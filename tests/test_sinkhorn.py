@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from medssl.losses import _dist
+from medssl.utils import dist as _dist
 from medssl.losses.sinkhorn import sinkhorn_knopp
 
 

@@ -30,7 +30,7 @@ from ignite.engine import Events
 
 from medssl.data.samplers import DistributedBatchSampler, SeededDataset
 from medssl.engines.checkpoint import CheckpointHandler
-from medssl.engines.distributed import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
+from medssl.utils.dist import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
 from medssl.engines.handlers import CosineScheduleHandler, TerminateOnNanHandler, TrainingLogHandler
 from medssl.engines.trainer import SSLTrainer
 from medssl.methods.base import SSLMethod

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from medssl.utils.dist import get_rank, get_world_size
+
 __all__ = [
     "SampleKey",
     "item_seed",
@@ -242,10 +244,8 @@ class _SeededBatchSampler(Sampler):
 
     def __init__(self, seed: int, rank: int | None, world_size: int | None) -> None:
         if rank is None or world_size is None:
-            import ignite.distributed as idist
-
-            rank = idist.get_rank() if rank is None else rank
-            world_size = idist.get_world_size() if world_size is None else world_size
+            rank = get_rank() if rank is None else rank
+            world_size = get_world_size() if world_size is None else world_size
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"{type(self).__name__}: rank={rank} is not in [0, world_size={world_size})")
         self.rank, self.world_size = int(rank), int(world_size)

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
+from medssl.utils.dist import get_rank, get_world_size, is_main_process
 from medssl.utils.io import atomic_torch_save, atomic_write_text
 
 __all__ = [
@@ -176,7 +177,6 @@ def evaluate_classification(
     """Metrics of ``network`` on the labelled items of ``data_loader``; rank 0 writes ``<output_dir>/<name>.csv``
     (per case: label, prediction, probabilities) and ``<output_dir>/<name>_summary.json`` (the metrics of
     :func:`medssl.evaluation.metrics.classification_metrics`, plus the task description). Returns the metrics."""
-    from medssl.engines.distributed import is_main_process
     from medssl.evaluation.metrics import classification_metrics, write_metric_reports
 
     predictions = predict_probabilities(network, data_loader, multi_label=multi_label, device=device, amp=amp)
@@ -314,8 +314,6 @@ class ValidationHandler:
 
     def run(self, engine: Engine | None = None) -> dict[str, float]:
         """Evaluate now; save the network when the key metric improves. Returns the metrics."""
-        from medssl.engines.distributed import is_main_process
-
         epoch = int(engine.state.epoch) if engine is not None else None
         network = _unwrap(self.network)
         metrics = dict(self.evaluate(network))
@@ -349,8 +347,6 @@ class ValidationHandler:
             self._save(_unwrap(self.network), int(engine.state.epoch), {})
 
     def _save(self, network: nn.Module, epoch: int | None, metrics: Mapping[str, float]) -> None:
-        from medssl.engines.distributed import is_main_process
-
         self.saved = True
         if self.best_model_path is None or not is_main_process():
             return
@@ -429,8 +425,6 @@ class ClassProbabilityWriter:
 
     @property
     def path(self) -> Path:
-        from medssl.engines.distributed import get_rank, get_world_size
-
         if get_world_size() > 1:
             stem, suffix = os.path.splitext(self.filename)
             return self.output_dir / f"{stem}_rank{get_rank()}{suffix}"

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from medssl.utils.dist import is_main_process
+
 __all__ = ["SegmentationMetricsHandler", "case_name"]
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,6 @@ class SegmentationMetricsHandler:
             self.rows.append({"case": case_name(sample, len(self.rows)), **metrics})
 
     def _finish(self, engine: Engine) -> None:
-        from medssl.engines.distributed import is_main_process
         from medssl.evaluation.metrics import summarise_rows, write_metric_reports
 
         summary = summarise_rows(self.rows)

@@ -1,4 +1,7 @@
-"""medssl.engines: the Ignite SSL trainer (on monai.engines), its handlers, checkpoints and distributed set-up."""
+"""medssl.engines: the Ignite SSL trainer (on monai.engines), its handlers and its checkpoints.
+
+The process-group set-up and rank helpers (:mod:`medssl.utils.dist`) are re-exported here because the bundle configs
+call them by these names."""
 
 from .checkpoint import (
     FINAL_CHECKPOINT_NAME,
@@ -12,7 +15,9 @@ from .checkpoint import (
 from .clustering_handlers import DeepClusterEpochHandler, FreezePrototypesHandler, SwAVQueueHandler
 from .profiling import StepTimeProfiler, batch_size_of
 from .run_config import RUN_CONFIG_NAME, find_run_config, save_run_config
-from .distributed import (
+# process-group set-up and rank helpers live in medssl.utils.dist; the bundle configs call them as
+# medssl.engines.init_distributed() / destroy_distributed() / local_device() / get_world_size()
+from medssl.utils.dist import (
     barrier,
     destroy_distributed,
     get_rank,

@@ -38,12 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
-from medssl.engines.distributed import get_rank, get_world_size, is_main_process
 from medssl.engines.trainer import epoch_sampler, output_is_finite
+from medssl.utils.dist import all_gather_object, broadcast_object, get_rank, get_world_size, is_main_process
 from medssl.utils.io import atomic_torch_save
 
 __all__ = [
@@ -302,10 +301,7 @@ class CheckpointHandler:
                 decision = self._decide()
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 decision = ("error", f"{type(e).__name__}: {e}")
-        if get_world_size() > 1:
-            box = [decision]
-            dist.broadcast_object_list(box, src=0)
-            decision = box[0]
+        decision = broadcast_object(decision, src=0)
         kind, value = decision
         if kind == "error":
             raise RuntimeError(f"CheckpointHandler({self.ckpt_dir}): {value}")
@@ -479,11 +475,7 @@ class CheckpointHandler:
     def save(self, engine: Engine, path: str | Path) -> None:
         """Write the checkpoint of the current state to ``path`` (a collective: call on every rank)."""
         path = Path(path)
-        states = [rng_state()]
-        if get_world_size() > 1:
-            gathered: list[Any] = [None] * get_world_size()
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
+        states = all_gather_object(rng_state())
         if is_main_process():
             payload = self.state_dict_of(engine)
             payload["rng"] = states

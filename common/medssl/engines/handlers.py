@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from medssl.engines.distributed import is_main_process
 from medssl.engines.trainer import get_output_value
+from medssl.utils.dist import is_main_process
 
 __all__ = ["cosine_schedule_value", "CosineScheduleHandler", "TerminateOnNanHandler", "TrainingLogHandler"]
 

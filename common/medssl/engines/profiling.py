@@ -56,7 +56,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from medssl.engines.distributed import is_main_process
+from medssl.utils.dist import is_main_process
+
 
 __all__ = ["StepTimeProfiler", "batch_size_of"]
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medssl.engines.distributed import is_main_process
+from medssl.utils.dist import is_main_process
 from medssl.utils.io import atomic_write_text
 
 __all__ = ["RUN_CONFIG_NAME", "find_run_config", "save_run_config"]

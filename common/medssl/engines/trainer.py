@@ -42,11 +42,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
+
+from medssl.utils.dist import all_reduce_sum, get_world_size, is_distributed
 
 __all__ = [
     "SSLTrainer",
@@ -286,7 +287,7 @@ class SSLTrainer(Trainer):
 
         method = method.to(device)
         network: nn.Module = method
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             kwargs = dict(ddp_kwargs or {})
             kwargs.setdefault("find_unused_parameters", find_unused_parameters)
             if device.type == "cuda":
@@ -441,9 +442,9 @@ class SSLTrainer(Trainer):
         values: list[float] = []
         if scalars:
             stacked = torch.stack([s.to(self.state.device) for s in scalars])
-            if self.reduce_outputs and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-                stacked /= dist.get_world_size()
+            if self.reduce_outputs and is_distributed():
+                all_reduce_sum(stacked)
+                stacked /= get_world_size()
             values = stacked.tolist()
         ordered = {k: v for k, v in zip(scalar_keys, values)}
         ordered.update(record)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.utils.dist import get_rank
 from medssl.utils.io import atomic_torch_save
 
 __all__ = ["EmbeddingSet", "encoder_fingerprint", "embedding_cache_key", "cached_embeddings"]
@@ -157,8 +158,6 @@ def cached_embeddings(
     Every rank of a distributed run gets all N embeddings; only rank 0 writes the cache file.
     """
     from monai.data import DataLoader, Dataset
-
-    from medssl.engines.distributed import get_rank
 
     from .features import extract_features
 

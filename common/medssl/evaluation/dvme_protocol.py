@@ -65,6 +65,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from medssl.utils.dist import all_gather_object, barrier, get_rank, get_world_size
 from medssl.utils.imports import locate
 from medssl.utils.io import atomic_torch_save, atomic_write_text, file_sha256
 
@@ -661,18 +662,6 @@ class FeatureSplit:
                             else [], dict(self.from_cache))
 
 
-def _gather(obj: Any) -> list[Any]:
-    from medssl.engines.distributed import get_world_size
-
-    if get_world_size() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 class DVMEProtocol:
     """The paper's evaluation protocol as one runnable object (``run()``); see the module docstring.
 
@@ -936,8 +925,6 @@ class DVMEProtocol:
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Path]:
         """Embed, train every (model, regime, fold), write the outputs; returns ``{output name: path}`` (rank 0)."""
-        from medssl.engines.distributed import barrier, get_rank, get_world_size
-
         if not self.splits:
             self.embed()
         rank, world = get_rank(), get_world_size()
@@ -960,7 +947,7 @@ class DVMEProtocol:
             local_rows[j], local_states[j], local_logs[j] = row, state, log
         all_rows: dict[int, dict] = {}
         all_logs: dict[int, list] = {}
-        for part_rows, part_logs in _gather((local_rows, local_logs)):
+        for part_rows, part_logs in all_gather_object((local_rows, local_logs)):
             all_rows.update(part_rows)
             all_logs.update(part_logs)
         # best fold per (model, regime): highest validation AUC, ties → lower validation loss, then lower fold
@@ -979,7 +966,7 @@ class DVMEProtocol:
             row["best_fold"] = best_jobs[(row["model"], row["regime"])] == j
         wanted = set(best_jobs.values())
         best_states: dict[int, dict] = {}
-        for part in _gather({j: s for j, s in local_states.items() if j in wanted}):
+        for part in all_gather_object({j: s for j, s in local_states.items() if j in wanted}):
             best_states.update(part)
         self.rows = [all_rows[j] for j in sorted(all_rows)]
         iteration = 0

@@ -43,7 +43,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 
-from medssl.engines.distributed import get_rank, get_world_size
+from medssl.utils.dist import all_gather_object, get_rank, get_world_size
+
 
 __all__ = ["extract_features", "unwrap_encoder", "planned_indices", "merge_rank_results"]
 
@@ -203,15 +204,6 @@ def merge_rank_results(
     return unique, rows
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    world_size = get_world_size()
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _gather_rows(tensor: torch.Tensor, counts: Sequence[int], comm_device: torch.device) -> list[torch.Tensor]:
     """All-gather a (n_r, D) float32 tensor whose first dimension differs between ranks (padded to the largest)."""
     world_size = get_world_size()
@@ -335,7 +327,7 @@ def extract_features(
         "labelled": labels_local is not None or n_items == 0,
         "extras": sorted(local_extras) if n_items else None,
     }
-    metas = _gather_objects(meta)
+    metas = all_gather_object(meta)
     dims = {m["dim"] for m in metas if m["dim"] is not None}
     if len(dims) > 1:
         raise RuntimeError(f"extract_features({description}): the ranks' encoders gave feature sizes {sorted(dims)}")
@@ -363,7 +355,7 @@ def extract_features(
         "labels": labels_local if labelled else None,
         "extras": {k: local_extras[k] for k in extra_names if k in local_extras},
     }
-    payloads = _gather_objects(payload)
+    payloads = all_gather_object(payload)
     all_labels = torch.cat([p["labels"] for p in payloads if p["labels"] is not None]) if labelled else None
     all_extras = {k: [v for p in payloads for v in p["extras"].get(k, [])] for k in sorted(extra_names)}
 

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medssl.engines.distributed import is_main_process
+from medssl.utils.dist import is_main_process
 from medssl.utils.io import json_safe
 
 __all__ = [

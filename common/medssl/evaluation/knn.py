@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medssl.engines.distributed import is_main_process
 from medssl.evaluation.features import extract_features, unwrap_encoder
+from medssl.utils.dist import is_main_process
 from medssl.utils.io import json_safe
 
 __all__ = ["knn_classify", "knn_accuracy", "knn_evaluate", "KNNMonitorHandler"]
@@ -469,9 +469,7 @@ def knn_summary(output_dir: str | Path) -> dict[str, Any] | None:
 def print_knn_summary(output_dir: str | Path) -> dict[str, Any] | None:
     """Print (rank 0) the kNN accuracy of the pretrained encoder beside the randomly initialised one (see
     :func:`knn_summary`); bundles call it in ``finalize``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if not is_main_process():
         return None
     summary = knn_summary(output_dir)
     if summary is None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medssl.losses._dist import (
+from medssl.utils.dist import (
     PerRankState,
     all_gather_cat,
     all_reduce_sum,
@@ -118,7 +118,7 @@ class MemoryBank(PerRankState):
     ``embeddings`` (n_crops, size, feat_dim) and ``indexes`` (size,) (dataset index of each row, −1 = empty), filled
     in order by :meth:`update`. ``size`` must be at least the number of samples this rank sees in an epoch.
     :meth:`new_pass` empties it (call it after clustering, at the start of each epoch). Per-rank state, kept out of
-    DistributedDataParallel's buffer broadcast (see :class:`medssl.losses._dist.PerRankState`).
+    DistributedDataParallel's buffer broadcast (see :class:`medssl.utils.dist.PerRankState`).
     """
 
     _state_names = ("embeddings", "indexes", "n_filled")

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medssl.losses._dist import all_reduce_sum
+from medssl.utils.dist import all_reduce_sum
 
 __all__ = ["DINOLoss"]
 

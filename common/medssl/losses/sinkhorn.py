@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from medssl.losses._dist import all_reduce_max, all_reduce_sum
+from medssl.utils.dist import all_reduce_max, all_reduce_sum
 
 __all__ = ["sinkhorn_knopp"]
 

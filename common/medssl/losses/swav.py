@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medssl.losses._dist import PerRankState, all_reduce_sum, is_distributed
 from medssl.losses.sinkhorn import sinkhorn_knopp
 from medssl.networks.heads import PerModalityPrototypes, SwAVPrototypes
+from medssl.utils.dist import PerRankState, all_reduce_sum, is_distributed
 
 __all__ = [
     "SwAVLoss",

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medssl.losses._dist import get_rank
 from medssl.methods.base import SSLMethod, build_param_groups
 from medssl.methods.swav import crops_from_batch
 from medssl.networks.hybrid_volume import HybridVolumeEncoder, random_slice_mask
+from medssl.utils.dist import get_rank
 
 __all__ = [
     "HybridVolumeBackbone",

@@ -41,9 +41,9 @@ from monai.transforms import MapTransform
 
 from medssl.evaluation.health import prototype_assignments
 from medssl.losses import PerModalityPrototypes, SwAVLoss, SwAVPrototypes, SwAVQueue, per_modality_swav_loss
-from medssl.losses._dist import all_reduce_sum, get_rank, get_world_size
 from medssl.methods.base import SSLMethod, build_param_groups
 from medssl.networks.heads import ProjectionHead
+from medssl.utils.dist import all_reduce_sum, get_rank, get_world_size
 
 __all__ = ["SwAV", "ClassLabeld", "UNLABELLED", "supervised_loss", "forward_multi_crop", "crops_from_batch"]
 

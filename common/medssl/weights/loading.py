@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from medssl.cli import as_sha256
+from medssl.utils.dist import get_rank
 from medssl.utils.imports import locate
 from medssl.utils.io import file_sha256
 
@@ -505,8 +506,6 @@ def _map_keys(state: Mapping[str, torch.Tensor], adapter: EncoderAdapter | None)
 
 
 def _emit(report: LoadReport, verbose: bool) -> None:
-    from medssl.engines.distributed import get_rank
-
     if verbose and get_rank() == 0:
         print(report.summary(), flush=True)
     logger.info(report.summary())
