@@ -33,6 +33,7 @@ from monai.transforms import Compose, OneOf, RandomOrder, RandomizableTrait, Som
 
 from medssl.data.robust import BadItemError, describe_item_error
 from medssl.data.samplers import DistributedBatchSampler, SampleKey, VolumeGroupedBatchSampler
+from medssl.utils.tensors import as_plain_tensor
 
 __all__ = ["VolumeSliceDataset", "make_slice_batch_sampler"]
 
@@ -319,7 +320,7 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
         depth = int(image.shape[1 + self.slice_axis])
         candidates = list(range(depth))
         if self.min_foreground is not None:
-            data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            data = torch.as_tensor(as_plain_tensor(image))
             fg = (data > self.foreground_threshold).any(0).movedim(self.slice_axis, -1).reshape(-1, depth)
             fg = fg.float().mean(0)
             candidates = [s for s in candidates if float(fg[s]) >= self.min_foreground]
@@ -331,7 +332,7 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
         axis = 1 + self.slice_axis
         if isinstance(value, np.ndarray):
             return np.take(value, s, axis=axis).copy()
-        data = value.as_tensor() if isinstance(value, MetaTensor) else value
+        data = as_plain_tensor(value)
         cut = data.select(axis, s).clone()
         if not isinstance(value, MetaTensor):
             return cut

@@ -35,6 +35,7 @@ from ignite.engine import Engine, Events
 
 from medssl.utils.dist import get_rank, get_world_size, is_main_process
 from medssl.utils.io import atomic_torch_save, atomic_write_text
+from medssl.utils.tensors import unwrap_module
 
 __all__ = [
     "Predictions",
@@ -236,12 +237,6 @@ class ClassificationValidator:
         )
 
 
-def _unwrap(module: Any) -> Any:
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        module = module.module
-    return module
-
-
 class ValidationHandler:
     """Validate every ``every_n_epochs`` epochs of training and keep the best network.
 
@@ -315,7 +310,7 @@ class ValidationHandler:
     def run(self, engine: Engine | None = None) -> dict[str, float]:
         """Evaluate now; save the network when the key metric improves. Returns the metrics."""
         epoch = int(engine.state.epoch) if engine is not None else None
-        network = _unwrap(self.network)
+        network = unwrap_module(self.network)
         metrics = dict(self.evaluate(network))
         if self.key_metric not in metrics:
             raise KeyError(
@@ -344,7 +339,7 @@ class ValidationHandler:
 
     def _on_completed(self, engine: Engine) -> None:
         if not self.saved:
-            self._save(_unwrap(self.network), int(engine.state.epoch), {})
+            self._save(unwrap_module(self.network), int(engine.state.epoch), {})
 
     def _save(self, network: nn.Module, epoch: int | None, metrics: Mapping[str, float]) -> None:
         self.saved = True

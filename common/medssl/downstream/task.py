@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from medssl.methods.base import SSLMethod, build_param_groups
+from medssl.utils.tensors import as_plain_tensor
 
 __all__ = ["FINETUNE_MODES", "SupervisedTask", "check_finetune_mode", "get_submodule"]
 
@@ -54,11 +55,6 @@ def get_submodule(network: nn.Module, prefix: str, owner: str = "SupervisedTask"
         raise ValueError(
             f"{owner}: the network ({type(network).__name__}) has no sub-module {prefix!r}; its children are {children}"
         ) from None
-
-
-def _plain(x: Any) -> Any:
-    as_tensor = getattr(x, "as_tensor", None)
-    return as_tensor() if isinstance(x, torch.Tensor) and callable(as_tensor) else x
 
 
 class SupervisedTask(SSLMethod):
@@ -149,16 +145,16 @@ class SupervisedTask(SSLMethod):
                     "(finetune_mode='linear')"
                 )
             head = get_submodule(self.network, self.head_name)
-            return head(_plain(batch[self.cached_features_key]))
+            return head(as_plain_tensor(batch[self.cached_features_key]))
         if self.image_key not in batch:
             raise KeyError(f"SupervisedTask: the batch has no {self.image_key!r}; its keys are {sorted(batch)}")
-        return self.network(_plain(batch[self.image_key]))
+        return self.network(as_plain_tensor(batch[self.image_key]))
 
     def target(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """The loss target: ``label_transform(batch[label_key])`` (as collated when no transform is given)."""
         if self.label_key not in batch:
             raise KeyError(f"SupervisedTask: the batch has no {self.label_key!r}; its keys are {sorted(batch)}")
-        label = _plain(batch[self.label_key])
+        label = as_plain_tensor(batch[self.label_key])
         if not isinstance(label, torch.Tensor):
             label = torch.as_tensor(label)
         return self.label_transform(label) if self.label_transform is not None else label

@@ -44,6 +44,7 @@ from ignite.engine import Engine, Events
 from medssl.engines.trainer import epoch_sampler, output_is_finite
 from medssl.utils.dist import all_gather_object, broadcast_object, get_rank, get_world_size, is_main_process
 from medssl.utils.io import atomic_torch_save
+from medssl.utils.tensors import unwrap_module
 
 __all__ = [
     "CheckpointHandler",
@@ -186,12 +187,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _unwrap(obj: Any) -> Any:
-    while isinstance(obj, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        obj = obj.module
-    return obj
 
 
 class CheckpointHandler:
@@ -345,7 +340,7 @@ class CheckpointHandler:
             if name not in ckpt:
                 present = sorted(k for k in ckpt if k not in _RESERVED)
                 raise KeyError(f"{path}: no entry {name!r} for objects[{name!r}]; the checkpoint has {present}")
-            target = _unwrap(obj)
+            target = unwrap_module(obj)
             if isinstance(target, nn.Module):
                 target.load_state_dict(ckpt[name], strict=self.strict)
             else:
@@ -455,7 +450,7 @@ class CheckpointHandler:
     def state_dict_of(self, engine: Engine) -> dict[str, Any]:
         """The checkpoint dict of the current state (rank 0's view; the "rng" entry needs every rank, see
         :meth:`save`)."""
-        payload: dict[str, Any] = {name: _unwrap(obj).state_dict() for name, obj in (self._objects or {}).items()}
+        payload: dict[str, Any] = {name: unwrap_module(obj).state_dict() for name, obj in (self._objects or {}).items()}
         scaler = getattr(engine, "scaler", None)
         sampler = epoch_sampler(getattr(engine, "data_loader", None))
         payload.update(

@@ -35,16 +35,11 @@ from monai.engines.utils import IterationEvents
 
 from medssl.engines.trainer import epoch_sampler, epoch_started_fresh
 from medssl.losses import cancel_prototype_grads
+from medssl.utils.tensors import unwrap_module
 
 __all__ = ["SwAVQueueHandler", "FreezePrototypesHandler", "DeepClusterEpochHandler"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(module: Any) -> Any:
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        module = module.module
-    return module
 
 
 def _resolve_method(method: Any, engine: Engine, owner: str, needs: str) -> Any:
@@ -52,7 +47,7 @@ def _resolve_method(method: Any, engine: Engine, owner: str, needs: str) -> Any:
         method = getattr(engine, "method", None)
         if method is None:
             raise ValueError(f"{owner}: give `method` (the engine has no .method attribute)")
-    method = _unwrap(method)
+    method = unwrap_module(method)
     if not hasattr(method, needs):
         raise TypeError(f"{owner}: {type(method).__name__} has no {needs!r} (expected a SwAV / DeepClusterV2 method)")
     return method
@@ -127,7 +122,7 @@ class FreezePrototypesHandler:
         self.dropped_last = False  # whether the last iteration's prototype gradients were dropped
 
     def attach(self, engine: Engine) -> None:
-        target = _unwrap(self.method if self.method is not None else getattr(engine, "method", None))
+        target = unwrap_module(self.method if self.method is not None else getattr(engine, "method", None))
         if target is None:
             raise ValueError("FreezePrototypesHandler: give `method` (the engine has no .method attribute)")
         prototypes = getattr(target, "prototypes", target)

@@ -32,6 +32,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
 from medssl.engines.handlers import CosineScheduleHandler
+from medssl.utils.tensors import unwrap_module
 
 __all__ = [
     "EMATeacherHandler",
@@ -42,12 +43,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(module: Any) -> Any:
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        module = module.module
-    return module
 
 
 def _require_backward_event(engine: Engine, owner: str) -> None:
@@ -116,8 +111,8 @@ class EMATeacherHandler:
         for label, m in (("momentum_start", momentum_start), ("momentum_end", momentum_end)):
             if not 0.0 <= float(m) <= 1.0:
                 raise ValueError(f"EMATeacherHandler: {label}={m} must be in [0, 1]")
-        self.student = _unwrap(student)
-        self.teacher = _unwrap(teacher)
+        self.student = unwrap_module(student)
+        self.teacher = unwrap_module(teacher)
         if self.student is self.teacher:
             raise ValueError("EMATeacherHandler: student and teacher are the same module")
         student_params = dict(self.student.named_parameters())
@@ -223,7 +218,7 @@ class FreezeLastLayerHandler:
     def resolve(self, engine: Engine | None = None) -> list[torch.Tensor]:
         target = self.target
         if isinstance(target, str):
-            method = _unwrap(self.method if self.method is not None else getattr(engine, "method", None))
+            method = unwrap_module(self.method if self.method is not None else getattr(engine, "method", None))
             if method is None:
                 raise ValueError("FreezeLastLayerHandler: give `method` (the engine has no .method attribute)")
             named = [(n, p) for n, p in method.named_parameters() if _matches(n, target)]
@@ -236,7 +231,7 @@ class FreezeLastLayerHandler:
             self.param_names = [n for n, _ in named]
             return [p for _, p in named]
         if isinstance(target, nn.Module):
-            params = list(_unwrap(target).parameters())
+            params = list(unwrap_module(target).parameters())
         elif isinstance(target, torch.Tensor):
             params = [target]
         else:

@@ -68,6 +68,7 @@ import torch.nn as nn
 from medssl.utils.dist import all_gather_object, barrier, get_rank, get_world_size
 from medssl.utils.imports import locate
 from medssl.utils.io import atomic_torch_save, atomic_write_text, file_sha256
+from medssl.utils.tensors import as_plain_tensor
 
 __all__ = [
     "EncoderSpec",
@@ -878,7 +879,7 @@ class DVMEProtocol:
                             num_workers=self.num_workers)
         for batch in loader:
             image = batch["image"]
-            image = image.as_tensor() if hasattr(image, "as_tensor") else image
+            image = as_plain_tensor(image)
             yield image, torch.as_tensor(batch["label"], dtype=torch.long)
 
     def _run_job(self, model_name: str, regime: str, fold: int, sample: np.ndarray, val: FeatureSplit,
@@ -1080,7 +1081,7 @@ def evaluate_classifier(network: nn.Module, items: Sequence[Mapping[str, Any]], 
     with torch.no_grad():
         for batch in loader:
             image = batch["image"]
-            image = image.as_tensor() if hasattr(image, "as_tensor") else image
+            image = as_plain_tensor(image)
             probs.append(network(image.to(device)).float().softmax(dim=1).cpu())
     p = torch.cat(probs)
     labels = torch.tensor([int(it["label"]) for it in items])

@@ -44,22 +44,15 @@ import torch.nn as nn
 from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 
 from medssl.utils.dist import all_gather_object, get_rank, get_world_size
+from medssl.utils.tensors import as_plain_tensor, unwrap_module
 
 
-__all__ = ["extract_features", "unwrap_encoder", "planned_indices", "merge_rank_results"]
+__all__ = ["extract_features", "planned_indices", "merge_rank_results"]
 
 logger = logging.getLogger(__name__)
 
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def unwrap_encoder(encoder: Any) -> Any:
-    """``encoder`` without ``DistributedDataParallel`` / ``DataParallel`` wrappers (the wrapped module's forward is
-    called directly, so no DDP collective runs during an evaluation)."""
-    while isinstance(encoder, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        encoder = encoder.module
-    return encoder
 
 
 def _owner_module(encoder: Any) -> nn.Module | None:
@@ -108,12 +101,6 @@ def _autocast(device: torch.device, amp: bool | str):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _plain(tensor: Any) -> Any:
-    """A MetaTensor as a plain tensor (no meta-data bookkeeping on the way through the encoder)."""
-    as_tensor = getattr(tensor, "as_tensor", None)
-    return as_tensor() if callable(as_tensor) and isinstance(tensor, torch.Tensor) else tensor
-
-
 def _as_features(output: Any, batch_size: int) -> torch.Tensor:
     """The encoder output as (B, D) float32 on CPU: a tuple / list gives its first element; a feature map
     (B, C, *spatial) is average-pooled over its spatial axes."""
@@ -121,7 +108,7 @@ def _as_features(output: Any, batch_size: int) -> torch.Tensor:
         output = output[0]
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"extract_features: the encoder returned {type(output).__name__}; expected a (B, D) tensor")
-    output = _plain(output).detach()
+    output = as_plain_tensor(output).detach()
     if output.dim() > 2:
         output = output.flatten(2).mean(dim=2)
     if output.dim() != 2 or output.shape[0] != batch_size:
@@ -135,7 +122,7 @@ def _as_features(output: Any, batch_size: int) -> torch.Tensor:
 def _batch_labels(value: Any) -> torch.Tensor | None:
     """Per-item labels of a batch as a CPU tensor (class indices or multi-label vectors); None when the labels are
     not numeric (e.g. mask paths)."""
-    value = _plain(value)
+    value = as_plain_tensor(value)
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     try:
@@ -148,7 +135,7 @@ def _batch_labels(value: Any) -> torch.Tensor | None:
 def _per_item(value: Any, batch_size: int) -> list | None:
     """A batch entry as a list of ``batch_size`` per-item values (None when it is not one value per item)."""
     if isinstance(value, torch.Tensor):
-        value = _plain(value)
+        value = as_plain_tensor(value)
         return value.tolist() if value.dim() >= 1 and value.shape[0] == batch_size else None
     if isinstance(value, (list, tuple)) and len(value) == batch_size:
         return list(value)
@@ -254,7 +241,7 @@ def extract_features(
 
     Every rank must call this function (it is a collective when a process group is initialised).
     """
-    encoder = unwrap_encoder(encoder)
+    encoder = unwrap_module(encoder)
     device = torch.device(device) if device is not None else _default_device(encoder)
     world_size, rank = get_world_size(), get_rank()
     plan = planned_indices(data_loader)
@@ -275,7 +262,7 @@ def extract_features(
             if not isinstance(batch, Mapping) or image_key not in batch:
                 keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
                 raise KeyError(f"extract_features({description}): batch {batch_i} has no {image_key!r} entry ({keys})")
-            images = _plain(batch[image_key])
+            images = as_plain_tensor(batch[image_key])
             batch_size = int(images.shape[0])
             with _autocast(device, amp):
                 output = encoder(images.to(device, non_blocking=True))

@@ -36,9 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medssl.evaluation.features import extract_features, unwrap_encoder
+from medssl.evaluation.features import extract_features
 from medssl.utils.dist import is_main_process
 from medssl.utils.io import json_safe
+from medssl.utils.tensors import unwrap_module
 
 __all__ = ["knn_classify", "knn_accuracy", "knn_evaluate", "KNNMonitorHandler"]
 
@@ -238,7 +239,7 @@ def _preserve_global_rng():
 def _resolve_attribute(root: Any, path: str) -> Any:
     obj = root
     for part in path.split("."):
-        obj = unwrap_encoder(obj)
+        obj = unwrap_module(obj)
         if not hasattr(obj, part):
             raise AttributeError(
                 f"KNNMonitorHandler: {type(obj).__name__} has no attribute {part!r} (encoder={path!r})"
@@ -326,7 +327,7 @@ class KNNMonitorHandler:
         self.num_classes = num_classes
         self.image_key, self.label_key, self.amp, self.log_every = image_key, label_key, amp, log_every
         self.history: list[dict[str, Any]] = []
-        self._resolved: Any = None if isinstance(encoder, str) else unwrap_encoder(encoder)
+        self._resolved: Any = None if isinstance(encoder, str) else unwrap_module(encoder)
         self._last_epoch: int | None = None
         self.enabled = True
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from medssl.utils.io import atomic_write_text, json_safe
+from medssl.utils.tensors import as_plain_tensor
 
 __all__ = [
     "classification_metrics",
@@ -36,9 +37,7 @@ __all__ = [
 
 def _numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        as_tensor = getattr(value, "as_tensor", None)
-        value = (as_tensor() if callable(as_tensor) else value).float().numpy()
+        value = as_plain_tensor(value.detach().cpu()).float().numpy()
     return np.asarray(value)
 
 

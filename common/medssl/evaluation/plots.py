@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from medssl.utils.io import atomic_write
+from medssl.utils.tensors import as_plain_tensor
 
 __all__ = [
     "EmbeddingPanel",
@@ -38,9 +39,7 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 
 def _as_numpy(values: Any, dtype=None) -> np.ndarray:
     if hasattr(values, "detach"):  # torch tensor (MetaTensor included)
-        values = values.detach().cpu()
-        as_tensor = getattr(values, "as_tensor", None)
-        values = (as_tensor() if callable(as_tensor) else values).numpy()
+        values = as_plain_tensor(values.detach().cpu()).numpy()
     return np.asarray(values, dtype=dtype)
 
 

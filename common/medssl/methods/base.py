@@ -112,10 +112,3 @@ class SSLMethod(nn.Module, abc.ABC):
 
     def on_iteration_start(self, engine: Any) -> None:
         """Called at Events.ITERATION_STARTED (``engine.state.iteration`` is the 1-based index of this step)."""
-
-    @staticmethod
-    def unwrap(module: nn.Module) -> nn.Module:
-        """``module`` without a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
-        while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        return module

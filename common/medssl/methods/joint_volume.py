@@ -33,6 +33,7 @@ from medssl.methods.base import SSLMethod, build_param_groups
 from medssl.methods.swav import crops_from_batch
 from medssl.networks.hybrid_volume import HybridVolumeEncoder, random_slice_mask
 from medssl.utils.dist import get_rank
+from medssl.utils.tensors import as_plain_tensor
 
 __all__ = [
     "HybridVolumeBackbone",
@@ -206,8 +207,7 @@ class MaskedSliceEmbeddingPrediction(SSLMethod):
         if isinstance(batch, Mapping) and self.crops_key in batch:
             volumes = torch.cat(crops_from_batch(batch, self.crops_key, "MaskedSliceEmbeddingPrediction"), dim=0)
         elif isinstance(batch, Mapping) and self.image_key in batch:
-            volumes = batch[self.image_key]
-            volumes = volumes.as_tensor() if hasattr(volumes, "as_tensor") else volumes
+            volumes = as_plain_tensor(batch[self.image_key])
         else:
             keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise KeyError(

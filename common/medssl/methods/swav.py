@@ -44,6 +44,7 @@ from medssl.losses import PerModalityPrototypes, SwAVLoss, SwAVPrototypes, SwAVQ
 from medssl.methods.base import SSLMethod, build_param_groups
 from medssl.networks.heads import ProjectionHead
 from medssl.utils.dist import all_reduce_sum, get_rank, get_world_size
+from medssl.utils.tensors import as_plain_tensor
 
 __all__ = ["SwAV", "ClassLabeld", "UNLABELLED", "supervised_loss", "forward_multi_crop", "crops_from_batch"]
 
@@ -70,7 +71,7 @@ def crops_from_batch(batch: Mapping[str, Any], crops_key: str, owner: str) -> li
     sizes = {int(c.shape[0]) for c in crops}
     if len(sizes) != 1:
         raise ValueError(f"{owner}: the crops hold different batch sizes {[int(c.shape[0]) for c in crops]}")
-    return [c.as_tensor() if hasattr(c, "as_tensor") else c for c in crops]  # MetaTensor -> plain tensor
+    return [as_plain_tensor(c) for c in crops]
 
 
 def forward_multi_crop(backbone: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:

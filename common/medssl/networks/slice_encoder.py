@@ -32,6 +32,8 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .backbones import ResNetBackbone
 
+from medssl.utils.tensors import as_plain_tensor
+
 __all__ = ["SliceEncoder", "volume_to_slices"]
 
 
@@ -127,8 +129,7 @@ class SliceEncoder(nn.Module):
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         """Input -> 2D images (N, in_channels, H, W); volumes are split into their slices (depth last)."""
-        if hasattr(x, "as_tensor"):  # MetaTensor: plain tensor ops are faster and keep no meta in the graph
-            x = x.as_tensor()
+        x = as_plain_tensor(x)  # MetaTensor: plain tensor ops are faster and keep no meta in the graph
         if x.dim() not in (4, 5):
             raise ValueError(
                 f"SliceEncoder: input of shape {tuple(x.shape)}; expected a 2D image batch (B, C, H, W) or a volume "

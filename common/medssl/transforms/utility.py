@@ -10,15 +10,15 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from medssl.utils.tensors import as_plain_tensor
+
 __all__ = ["PlainTensord"]
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, MetaTensor):
-        return value.as_tensor()
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
-    return value
+    return as_plain_tensor(value)
 
 
 class PlainTensord(MapTransform):
