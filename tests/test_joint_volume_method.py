@@ -9,14 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from medssl.methods.joint_volume import (
-    HybridVolumeBackbone,
-    MaskedSliceEmbeddingPrediction,
-    load_pretrained,
-    masked_embedding_loss,
-)
+from medssl.methods.joint_volume import HybridVolumeBackbone, MaskedSliceEmbeddingPrediction, masked_embedding_loss
 from medssl.methods.swav import SwAV
 from medssl.networks.backbones import ResNetBackbone
+from medssl.weights.stages import load_stage_weights as load_pretrained
 
 # volumes are (B, C, X, Y, Z), depth (slice) axis last
 F_SLICES, DIM = 10, 16

@@ -4,4 +4,4 @@ from .base import SSLMethod, build_param_groups
 from .deepcluster import DeepClusterV2
 from .swav import UNLABELLED, ClassLabeld, SwAV
 from .unimiss import DistillationNetwork, UniMiSS
-from .joint_volume import HybridVolumeBackbone, MaskedSliceEmbeddingPrediction, load_pretrained, masked_embedding_loss
+from .joint_volume import HybridVolumeBackbone, MaskedSliceEmbeddingPrediction, masked_embedding_loss

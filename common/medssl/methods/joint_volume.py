@@ -1,5 +1,4 @@
-"""Stages 2 and 3 of seed 000 (joint image–volume SSL with intra/inter contrastive clustering) and the loader that
-chains the stages through ``pretrained_path``.
+"""Stages 2 and 3 of seed 000 (joint image–volume SSL with intra/inter contrastive clustering).
 
 * Stage 1 (L_2D, Eq. 1–5) reuses :class:`medssl.methods.SwAV` / :class:`medssl.methods.DeepClusterV2` on 2D slices
   of every volume plus the 2D images, with f_intra's trunk (a :class:`medssl.networks.ResNetBackbone` returning the
@@ -13,17 +12,17 @@ chains the stages through ``pretrained_path``.
   are trained jointly. The clustering methods put their projection head between Z and the prototypes; the bundle
   uses ``hidden_dim = 0`` (one linear layer), the closest to the paper's Z · Cᵀ that keeps one implementation of
   SwAV and DeepCluster-v2.
-* :func:`load_pretrained` copies the encoder tensors of the previous stage's checkpoint into this stage's module
-  (stage 1 ``backbone`` → stage 2 ``encoder.slice_encoder.backbone``; stage 2 ``encoder`` → stage 3 ``backbone``).
+* The stages are chained through ``pretrained_path`` outside this module: the bundle builds each stage's backbone
+  with :func:`medssl.weights.load_stage_weights`, which copies the encoder tensors of the previous stage's checkpoint
+  into it (stage 1 ``backbone`` → stage 2 ``encoder.slice_encoder.backbone``; stage 2 ``encoder`` → stage 3
+  ``backbone``), so the methods here receive loaded modules and do no file I/O.
 
 Axis convention: volumes are MONAI-style channel-first (B, C, X, Y, Z), depth (slice) axis LAST.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,68 +37,8 @@ from medssl.utils.tensors import as_plain_tensor
 __all__ = [
     "HybridVolumeBackbone",
     "MaskedSliceEmbeddingPrediction",
-    "load_pretrained",
     "masked_embedding_loss",
 ]
-
-logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------- pretrained loading
-def _checkpoint_file(path: Path) -> Path:
-    if path.is_dir():
-        from medssl.engines.checkpoint import find_latest_checkpoint
-
-        found = find_latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"pretrained_path {path}: a folder without any complete checkpoint")
-        return found
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained_path {path}: no such checkpoint file or ckpt_dir (run the previous stage first, or pass "
-            "--pretrained_path)"
-        )
-    return path
-
-
-def load_pretrained(
-    module: nn.Module,
-    path: str | Path | None,
-    source_key: str = "backbone",
-    target_key: str = "",
-    method_key: str = "method",
-) -> nn.Module:
-    """Load the tensors of a previous stage into ``module`` (strict) and return ``module``.
-
-    Args:
-        module: the module of this stage (e.g. a :class:`HybridVolumeEncoder`).
-        path: a checkpoint written by :class:`medssl.engines.CheckpointHandler`, a ``ckpt_dir`` (its latest complete
-            checkpoint), or a plain state dict file (``tools/export_encoder.py`` output); None or "" = nothing is
-            loaded (a warning says the stage starts from random weights).
-        source_key: dotted module path of the encoder inside the checkpoint's method (stage 1: ``"backbone"``;
-            stage 2: ``"encoder"``); ``""`` = the whole state dict.
-        target_key: the sub-module of ``module`` that receives it (``"slice_encoder.backbone"``; ``""`` = ``module``).
-        method_key: the checkpoint entry holding the method's state dict.
-
-    Raises FileNotFoundError / KeyError / ValueError naming the file and the missing, unexpected or mis-shaped keys.
-    """
-    if path is None or str(path) == "":
-        logger.warning(f"load_pretrained: no pretrained_path; {type(module).__name__} starts from random weights")
-        return module
-    from medssl.weights.export import extract_encoder_state_dict, load_encoder_state_dict, method_state_dict
-
-    file = _checkpoint_file(Path(path))
-    source = str(file)
-    checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    state = method_state_dict(checkpoint, method_key, source)
-    encoder_state = extract_encoder_state_dict(state, source_key, source)
-    try:
-        target = module.get_submodule(target_key) if target_key else module
-    except AttributeError as e:
-        raise KeyError(f"load_pretrained({source}): {type(module).__name__} has no sub-module {target_key!r}") from e
-    load_encoder_state_dict(target, encoder_state, f"{source} [{source_key or 'all'} -> {target_key or 'all'}]")
-    logger.info(f"load_pretrained: {len(encoder_state)} tensors of {source} [{source_key}] -> {target_key or 'all'}")
-    return module
 
 
 # --------------------------------------------------------------------------------------------- stage 3 backbone
