@@ -25,11 +25,10 @@ from medssl.evaluation.health import (
     effective_rank,
     embedding_std,
     health_line,
-    prototype_assignments,
     usage_entropy,
 )
 from medssl.methods import DeepClusterV2, SwAV, UniMiSS
-from medssl.networks.heads import PerModalityPrototypes
+from medssl.networks.heads import PerModalityPrototypes, prototype_assignments
 
 
 # --------------------------------------------------------------------------------------------- the numbers

@@ -30,9 +30,9 @@ the loss may still look reasonable. These numbers show it within the first epoch
 
 :func:`collapse_verdict` turns these into ``"ok"``, ``"warning"`` or ``"collapsed"`` (``"n/a"`` with too few rows)
 with the reasons; the thresholds are the module constants below. :class:`HealthMonitorHandler` collects the detached
-tensors each method puts in its step output under ``"health"`` (see :func:`prototype_assignments` and the methods'
-``training_step``) and reports once per epoch: ``<output_dir>/health.jsonl``, TensorBoard scalars and one console
-line.
+tensors each method puts in its step output under ``"health"`` (see :func:`medssl.networks.heads.prototype_assignments`
+and the methods' ``training_step``) and reports once per epoch: ``<output_dir>/health.jsonl``, TensorBoard scalars
+and one console line.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ __all__ = [
     "effective_rank",
     "usage_entropy",
     "distribution_entropy",
-    "prototype_assignments",
     "collapse_verdict",
     "health_line",
     "HealthMonitorHandler",
@@ -170,35 +169,6 @@ def distribution_entropy(probs: torch.Tensor) -> float:
     p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-300)
     h = -(p * p.clamp_min(1e-300).log()).sum(dim=1)
     return float(h.mean() / math.log(p.shape[1]))
-
-
-@torch.no_grad()
-def prototype_assignments(
-    embeddings: torch.Tensor, prototypes: Any, groups: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """The ``"assignments"`` part of a method's ``"health"`` output: each row's argmax prototype (no gradient).
-
-    ``prototypes``: a :class:`medssl.networks.heads.SwAVPrototypes` (several heads: the first one) or, with
-    ``groups`` (one modality code per row), a :class:`~medssl.networks.heads.PerModalityPrototypes` (each row scored
-    against its own modality's prototypes). Returns ``{"assignments": (N,) long, "n_prototypes": K, "groups": ...}``.
-    """
-    embeddings = embeddings.detach()
-    index = torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
-    if groups is None:
-        scores = prototypes(embeddings)
-        scores = scores[0] if isinstance(scores, (list, tuple)) else scores
-        return {"assignments": scores.argmax(dim=1), "n_prototypes": int(scores.shape[1])}
-    groups = [str(g) for g in groups]
-    if len(groups) != embeddings.shape[0]:
-        raise ValueError(f"prototype_assignments: {len(groups)} groups for {embeddings.shape[0]} rows")
-    k = 0
-    for group in sorted(set(groups)):
-        rows = torch.tensor([i for i, g in enumerate(groups) if g == group], device=embeddings.device)
-        scores = prototypes[group](embeddings.index_select(0, rows))
-        scores = scores[0] if isinstance(scores, (list, tuple)) else scores
-        index[rows] = scores.argmax(dim=1)
-        k = int(scores.shape[1])
-    return {"assignments": index, "n_prototypes": k, "groups": groups}
 
 
 # --------------------------------------------------------------------------------------------- verdict

@@ -39,10 +39,9 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from medssl.evaluation.health import prototype_assignments
 from medssl.losses import PerModalityPrototypes, SwAVLoss, SwAVPrototypes, SwAVQueue, per_modality_swav_loss
 from medssl.methods.base import SSLMethod, build_param_groups
-from medssl.networks.heads import ProjectionHead
+from medssl.networks.heads import ProjectionHead, prototype_assignments
 from medssl.utils.dist import all_reduce_sum, get_rank, get_world_size
 from medssl.utils.tensors import as_plain_tensor
 

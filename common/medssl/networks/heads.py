@@ -4,6 +4,8 @@
 - :class:`SwAVPrototypes`: the prototype matrix C (one or several heads), a bias-free Linear whose rows are
   re-normalised in place at every iteration (SwAV) or overwritten by k-means centroids (DeepCluster-v2).
 - :class:`PerModalityPrototypes`: one prototype matrix C_m per imaging modality (seed 002, Eq. 4).
+- :func:`prototype_assignments`: each row's argmax prototype, the part of a method's ``"health"`` output that
+  :class:`medssl.evaluation.HealthMonitorHandler` turns into prototype usage.
 
 All take flat features (N, in_dim); pool the backbone output first.
 """
@@ -11,12 +13,13 @@ All take flat features (N, in_dim); pool the backbone output first.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ProjectionHead", "SwAVPrototypes", "PerModalityPrototypes"]
+__all__ = ["ProjectionHead", "SwAVPrototypes", "PerModalityPrototypes", "prototype_assignments"]
 
 
 class ProjectionHead(nn.Module):
@@ -148,3 +151,32 @@ class PerModalityPrototypes(nn.Module):
         for prototypes in self.prototypes.values():
             prototypes.normalize_()
         return self
+
+
+@torch.no_grad()
+def prototype_assignments(
+    embeddings: torch.Tensor, prototypes: Any, groups: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The ``"assignments"`` part of a method's ``"health"`` output: each row's argmax prototype (no gradient).
+
+    ``prototypes``: a :class:`medssl.networks.heads.SwAVPrototypes` (several heads: the first one) or, with
+    ``groups`` (one modality code per row), a :class:`~medssl.networks.heads.PerModalityPrototypes` (each row scored
+    against its own modality's prototypes). Returns ``{"assignments": (N,) long, "n_prototypes": K, "groups": ...}``.
+    """
+    embeddings = embeddings.detach()
+    index = torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
+    if groups is None:
+        scores = prototypes(embeddings)
+        scores = scores[0] if isinstance(scores, (list, tuple)) else scores
+        return {"assignments": scores.argmax(dim=1), "n_prototypes": int(scores.shape[1])}
+    groups = [str(g) for g in groups]
+    if len(groups) != embeddings.shape[0]:
+        raise ValueError(f"prototype_assignments: {len(groups)} groups for {embeddings.shape[0]} rows")
+    k = 0
+    for group in sorted(set(groups)):
+        rows = torch.tensor([i for i, g in enumerate(groups) if g == group], device=embeddings.device)
+        scores = prototypes[group](embeddings.index_select(0, rows))
+        scores = scores[0] if isinstance(scores, (list, tuple)) else scores
+        index[rows] = scores.argmax(dim=1)
+        k = int(scores.shape[1])
+    return {"assignments": index, "n_prototypes": k, "groups": groups}
