@@ -1,4 +1,4 @@
-"""Tensor and module conversions every layer needs: MetaTensor → plain tensor, and a module without its DDP wrapper."""
+"""Conversions every layer needs: a MetaTensor as a plain tensor, and a module without its DDP wrapper."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Chaining pretraining stages: the encoder tensors of a previous stage's checkpoint loaded into the next stage's module.
+"""Chaining pretraining stages: a previous stage's encoder tensors loaded into the next stage's module.
 
 The joint image-volume bundle (``bundles/ssl_joint_image_volume_pretrain``) trains in three stages, each from the
 previous one's ``ckpt_dir``; its stage files build the backbone as ::
 
-    "backbone": "$medssl.weights.load_stage_weights(@encoder, @pretrained_path, @pretrained_source_key, @pretrained_target_key)"
+    "backbone": "$medssl.weights.load_stage_weights(@encoder, @pretrained_path, @pretrained_source_key,
+                                                    @pretrained_target_key)"
 
 (stage 1 ``backbone`` → stage 2 ``encoder.slice_encoder.backbone``; stage 2 ``encoder`` → stage 3 ``backbone``), so
 the method (:mod:`medssl.methods.joint_volume`) receives an already loaded module and does no I/O itself.
