@@ -558,7 +558,7 @@ def test_learn_generators_reject_unknown_classes():
 
 
 def test_random_init_knn_reports_every_modality_and_encoder(learn, capsys):
-    from medssl.data.learnability import _main, random_init_knn
+    from medssl.evaluation.random_init import _main, random_init_knn
 
     root, _ = learn
     results = random_init_knn(root / "datalist_learn.json", ["PATH", "MR"], ["resnet_small_2d", "resnet_small_3d"],
@@ -577,7 +577,7 @@ def test_random_init_knn_reports_every_modality_and_encoder(learn, capsys):
 def test_full_learn_build_and_random_init_knn_at_most_chance_plus_15_points(tmp_path):
     """The full build (timed, printed; the figure in DEMO_DATA.md) and the documented target: random-init kNN of the
     quick start's ResNet and raw-pixel kNN at most 1/3 + 0.15 on every modality."""
-    from medssl.data.learnability import random_init_knn
+    from medssl.evaluation.random_init import random_init_knn
 
     started, cpu = time.perf_counter(), time.process_time()
     build_demo_dataset(tmp_path / "full", seed=0)

@@ -60,7 +60,7 @@ def main(
         print(f"labels: one range per modality, offsets {learn_list['label_offsets']} (see README.md)")
     print(f"built or reused in {seconds:.1f} s")
     if check:
-        from medssl.data.learnability import _main as check_learnability
+        from medssl.evaluation.random_init import _main as check_learnability  # torch + networks: --check only
 
         check_learnability([str(path.parent)])
 
