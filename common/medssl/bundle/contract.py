@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import medssl
+
 __all__ = [
     "BundleReport",
     "META_SCHEMA_PATH",
@@ -109,8 +111,6 @@ def _load_json(path: Path, report: BundleReport, where: str):
 def verify_metadata(meta: dict, report: BundleReport, bundle_name: str | None = None) -> None:
     """Schema, name, changelog and medssl pin checks of a parsed ``metadata.json``."""
     import jsonschema
-
-    import medssl
 
     schema = json.loads(META_SCHEMA_PATH.read_text())
     validator = jsonschema.Draft7Validator(schema)

@@ -1155,6 +1155,7 @@ def _remove(out: Path, names: tuple[str, ...] | list[str]) -> None:
 
 
 def _learn_owned() -> tuple[str, ...]:
+    # imported here: medssl.data.learnability imports this module at its top (a cycle)
     from .learnability import LEARN_DATALISTS
 
     return ("learn", *LEARN_DATALISTS)
@@ -1163,6 +1164,7 @@ def _learn_owned() -> tuple[str, ...]:
 def _learn_is_current(out: Path, seed: int) -> bool:
     """True when ``out/datalist_learn.json`` was built by this version with ``seed`` and the current per-class
     counts, and all its files exist."""
+    # imported here: medssl.data.learnability imports this module at its top (a cycle)
     from .learnability import LEARN_DATALISTS, learn_builder_info
 
     try:
@@ -1177,6 +1179,7 @@ def _learn_is_current(out: Path, seed: int) -> bool:
 
 def _build_learn(out: Path, seed: int, workers: int) -> None:
     """(Re)build the learnability set and write its datalists, ``datalist_learn.json`` last and atomically."""
+    # imported here: medssl.data.learnability imports this module at its top (a cycle)
     from .learnability import LEARN_DATALISTS, build_learnability_set, learn_builder_info, learn_datalists
 
     _remove(out, _learn_owned())

@@ -24,7 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monai.data import CacheDataset, Dataset
+
 from .datalist import load_datalist
+from .presets import ModalityIntensityd
+from .readers import EnsureChannelsd, LoadMedicalImaged
+from .robust import SafeDataset
+from .samplers import SeededDataset
 
 __all__ = ["load_items", "loading_transforms", "make_dataset", "PIPELINE_KEYS"]
 
@@ -129,9 +135,6 @@ def loading_transforms(
     Returns a list of MONAI transforms, to be extended with a bundle's augmentations (``Compose(front + augs)``).
     ``channels=None`` keeps each image's own channel count (only safe when every image has the same).
     """
-    from .presets import ModalityIntensityd
-    from .readers import EnsureChannelsd, LoadMedicalImaged
-
     keys = [keys] if isinstance(keys, str) else list(keys)
     transforms: list[Any] = [LoadMedicalImaged(keys=keys, orientation=orientation)]
     if channels is not None:
@@ -164,11 +167,6 @@ def make_dataset(
     another item of the same modality and dimension, warn, and stop after ``max_bad_items`` distinct bad files).
     ``index_key`` (e.g. ``"index"``): put each sample's dataset index under that key (DeepCluster-v2's memory bank).
     """
-    from monai.data import CacheDataset, Dataset
-
-    from .robust import SafeDataset
-    from .samplers import SeededDataset
-
     items = list(items)
     if cache_rate and cache_rate > 0:
         base = CacheDataset(data=items, transform=transform, cache_rate=cache_rate, num_workers=cache_num_workers)

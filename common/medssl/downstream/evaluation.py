@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
+from medssl.evaluation.features import extract_features
+from medssl.evaluation.metrics import classification_metrics, write_metric_reports
 from medssl.utils.dist import get_rank, get_world_size, is_main_process
 from medssl.utils.io import atomic_torch_save, atomic_write_text
 from medssl.utils.tensors import unwrap_module
@@ -97,8 +99,6 @@ def predict_probabilities(
 ) -> Predictions:
     """Class probabilities of every item of ``data_loader`` (collective in a distributed run: every rank calls it
     with its share of the items and gets all of them). The network runs in eval mode under no_grad."""
-    from medssl.evaluation.features import extract_features
-
     logits, labels, extras = extract_features(
         network,
         data_loader,
@@ -178,8 +178,6 @@ def evaluate_classification(
     """Metrics of ``network`` on the labelled items of ``data_loader``; rank 0 writes ``<output_dir>/<name>.csv``
     (per case: label, prediction, probabilities) and ``<output_dir>/<name>_summary.json`` (the metrics of
     :func:`medssl.evaluation.metrics.classification_metrics`, plus the task description). Returns the metrics."""
-    from medssl.evaluation.metrics import classification_metrics, write_metric_reports
-
     predictions = predict_probabilities(network, data_loader, multi_label=multi_label, device=device, amp=amp)
     if predictions.labels is None:
         raise ValueError(
@@ -224,8 +222,6 @@ class ClassificationValidator:
         self.device, self.amp = device, amp
 
     def __call__(self, network: nn.Module) -> dict[str, float]:
-        from medssl.evaluation.metrics import classification_metrics
-
         predictions = predict_probabilities(
             network, self.data_loader, multi_label=self.multi_label, device=self.device, amp=self.amp
         )

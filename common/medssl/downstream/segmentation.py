@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from medssl.evaluation.metrics import segmentation_case_metrics, summarise_rows, write_metric_reports
 from medssl.utils.dist import is_main_process
 
 __all__ = ["SegmentationMetricsHandler", "case_name"]
@@ -107,8 +108,6 @@ class SegmentationMetricsHandler:
         self.rows = []
 
     def _collect(self, engine: Engine) -> None:
-        from medssl.evaluation.metrics import segmentation_case_metrics
-
         outputs = engine.state.output
         if isinstance(outputs, dict):
             raise ValueError(
@@ -134,8 +133,6 @@ class SegmentationMetricsHandler:
             self.rows.append({"case": case_name(sample, len(self.rows)), **metrics})
 
     def _finish(self, engine: Engine) -> None:
-        from medssl.evaluation.metrics import summarise_rows, write_metric_reports
-
         summary = summarise_rows(self.rows)
         self.summary = {key: stats["mean"] for key, stats in summary.items()}
         for key, value in self.summary.items():

@@ -14,6 +14,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.data.pipeline import make_dataset
+from medssl.evaluation.cache import cached_embeddings, encoder_fingerprint
+from medssl.weights import load_pretrained_encoder
+
 from .task import check_finetune_mode, get_submodule
 
 __all__ = ["prepare_network", "training_dataset", "cached_feature_items", "as_float", "no_pretrained"]
@@ -58,8 +62,6 @@ def prepare_network(
             "(set pretrained_path, or finetune_mode 'scratch' for the random-initialisation baseline)"
         )
         return network
-    from medssl.weights import load_pretrained_encoder
-
     load_pretrained_encoder(  # logs / prints its report (what loaded, what did not, preprocessing warnings)
         network,
         str(pretrained_path),
@@ -108,8 +110,6 @@ def cached_feature_items(
     ``{features_key: (D,) float32, label_key: label, "case": image path}`` for a head-only training set.
     ``transform`` must be deterministic (the evaluation preprocessing: no augmentation). Collective in a
     distributed run (every rank calls it and gets every item)."""
-    from medssl.evaluation.cache import cached_embeddings, encoder_fingerprint
-
     encoder = get_submodule(network, encoder_prefix, owner="cached_feature_items")
     if device is not None:
         encoder.to(device)
@@ -176,8 +176,6 @@ def training_dataset(
       holds ``{"features", "label", "case"}`` items: :class:`medssl.downstream.SupervisedTask` then runs only the
       head. Augmentation does not apply to cached features (the seeds' linear evaluations use none).
     """
-    from medssl.data.pipeline import make_dataset
-
     check_finetune_mode(finetune_mode)
     if finetune_mode == "linear" and cache_features:
         if network is None or feature_transform is None:

@@ -33,8 +33,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.evaluation.features import extract_features
 from medssl.utils.dist import get_rank
 from medssl.utils.io import atomic_torch_save
+from medssl.weights.export import load_manifest
 
 __all__ = ["EmbeddingSet", "encoder_fingerprint", "embedding_cache_key", "cached_embeddings"]
 
@@ -62,8 +64,6 @@ def encoder_fingerprint(encoder: nn.Module | None = None, manifest_path: str | P
     ``backbone`` spec (no need to hash the weights again)."""
     digest = hashlib.sha256()
     if manifest_path is not None:
-        from medssl.weights.export import load_manifest
-
         manifest = load_manifest(manifest_path)
         if not manifest.get("encoder_sha256"):
             raise ValueError(f"{manifest['_manifest_path']}: no encoder_sha256 to fingerprint the encoder with")
@@ -158,8 +158,6 @@ def cached_embeddings(
     Every rank of a distributed run gets all N embeddings; only rank 0 writes the cache file.
     """
     from monai.data import DataLoader, Dataset
-
-    from .features import extract_features
 
     items = list(items)
     if not items:

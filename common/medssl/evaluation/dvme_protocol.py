@@ -65,10 +65,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from medssl.data.pipeline import load_items
+from medssl.evaluation.cache import cached_embeddings, encoder_fingerprint
+from medssl.evaluation.metrics import classification_metrics, write_metric_reports
+from medssl.evaluation.plots import EmbeddingPanel, plot_attention_map, plot_embedding_panels, tsne_embedding
+from medssl.networks import DVME
 from medssl.utils.dist import all_gather_object, barrier, get_rank, get_world_size
 from medssl.utils.imports import locate
 from medssl.utils.io import atomic_torch_save, atomic_write_text, file_sha256
 from medssl.utils.tensors import as_plain_tensor
+from medssl.weights.export import MANIFEST_FORMAT, build_encoder_from_manifest, load_manifest, write_encoder_files
 
 __all__ = [
     "EncoderSpec",
@@ -199,8 +205,6 @@ def build_encoder(spec: EncoderSpec) -> nn.Module:
     """The encoder of ``spec`` (weights loaded strictly from the exported file, or randomly initialised from
     ``backbone``), wrapped in :class:`EmbeddingFunction` when ``embed_fn`` is set or when it takes more than one
     channel (grey images are then repeated). Returned in eval mode."""
-    from medssl.weights.export import build_encoder_from_manifest, load_manifest
-
     if spec.path is not None:
         encoder = build_encoder_from_manifest(load_manifest(spec.path))
     else:
@@ -235,8 +239,6 @@ def write_random_encoders(
 
     Returns the ``encoders`` list for :class:`DVMEProtocol`: ``[{"name", "path", "embed_fn"?}]``.
     """
-    from medssl.weights.export import MANIFEST_FORMAT, load_manifest, write_encoder_files
-
     out_dir = Path(out_dir)
     specs = []
     for name, backbone in backbones.items():
@@ -310,8 +312,6 @@ class SingleEncoderHead(nn.Module):
 
 def _make_head(model: str, embed_dims: Mapping[str, int], num_classes: int, proj_dim: int, dropout: float,
                seed: int) -> nn.Module:
-    from medssl.networks import DVME
-
     with torch.random.fork_rng(devices=[]):  # seeded init, global RNG untouched
         torch.manual_seed(seed)
         if model == "dvme":
@@ -520,8 +520,6 @@ def predict_probabilities(
 
 
 def _auc(probs: torch.Tensor, labels: torch.Tensor, ordinal: bool, class_names: Sequence[str] | None) -> dict:
-    from .metrics import classification_metrics
-
     return classification_metrics(probs, labels, ordinal=ordinal, class_names=class_names)
 
 
@@ -772,8 +770,6 @@ class DVMEProtocol:
 
     # ------------------------------------------------------------------ data
     def _load_items(self, section: str) -> list[dict]:
-        from medssl.data.pipeline import load_items
-
         items = load_items(self.datalist, section, self.dataset_dir, dims=self.dims,
                            keys=["image", "modality", "dim", "label"], labelled_only="class", max_items=self.max_items)
         for i, it in enumerate(items):
@@ -802,8 +798,6 @@ class DVMEProtocol:
 
     def embed(self) -> dict[str, FeatureSplit]:
         """Embed the training / validation / test items with every encoder (cached). Sets ``self.splits``."""
-        from .cache import cached_embeddings, encoder_fingerprint
-
         for section in ("training", "validation", "test"):
             self.items[section] = self._load_items(section)
         if not self.items["training"] or not self.items["test"]:
@@ -993,9 +987,6 @@ class DVMEProtocol:
         return model.eval()
 
     def write_outputs(self) -> dict[str, Path]:
-        from .metrics import write_metric_reports
-        from .plots import EmbeddingPanel, plot_attention_map, plot_embedding_panels, tsne_embedding
-
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         summary: dict[str, Any] = {"regimes": dict(self.regimes), "folds": self.folds, "mode": self.mode,
@@ -1068,8 +1059,6 @@ def evaluate_classifier(network: nn.Module, items: Sequence[Mapping[str, Any]], 
     (:func:`medssl.evaluation.metrics.classification_metrics`). ``class_names`` default: ``network.class_names``
     (set by :meth:`DVMEImageClassifier.from_checkpoint`), else "0", "1", ..."""
     from monai.data import DataLoader, Dataset
-
-    from .metrics import classification_metrics, write_metric_reports
 
     items = list(items)
     if not items:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import medssl
 from medssl.utils.imports import locate
 from medssl.utils.io import atomic_write, atomic_write_text, file_sha256
 
@@ -272,8 +273,6 @@ def export_encoder(
                 f"export_encoder: manifest {name}={fields[name]!r} but the backbone built from "
                 f"manifest['backbone'] has {name}={value!r}"
             )
-
-    import medssl
 
     engine_state = checkpoint.get("engine") if isinstance(checkpoint, Mapping) else None
     record: dict[str, Any] = {
