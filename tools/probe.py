@@ -3,7 +3,7 @@
 Usage:
     python tools/probe.py --encoder ENCODER.json --datalist DATALIST.json [--dataset-dir DIR] \\
         [--method knn|linear|both] [--label-fraction 1.0] [--seeds 5] [--k 20] [--image-size 224] \\
-        [--train-section training] [--test-section test] [--dims 2] [--cache-dir DIR] [--out results.json]
+        [--train-section training] [--test-section test] [--dims 2] [--cache-dir DIR] [--max-c 100] [--out results.json]
     python tools/probe.py --encoder random:resnet50 ...     # the random-initialisation baseline (see below)
 
 What it does:
@@ -106,28 +106,22 @@ def _encoder_dims(module: torch.nn.Module, manifest: dict, dims: int | None) -> 
 def run_probe(
     encoder: str,
     datalist: str,
-    dataset_dir: str | None = None,
     method: str = "both",
     label_fraction: float = 1.0,
     seeds: int = 5,
     k: int = 20,
     temperature: float = 0.07,
-    image_size: Any = None,
-    train_section: str = "training",
-    test_section: str = "test",
-    dims: int | None = None,
-    cache_dir: str | None = None,
-    batch_size: int = 8,
-    max_items: int | None = None,
-    device: str | None = None,
+    max_c: float = 100.0,
+    **embed_options: Any,
 ) -> dict[str, Any]:
     """Run the probes; returns ``{"encoder", "n_train", "n_test", "label_fraction", "seeds", "results": {method:
-    {metric: {"mean", "ci95", "values"}}}}``."""
+    {metric: {"mean", "ci95", "values"}}}}``. ``embed_options`` go to :func:`embed_sections` (``dataset_dir``,
+    ``image_size``, ``train_section``, ``test_section``, ``dims``, ``cache_dir``, ``batch_size``, ``max_items``,
+    ``device``)."""
     if method not in ("knn", "linear", "both"):
         raise ValueError(f"--method {method!r}: choose knn, linear or both")
-    data = embed_sections(encoder, datalist, dataset_dir, image_size, train_section, test_section, dims, cache_dir,
-                          batch_size, max_items, device)
-    return score_probes(data, method, label_fraction, seeds, k, temperature)
+    data = embed_sections(encoder, datalist, **embed_options)
+    return score_probes(data, method, label_fraction, seeds, k, temperature, max_c)
 
 
 def embed_sections(
