@@ -3,7 +3,8 @@
 Usage:
     python tools/probe.py --encoder ENCODER.json --datalist DATALIST.json [--dataset-dir DIR] \\
         [--method knn|linear|both] [--label-fraction 1.0] [--seeds 5] [--k 20] [--image-size 224] \\
-        [--train-section training] [--test-section test] [--dims 2] [--cache-dir DIR] [--max-c 100] [--out results.json]
+        [--train-section training] [--test-section test] [--dims 2] [--cache-dir DIR] [--max-c 100] \\
+        [--out results.json]
     python tools/probe.py --encoder random:resnet50 ...     # the random-initialisation baseline (see below)
 
 What it does:
