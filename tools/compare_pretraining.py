@@ -19,8 +19,9 @@ comparison resumes):
 3. probes every encoder and a randomly initialised encoder of the same architecture ("random") on the frozen
    features of its own dimensionality (``tools/probe.py``): kNN and logistic regression trained on a stratified
    ``--fractions`` share of the labelled training items (1 %, 10 %, 100 %), scored on the test section, over
-   ``--seeds`` label-subset seeds x ``--pretrain-seeds``: mean and 95 % CI (Student t). Labels are the learnability
-   set's flat classes, three per modality (chance within a modality 1/3);
+   ``--seeds`` label-subset seeds x ``--pretrain-seeds``: mean and 95 % CI (Student t); the logistic probe's
+   cross-validation tries C = 1e-3, 1e-2, 1e-1 (weaker regularisation takes many more iterations). Labels are the
+   learnability set's flat classes, three per modality (chance within a modality 1/3);
 4. fine-tunes ``xray_classification`` on 10 % of the learnability set's X-ray items from each 2D encoder and from
    scratch (``--finetune-epochs``, 0 = skip), one seed, and reports test accuracy;
 5. prints one markdown table -- with a verdict per method: does its linear probe at 10 % labels beat random with
@@ -155,8 +156,8 @@ def _encoder_overrides(task: str, manifest: dict) -> tuple[list[str], dict[str, 
         if task == "xray_classification":
             enc = {"_target_": target, "decoder": False, "spatial_dims": 2, "in_channels_2d": "@in_channels",
                    "img_size_2d": "@image_size"}
-            enc.update({k: v for k, v in kwargs.items() if k in ("dims", "decoder_dims", "depths", "num_heads", "sr_ratios",
-                                                                 "stem_channels", "mlp_ratio")})
+            mit_keys = ("dims", "decoder_dims", "depths", "num_heads", "sr_ratios", "stem_channels", "mlp_ratio")
+            enc.update({k: v for k, v in kwargs.items() if k in mit_keys})
             return ["configs/mit.json"], {"encoder_mit": enc, "image_size": size if isinstance(size, int) else size[0]}
         seg = {"mit_variant": variant, "mit_img_size": size if isinstance(size, int) else size[0]}
         if "dims" in kwargs:
@@ -254,9 +255,10 @@ def compare(
                     data = probe.embed_sections(path, datalist, str(dataset), dims=dims,
                                                 cache_dir=str(work / "feature_cache"), batch_size=32)
                     for fraction in fractions:
-                        result = probe.score_probes(data, "both", fraction, seeds, k=10)
+                        result = probe.score_probes(data, "both", fraction, seeds, k=10, max_c=0.1)
                         for m in ("knn", "linear"):
-                            values.setdefault(f"{m}@{fraction:g}", []).extend(result["results"][m]["accuracy"]["values"])
+                            accuracy = result["results"][m]["accuracy"]["values"]
+                            values.setdefault(f"{m}@{fraction:g}", []).extend(accuracy)
                 for key, vals in values.items():
                     mean, half = probe._ci95(vals)
                     row[key] = {"mean": mean, "ci95": half, "values": vals}
