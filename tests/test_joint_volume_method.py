@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from medssl.methods.joint_volume import HybridVolumeBackbone, MaskedSliceEmbeddingPrediction, masked_embedding_loss
+from medssl.losses import masked_embedding_loss
+from medssl.methods.joint_volume import MaskedSliceEmbeddingPrediction
+from medssl.networks import HybridVolumeBackbone
 from medssl.methods.swav import SwAV
 from medssl.networks.backbones import ResNetBackbone
 from medssl.weights.stages import load_stage_weights as load_pretrained

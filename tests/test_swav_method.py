@@ -16,7 +16,9 @@ from medssl.engines.checkpoint import CheckpointHandler
 from medssl.engines.clustering_handlers import FreezePrototypesHandler, SwAVQueueHandler
 from medssl.engines.trainer import SSLTrainer
 from medssl.losses import SwAVLoss
-from medssl.methods.swav import UNLABELLED, ClassLabeld, SwAV, forward_multi_crop
+from medssl.methods.base import forward_multi_crop
+from medssl.methods.swav import SwAV
+from medssl.transforms import UNLABELLED, ClassLabeld
 
 LARGE, SMALL = 12, 6
 

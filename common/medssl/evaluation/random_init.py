@@ -25,7 +25,7 @@ import medssl.networks as networks
 from medssl.data.learnability import LABEL_OFFSETS, LEARN_CLASSES, LEARN_DIMS
 from medssl.data.pipeline import load_items, loading_transforms
 from medssl.evaluation.knn import knn_accuracy
-from medssl.methods.joint_volume import HybridVolumeBackbone
+from medssl.networks.hybrid_volume import HybridVolumeBackbone
 
 __all__ = ["RANDOM_INIT_ENCODERS", "random_init_knn"]
 

@@ -1,4 +1,5 @@
-"""medssl.losses: SSL objectives, each owning its distributed logic (Sinkhorn, SwAV, DeepCluster-v2)."""
+"""medssl.losses: SSL objectives, each owning its distributed logic (Sinkhorn, SwAV, DeepCluster-v2, DINO, the
+hybrid supervised term, the masked slice-embedding loss)."""
 
 from .deepcluster import IGNORE_INDEX, DeepClusterV2Loss, MemoryBank, cluster_memory_bank, spherical_kmeans
 from .sinkhorn import sinkhorn_knopp
@@ -12,3 +13,5 @@ from .swav import (
     split_crops,
 )
 from .dino import DINOLoss
+from .masked_embedding import masked_embedding_loss
+from .supervised import supervised_loss

@@ -1,7 +1,7 @@
 """medssl.methods: one class per SSL method (backbone + head + loss), exposing training_step and parameter_groups."""
 
-from .base import SSLMethod, build_param_groups
+from .base import SSLMethod, build_param_groups, crops_from_batch, forward_multi_crop
 from .deepcluster import DeepClusterV2
-from .swav import UNLABELLED, ClassLabeld, SwAV
+from .swav import SwAV
 from .unimiss import DistillationNetwork, UniMiSS
-from .joint_volume import HybridVolumeBackbone, MaskedSliceEmbeddingPrediction, masked_embedding_loss
+from .joint_volume import MaskedSliceEmbeddingPrediction

@@ -19,12 +19,15 @@ tricks (EMA teachers, queues, schedules).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-__all__ = ["SSLMethod", "build_param_groups"]
+from medssl.utils.tensors import as_plain_tensor
+
+__all__ = ["SSLMethod", "build_param_groups", "crops_from_batch", "forward_multi_crop"]
 
 
 def build_param_groups(
@@ -73,6 +76,38 @@ def build_param_groups(
     return groups
 
 
+# --------------------------------------------------------------------------------------------- batch helpers
+def crops_from_batch(batch: Mapping[str, Any], crops_key: str, owner: str) -> list[torch.Tensor]:
+    """The list of crop tensors ``batch[crops_key]`` (each (B, C, *spatial), the same B), checked."""
+    if not isinstance(batch, Mapping) or crops_key not in batch:
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise KeyError(f"{owner}: the batch has no {crops_key!r} entry (the list of crops); batch keys: {keys}")
+    crops = batch[crops_key]
+    if isinstance(crops, torch.Tensor) or not isinstance(crops, (list, tuple)) or not crops:
+        raise TypeError(
+            f"{owner}: batch[{crops_key!r}] must be a non-empty list of crop tensors (B, C, *spatial), large crops "
+            f"first; got {type(crops).__name__}"
+        )
+    sizes = {int(c.shape[0]) for c in crops}
+    if len(sizes) != 1:
+        raise ValueError(f"{owner}: the crops hold different batch sizes {[int(c.shape[0]) for c in crops]}")
+    return [as_plain_tensor(c) for c in crops]
+
+
+def forward_multi_crop(backbone: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Backbone features of every crop, stacked view-major (V·B, F): one forward per run of consecutive crops of
+    the same spatial size (multi-crop: 2 large + N small crops give two forwards)."""
+    features, start = [], 0
+    while start < len(crops):
+        end = start + 1
+        while end < len(crops) and crops[end].shape[1:] == crops[start].shape[1:]:
+            end += 1
+        features.append(backbone(torch.cat(list(crops[start:end]), dim=0)))
+        start = end
+    return torch.cat(features, dim=0) if len(features) > 1 else features[0]
+
+
+# --------------------------------------------------------------------------------------------- base class
 class SSLMethod(nn.Module, abc.ABC):
     """Base class of the self-supervised methods (see the module docstring for the protocol).
 

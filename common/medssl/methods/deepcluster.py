@@ -31,8 +31,7 @@ import torch
 import torch.nn as nn
 
 from medssl.losses import IGNORE_INDEX, DeepClusterV2Loss, MemoryBank, SwAVPrototypes, cluster_memory_bank
-from medssl.methods.base import SSLMethod, build_param_groups
-from medssl.methods.swav import crops_from_batch, forward_multi_crop
+from medssl.methods.base import SSLMethod, build_param_groups, crops_from_batch, forward_multi_crop
 from medssl.networks.heads import ProjectionHead, prototype_assignments
 from medssl.utils.dist import PerRankState, all_reduce_sum, get_rank, get_world_size
 

@@ -7,11 +7,11 @@
   replaces 10 % of the slice embeddings; f_inter contextualises them and f_decode (Linear D → D) predicts the
   missing embeddings; squared error on the masked slices only.
 * Stage 3 (L_3D, Eq. 11–12): :class:`medssl.methods.SwAV` (or ``DeepClusterV2``) with
-  :class:`HybridVolumeBackbone` as backbone: the two views' volume embeddings Z_s, Z_t (L2-normalised means of
-  f_inter over slices) predict each other's Sinkhorn codes computed over the batch of volumes; f_intra and f_inter
-  are trained jointly. The clustering methods put their projection head between Z and the prototypes; the bundle
-  uses ``hidden_dim = 0`` (one linear layer), the closest to the paper's Z · Cᵀ that keeps one implementation of
-  SwAV and DeepCluster-v2.
+  :class:`medssl.networks.HybridVolumeBackbone` as backbone: the two views' volume embeddings Z_s, Z_t
+  (L2-normalised means of f_inter over slices) predict each other's Sinkhorn codes computed over the batch of
+  volumes; f_intra and f_inter are trained jointly. The clustering methods put their projection head between Z and
+  the prototypes; the bundle uses ``hidden_dim = 0`` (one linear layer), the closest to the paper's Z · Cᵀ that
+  keeps one implementation of SwAV and DeepCluster-v2.
 * The stages are chained through ``pretrained_path`` outside this module: the bundle builds each stage's backbone
   with :func:`medssl.weights.load_stage_weights`, which copies the encoder tensors of the previous stage's checkpoint
   into it (stage 1 ``backbone`` → stage 2 ``encoder.slice_encoder.backbone``; stage 2 ``encoder`` → stage 3
@@ -28,56 +28,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medssl.methods.base import SSLMethod, build_param_groups
-from medssl.methods.swav import crops_from_batch
+from medssl.losses.masked_embedding import masked_embedding_loss
+from medssl.methods.base import SSLMethod, build_param_groups, crops_from_batch
 from medssl.networks.hybrid_volume import HybridVolumeEncoder, random_slice_mask
 from medssl.utils.dist import get_rank
 from medssl.utils.tensors import as_plain_tensor
 
-__all__ = [
-    "HybridVolumeBackbone",
-    "MaskedSliceEmbeddingPrediction",
-    "masked_embedding_loss",
-]
-
-
-# --------------------------------------------------------------------------------------------- stage 3 backbone
-class HybridVolumeBackbone(HybridVolumeEncoder):
-    """:class:`~medssl.networks.HybridVolumeEncoder` as a backbone of the clustering methods (stage 3).
-
-    Same arguments, sub-modules and state-dict keys; adds ``feature_dim`` = D, the size of the volume embedding Z
-    that ``forward`` returns for a (B, C, X, Y, Z) volume (depth last), which :class:`medssl.methods.SwAV` and
-    :class:`medssl.methods.DeepClusterV2` read. The [MASK] embedding (``mask_embedding``), which a backbone's forward
-    never uses, does not require a gradient (an unused trainable parameter stops DistributedDataParallel);
-    :class:`MaskedSliceEmbeddingPrediction` makes it trainable again for stage 2.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.mask_embedding.requires_grad_(False)
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.embed_dim)
+__all__ = ["MaskedSliceEmbeddingPrediction"]
 
 
 # --------------------------------------------------------------------------------------------- stage 2
-def masked_embedding_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L_mask (seed 000 Eq. 15): squared error Σ_d (f_decode(h)_{b,j,d} − e_{b,j,d})² summed over the masked slices
-    only and divided by their number (the paper sums over masked slices; the mean keeps the scale independent of
-    B and F). ``prediction``, ``target``: (B, F, D); ``mask``: (B, F) bool, True = masked."""
-    if prediction.shape != target.shape or mask.shape != prediction.shape[:2]:
-        raise ValueError(
-            f"masked_embedding_loss: prediction {tuple(prediction.shape)}, target {tuple(target.shape)} and mask "
-            f"{tuple(mask.shape)} must be (B, F, D), (B, F, D) and (B, F)"
-        )
-    mask = mask.to(torch.bool)
-    if not bool(mask.any()):
-        raise ValueError("masked_embedding_loss: the mask selects no slice")
-    error = (prediction.float() - target.float()).pow(2).sum(dim=-1)  # (B, F)
-    return error[mask].sum() / mask.sum()
-
-
 class MaskedSliceEmbeddingPrediction(SSLMethod):
     """Stage 2 of seed 000: masked slice-embedding prediction with f_intra frozen (Eq. 13–15).
 
@@ -89,7 +49,7 @@ class MaskedSliceEmbeddingPrediction(SSLMethod):
     2. M: ceil(``mask_ratio`` · F) slices per volume (7 of 64 at 10 %), drawn from a CPU generator reseeded at every
        step from (``seed``, iteration, rank);
     3. h = f_inter(e with e_M replaced by the learnable [MASK]); ê = f_decode(h) (Linear D → D);
-    4. loss = :func:`masked_embedding_loss` (ê, e, M).
+    4. loss = :func:`medssl.losses.masked_embedding_loss` (ê, e, M).
 
     The target e comes from the frozen f_intra (projection included): were the projection trainable, collapsing it to
     zero would make the target trivially predictable.

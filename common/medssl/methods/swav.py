@@ -18,8 +18,9 @@ One step (Caron et al. 2020, facebookresearch/swav ``main_swav.py``; Ghesu et al
 Class labels in the batch (the collate-side convention): ``batch["label"]`` is a long tensor (B,) with the class
 index of labelled items and −1 for unlabelled ones, or a float tensor (B, num_classes) of 0/1 targets with rows of
 −1 for unlabelled items; a missing ``"label"`` key means no item is labelled. Datalist labels are an int (class),
-a list (multi-label vector) or a str (a segmentation mask path: not a class label); put :class:`ClassLabeld` in
-the item transforms so that every item gets such a target (mixed int / str labels cannot be collated otherwise).
+a list (multi-label vector) or a str (a segmentation mask path: not a class label); put
+:class:`medssl.transforms.ClassLabeld` in the item transforms so that every item gets such a target (mixed int / str
+labels cannot be collated otherwise).
 
 The queue (SwAV Sec. 4.1) is owned by the method (:attr:`SwAV.queues`: one :class:`medssl.losses.SwAVQueue` per
 rank, or one per modality) but created and started by :class:`medssl.engines.clustering_handlers.SwAVQueueHandler`;
@@ -29,178 +30,30 @@ prototype freezing is :class:`medssl.engines.clustering_handlers.FreezePrototype
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
 
-from medssl.losses import PerModalityPrototypes, SwAVLoss, SwAVPrototypes, SwAVQueue, per_modality_swav_loss
-from medssl.methods.base import SSLMethod, build_param_groups
+from medssl.losses import (
+    PerModalityPrototypes,
+    SwAVLoss,
+    SwAVPrototypes,
+    SwAVQueue,
+    per_modality_swav_loss,
+    supervised_loss,
+)
+from medssl.methods.base import SSLMethod, build_param_groups, crops_from_batch, forward_multi_crop
 from medssl.networks.heads import ProjectionHead, prototype_assignments
-from medssl.utils.dist import all_reduce_sum, get_rank, get_world_size
-from medssl.utils.tensors import as_plain_tensor
+from medssl.transforms.labels import UNLABELLED
+from medssl.utils.dist import get_rank, get_world_size
 
-__all__ = ["SwAV", "ClassLabeld", "UNLABELLED", "supervised_loss", "forward_multi_crop", "crops_from_batch"]
+__all__ = ["SwAV"]
 
 logger = logging.getLogger(__name__)
 
-UNLABELLED = -1
-"""Class target of an item without a class label (ignored by the hybrid head)."""
-
 _SHARED_QUEUE = ""  # key of the single queue in SwAV.queues when the prototypes are shared by all modalities
-
-
-# --------------------------------------------------------------------------------------------- shared helpers
-def crops_from_batch(batch: Mapping[str, Any], crops_key: str, owner: str) -> list[torch.Tensor]:
-    """The list of crop tensors ``batch[crops_key]`` (each (B, C, *spatial), the same B), checked."""
-    if not isinstance(batch, Mapping) or crops_key not in batch:
-        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-        raise KeyError(f"{owner}: the batch has no {crops_key!r} entry (the list of crops); batch keys: {keys}")
-    crops = batch[crops_key]
-    if isinstance(crops, torch.Tensor) or not isinstance(crops, (list, tuple)) or not crops:
-        raise TypeError(
-            f"{owner}: batch[{crops_key!r}] must be a non-empty list of crop tensors (B, C, *spatial), large crops "
-            f"first; got {type(crops).__name__}"
-        )
-    sizes = {int(c.shape[0]) for c in crops}
-    if len(sizes) != 1:
-        raise ValueError(f"{owner}: the crops hold different batch sizes {[int(c.shape[0]) for c in crops]}")
-    return [as_plain_tensor(c) for c in crops]
-
-
-def forward_multi_crop(backbone: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Backbone features of every crop, stacked view-major (V·B, F): one forward per run of consecutive crops of
-    the same spatial size (multi-crop: 2 large + N small crops give two forwards)."""
-    features, start = [], 0
-    while start < len(crops):
-        end = start + 1
-        while end < len(crops) and crops[end].shape[1:] == crops[start].shape[1:]:
-            end += 1
-        features.append(backbone(torch.cat(list(crops[start:end]), dim=0)))
-        start = end
-    return torch.cat(features, dim=0) if len(features) > 1 else features[0]
-
-
-# --------------------------------------------------------------------------------------------- labels
-class ClassLabeld(MapTransform):
-    """Datalist ``label`` → class target of the hybrid head (seed 002 Eq. 7), the same type for every item.
-
-    * single-label (``multi_label=False``): an int (Python / NumPy / 0-d array or tensor) → that class index as a
-      0-d long tensor; a str (a segmentation-mask path), None or a missing key → ``UNLABELLED`` (−1);
-    * multi-label (``multi_label=True``): a list / 1-D array of ``num_classes`` 0/1 values → a float tensor
-      (num_classes,); an int k → the one-hot vector of k; str / None / missing → a vector of −1.
-
-    Put it in the item transforms of SwAV pretraining with ``num_classes > 0`` (after loading, before collation).
-
-    Args:
-        keys: the label key(s) ("label").
-        num_classes: number of classes; class indices are checked against it (required for ``multi_label``).
-        multi_label: produce multi-label vectors.
-        allow_missing_keys: accepted for MONAI compatibility; a missing label key always means "unlabelled".
-
-    Raises:
-        ValueError: a class index outside [0, num_classes), a vector of the wrong length, a list label without
-            ``multi_label`` or a label of another type; the message names the item's image file when known.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "label",
-        num_classes: int | None = None,
-        multi_label: bool = False,
-        allow_missing_keys: bool = True,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if multi_label and not num_classes:
-            raise ValueError("ClassLabeld: multi_label=True needs num_classes")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"ClassLabeld: num_classes={num_classes} must be >= 1")
-        self.num_classes = num_classes
-        self.multi_label = multi_label
-
-    @staticmethod
-    def _where(data: Mapping) -> str:
-        image = data.get("image")
-        meta = getattr(image, "meta", None)
-        if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
-            return f"{meta['filename_or_obj']}: "
-        if isinstance(image, str):
-            return f"{image}: "
-        return ""
-
-    def _convert(self, value: Any, key: Hashable, where: str) -> torch.Tensor:
-        unlabelled = value is None or isinstance(value, str)
-        if self.multi_label:
-            if unlabelled:
-                return torch.full((self.num_classes,), float(UNLABELLED))
-            array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-            if array.ndim == 0 and array.dtype.kind in "iu":
-                return F.one_hot(torch.tensor(self._check_index(int(array), key, where)), self.num_classes).float()
-            if array.ndim != 1 or array.shape[0] != self.num_classes or array.dtype.kind not in "iufb":
-                raise ValueError(
-                    f"ClassLabeld: {where}{key!r} = {value!r}: expected a vector of {self.num_classes} 0/1 values, "
-                    "a class index, or a mask path / nothing (unlabelled)"
-                )
-            return torch.as_tensor(array.astype(np.float32))
-        if unlabelled:
-            return torch.tensor(UNLABELLED, dtype=torch.long)
-        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-        if isinstance(value, bool) or array.ndim != 0 or array.dtype.kind not in "iu":
-            raise ValueError(
-                f"ClassLabeld: {where}{key!r} = {value!r}: expected a class index (int) or a mask path / nothing "
-                "(unlabelled); a list is a multi-label vector (multi_label=True)"
-            )
-        return torch.tensor(self._check_index(int(array), key, where), dtype=torch.long)
-
-    def _check_index(self, index: int, key: Hashable, where: str) -> int:
-        if index < 0 or (self.num_classes is not None and index >= self.num_classes):
-            upper = self.num_classes if self.num_classes is not None else "num_classes"
-            raise ValueError(f"ClassLabeld: {where}{key!r} = {index} is outside [0, {upper})")
-        return index
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        where = self._where(d)
-        for key in self.keys:
-            d[key] = self._convert(d.get(key), key, where)
-        return d
-
-
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, n_views: int) -> tuple[torch.Tensor, int]:
-    """Hybrid term L_sup over the labelled items, averaged over the labelled (item, view) pairs of the GLOBAL batch.
-
-    ``logits`` (n_views·B, num_classes) view-major; ``labels`` (B,) long with −1 = unlabelled (cross-entropy), or
-    (B, num_classes) float with rows of −1 = unlabelled (binary cross-entropy, averaged over the classes). The sum
-    over this rank's pairs is divided by the global count (all-reduced) and multiplied by the world size, so that
-    after DistributedDataParallel's gradient averaging every labelled pair of the global batch weighs the same
-    whatever rank holds it. With no labelled item anywhere the loss is 0 (still connected to the graph).
-
-    Returns (L_sup, number of labelled items on this rank).
-    """
-    if labels.dim() == 1:
-        valid = labels >= 0
-    elif labels.dim() == 2:
-        valid = (labels >= 0).all(dim=1)
-    else:
-        raise ValueError(f"SwAV: class labels must be (B,) or (B, num_classes), got shape {tuple(labels.shape)}")
-    n_local = int(valid.sum())
-    count = torch.tensor([float(n_local * n_views)], device=logits.device)
-    all_reduce_sum(count)
-    logits = logits.float()
-    if n_local == 0:  # nothing labelled on this rank (the count above is still a collective of every rank)
-        return 0.0 * logits.sum(), n_local
-    valid_rows = valid.repeat(n_views)
-    targets = labels.repeat(n_views, *([1] * (labels.dim() - 1)))[valid_rows]
-    if labels.dim() == 1:
-        total = F.cross_entropy(logits[valid_rows], targets.long(), reduction="sum")
-    else:
-        total = F.binary_cross_entropy_with_logits(logits[valid_rows], targets.float(), reduction="none").mean(1).sum()
-    return total * get_world_size() / count[0], n_local
 
 
 # --------------------------------------------------------------------------------------------- SwAV
@@ -211,7 +64,7 @@ class SwAV(SSLMethod):
     (B, C, H, W), 3D (B, C, X, Y, Z) with the depth axis last —, the large (assignment) crops first; crops of
     different sizes are fine (one backbone forward per run of equal-size crops). ``batch[modality_key]`` the list
     of the B items' modality codes (needed with ``per_modality_prototypes``); ``batch[label_key]`` the class targets
-    (hybrid only, see the module docstring and :class:`ClassLabeld`).
+    (hybrid only, see the module docstring and :class:`medssl.transforms.ClassLabeld`).
 
     Args:
         backbone: f_θ, a module (B, C, *spatial) → (B, feature_dim) with a ``feature_dim`` attribute
@@ -451,7 +304,7 @@ class SwAV(SSLMethod):
         if not isinstance(labels, torch.Tensor):
             raise TypeError(
                 f"SwAV: batch[{self.label_key!r}] is a {type(labels).__name__}, not a tensor of class targets; put "
-                "medssl.methods.swav.ClassLabeld in the item transforms (−1 = unlabelled)"
+                "medssl.transforms.ClassLabeld in the item transforms (−1 = unlabelled)"
             )
         if labels.shape[0] != batch_size:
             raise ValueError(f"SwAV: {labels.shape[0]} labels for a batch of {batch_size}")

@@ -43,8 +43,7 @@ import torch
 import torch.nn as nn
 
 from medssl.losses.dino import DINOLoss
-from medssl.methods.base import SSLMethod
-from medssl.methods.swav import crops_from_batch
+from medssl.methods.base import SSLMethod, crops_from_batch
 from medssl.networks.dino_head import DINOHead
 
 __all__ = ["UniMiSS", "DistillationNetwork", "volume_slices", "match_channels"]

@@ -12,7 +12,13 @@ from .deformable_attention import (
     sinusoidal_positions,
     volume_embedding,
 )
-from .hybrid_volume import REFERENCE_PARAMETER_COUNTS, HybridVolumeEncoder, crop_or_pad_slices, random_slice_mask
+from .hybrid_volume import (
+    REFERENCE_PARAMETER_COUNTS,
+    HybridVolumeBackbone,
+    HybridVolumeEncoder,
+    crop_or_pad_slices,
+    random_slice_mask,
+)
 from .slice_encoder import SliceEncoder, volume_to_slices
 from .dino_head import DINOHead, WeightNormLinear
 from .mit import MIT_VARIANTS, MiT, mit_small, mit_tiny, resample_position_embedding

@@ -2,7 +2,7 @@
 
 :class:`EncoderClassifier` keeps the encoder as the sub-module ``encoder`` — an instance of the pretraining backbone
 class itself (:class:`~medssl.networks.ResNetBackbone` of seeds 000 / 002, :class:`~medssl.networks.MiT` of seed
-001, :class:`~medssl.networks.DenseNet3D` of seed 002, :class:`~medssl.methods.joint_volume.HybridVolumeBackbone` of
+001, :class:`~medssl.networks.DenseNet3D` of seed 002, :class:`~medssl.networks.HybridVolumeBackbone` of
 seed 000) — so that an exported encoder's state dict loads into ``encoder.*`` key for key
 (:func:`medssl.weights.load_pretrained_encoder` with ``encoder_prefix="encoder"``). The head is ``head``:
 

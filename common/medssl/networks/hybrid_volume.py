@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,7 +46,13 @@ import torch.nn.functional as F
 from .deformable_attention import DeformableSliceTransformer, volume_embedding
 from .slice_encoder import SliceEncoder
 
-__all__ = ["HybridVolumeEncoder", "crop_or_pad_slices", "random_slice_mask", "REFERENCE_PARAMETER_COUNTS"]
+__all__ = [
+    "HybridVolumeEncoder",
+    "HybridVolumeBackbone",
+    "crop_or_pad_slices",
+    "random_slice_mask",
+    "REFERENCE_PARAMETER_COUNTS",
+]
 
 #: Parameter counts of the authors' model (spec: seed 000; paper: 31.16 M), prototypes excluded.
 REFERENCE_PARAMETER_COUNTS = {
@@ -250,3 +257,22 @@ class HybridVolumeEncoder(nn.Module):
         }
         parts["total"] = sum(parts.values())
         return parts
+
+
+class HybridVolumeBackbone(HybridVolumeEncoder):
+    """:class:`~medssl.networks.HybridVolumeEncoder` as a backbone of the clustering methods (stage 3).
+
+    Same arguments, sub-modules and state-dict keys; adds ``feature_dim`` = D, the size of the volume embedding Z
+    that ``forward`` returns for a (B, C, X, Y, Z) volume (depth last), which :class:`medssl.methods.SwAV` and
+    :class:`medssl.methods.DeepClusterV2` read. The [MASK] embedding (``mask_embedding``), which a backbone's forward
+    never uses, does not require a gradient (an unused trainable parameter stops DistributedDataParallel);
+    :class:`medssl.methods.joint_volume.MaskedSliceEmbeddingPrediction` makes it trainable again for stage 2.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_embedding.requires_grad_(False)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.embed_dim)

@@ -21,5 +21,6 @@ from .views import (
     seed002_multicrop,
     view_nuisance_augmentations,
 )
+from .labels import UNLABELLED, ClassLabeld
 from .utility import PlainTensord
 from .unimiss_views import ByDimensiond, unimiss_augmentations_2d, unimiss_augmentations_3d  # unimiss_views: by module path
