@@ -7,7 +7,7 @@
     python tools/benchmark.py mit [--variant small] [--batch-2d 2] [--batch-3d 1] [--size-2d 224] [--size-3d 96,96,16]
     python tools/benchmark.py all [any option of energy and step]    (step part: --num-workers 0,2 by default)
 
-energy — the energy-band decomposition of seed 002 (``medssl.transforms.energy_bands``) against a straightforward
+energy — the energy-band decomposition of Ghesu et al. (``medssl.transforms.energy_bands``) against a straightforward
     ``scipy.ndimage.gaussian_filter`` cascade (same σ cascade, border mode and truncation, float32 input, spatial axes
     only) on ``size``×``size`` random images: ms per image for both (median over ``repeats`` images, calls
     interleaved, after one warm-up call each; both single-threaded), the speed-up and whether the goal (ours at least
@@ -101,7 +101,7 @@ def energy(
         size: images are ``size``×``size`` (2D, channel-first ``(channels, size, size)``).
         repeats: number of timed images (distinct random images; median reported).
         channels: channels per image.
-        sigmas: the σ cascade (default: seed 002's 1, 2, 4, 8, 16 pixels).
+        sigmas: the σ cascade (default: Ghesu et al.'s 1, 2, 4, 8, 16 pixels).
         mode: border mode of both implementations.
         truncate: Gaussian truncation of both implementations (scipy's rule).
         goal: the speed-up the project asks for (ours ≥ goal × faster than the baseline).
@@ -424,7 +424,7 @@ def mit(
     seed: int = 0,
 ) -> dict:
     """MiT forward + backward time on a 2D batch (``batch_2d`` × 3 × size_2d²) and a 3D batch (``batch_3d`` × 1 ×
-    size_3d, depth last: seed 001's 16×96×96 crops are 96×96×16 here), with our attention
+    size_3d, depth last: UniMiSS's 16×96×96 crops are 96×96×16 here), with our attention
     (``torch.nn.functional.scaled_dot_product_attention``) against the explicit softmax(QKᵀ)V attention, in the
     same run on the same weights. On a GPU it runs under bf16 autocast (``amp`` default: on with CUDA).
 

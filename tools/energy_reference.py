@@ -1,12 +1,12 @@
-"""Estimate the per-modality reference band energies of seed 002's energy-based augmentation.
+"""Estimate the per-modality reference band energies of Ghesu et al.'s energy-based augmentation (2022).
 
     python tools/energy_reference.py --datalist F [--out ref.json] [--section training] [--dataset-dir D]
         [--max-items-per-modality 1000] [--seed 0] [--channels 1] [--sigma-unit relative] [--skip-bad True]
 
 Loads the items of one datalist section the way training does (medssl.data.LoadMedicalImaged, then the modality
 intensity preset medssl.data.ModalityIntensityd, optionally medssl.data.EnsureChannelsd), takes up to R items per
-modality (a seeded random subset; R = 1000 in the seed), measures each image's band energies over the whole image and
-writes the mean and std per band and modality (medssl.transforms.energy.estimate_reference_energies) to a JSON file,
+modality (a seeded random subset; R = 1000 in Ghesu et al.), measures each image's band energies over the whole image
+and writes the mean and std per band and modality (medssl.transforms.energy.estimate_reference_energies) to a JSON file,
 by default ``energy_reference.json`` next to the datalist. ``EnergyBandAugmentd(reference=FILE)`` loads it; the
 decomposition settings (sigmas, sigma unit, border mode) must match the transform's and are recorded in the file.
 """

@@ -410,7 +410,7 @@ class VolumeGroupedBatchSampler(DistributedBatchSampler):
 # --------------------------------------------------------------------------------------------- modality sampler
 class ModalityBatchSampler(_SeededBatchSampler):
     """Single-modality batches (``parts=1``) or batches of ``parts`` equal single-modality parts (``parts=M``: the
-    seed-002 batch "split into M equal single-modality sub-batches", Eq. 4).
+    Ghesu et al. 2022 batch "split into M equal single-modality sub-batches", Eq. 4).
 
     ``modalities[i]`` is the modality of dataset item ``i``. Each modality is a pool (a per-epoch permutation of
     its items) cut into chunks of one *global part* = ``batch_size // parts * world_size`` items. For each step the
@@ -525,7 +525,7 @@ def _weighted_choice(options: list, weights: list[int], g: torch.Generator):
 
 # --------------------------------------------------------------------------------------------- 2D/3D alternation
 class DimensionAlternatingBatchSampler(_SeededBatchSampler):
-    """Seed 001's 2D/3D alternation: ``v`` batches of 2D items, then ``v`` batches of 3D items, repeating; every batch
+    """UniMiSS's 2D/3D alternation: ``v`` batches of 2D items, then ``v`` batches of 3D items, repeating; every batch
     holds items of one spatial dimension (``dims[i]`` in {2, 3} for item i). Per rank, a 2D batch has
     ``batch_size_2d`` items and a 3D batch ``batch_size_3d`` (global batch x world_size, rank share contiguous).
 

@@ -1,10 +1,10 @@
 """2D slices of 3D volumes as a dataset, reading each volume once.
 
 :class:`VolumeSliceDataset` turns a mixed datalist (2D images and 3D volumes) into an "all 2D" dataset: every
-(selected) slice of every volume plus every 2D image — the seed-000 stage-1 view of the data. A volume is loaded
-and deterministically preprocessed once (MONAI ``CacheDataset`` when it fits in memory, ``cache_rate``; a small
-per-process LRU of loaded volumes for the rest, ``cache_size``), slices are cut out of the cached tensor, and the
-random 2D augmentations (``slice_transform``) run per slice, reseeded by a :class:`~medssl.data.samplers.SampleKey`.
+(selected) slice of every volume plus every 2D image — the stage-1 view of the data of Nguyen et al. 2023. A volume is
+loaded and deterministically preprocessed once (MONAI ``CacheDataset`` when it fits in memory, ``cache_rate``; a small
+per-process LRU of loaded volumes for the rest, ``cache_size``), slices are cut out of the cached tensor, and the random
+2D augmentations (``slice_transform``) run per slice, reseeded by a :class:`~medssl.data.samplers.SampleKey`.
 
 Axis convention: a loaded volume is channel-first ``(C, X, Y, Z)`` (MONAI, RAS after ``Orientationd``); the slice
 axis is a SPATIAL axis index, ``-1`` (default) = the last spatial axis = Z = depth, i.e. axial slices

@@ -55,7 +55,7 @@ def _resolve_method(method: Any, engine: Engine, owner: str, needs: str) -> Any:
 
 class SwAVQueueHandler:
     """Create and start the SwAV feature queue at the start of epoch ``start_epoch`` (0-based, as the reference's
-    ``--epoch_queue_starts``: 0 = from the first epoch; seed 002 Table I: 10 (2D) / 3 (3D)).
+    ``--epoch_queue_starts``: 0 = from the first epoch; Ghesu et al. 2022 Table I: 10 (2D) / 3 (3D)).
 
     At Events.EPOCH_STARTED of the epoch with 0-based index ``engine.state.epoch - 1 >= start_epoch`` and a queue
     not yet active, calls ``method.start_queue(length)``: an empty queue of ``length // world_size`` rows per rank
@@ -67,7 +67,7 @@ class SwAVQueueHandler:
     Args:
         method: the :class:`medssl.methods.SwAV` (or its DDP wrapper); None = ``engine.method``.
         start_epoch: 0-based index of the first epoch with a queue.
-        length: global queue length L (3840 / 1920 in seed 002); None = the method's ``queue_length``. The
+        length: global queue length L (3840 / 1920 in Ghesu et al. Table I); None = the method's ``queue_length``. The
             reference trims L to a multiple of the global batch size; here the queue is full once L // world_size
             rows were pushed, whatever the batch size.
     """
@@ -100,7 +100,7 @@ class SwAVQueueHandler:
 
 class FreezePrototypesHandler:
     """Drop the prototypes' gradients (``grad = None``: no update, no momentum, no weight decay) during the first
-    ``freeze_iters`` iterations (SwAV ``freeze_prototypes_niters``; seed 002 Table I: 10000 (2D) / 4000 (3D)).
+    ``freeze_iters`` iterations (SwAV ``freeze_prototypes_niters``; Ghesu et al. Table I: 10000 (2D) / 4000 (3D)).
 
     Runs at ``IterationEvents.BACKWARD_COMPLETED`` (after backward, before clipping and the optimiser step in
     :class:`medssl.engines.SSLTrainer`), for iterations ``engine.state.iteration`` (1-based) ``<= freeze_iters``,

@@ -1,5 +1,5 @@
-"""Handlers for the teacher-student (self-distillation) recipe shared by every teacher method (UniMiSS seed 001,
-DINO), each with ``attach(engine)`` so bundle configs list them in ``train#handlers``.
+"""Handlers for the teacher-student (self-distillation) recipe shared by every teacher method (UniMiSS, Xie et al.
+ECCV 2022; DINO), each with ``attach(engine)`` so bundle configs list them in ``train#handlers``.
 
 * :class:`EMATeacherHandler` — after every optimiser step, teacher θ_t ← m · θ_t + (1 − m) · θ_s with the momentum m
   following a cosine schedule 0.996 → 1 per iteration (a :class:`medssl.engines.CosineScheduleHandler` on the
@@ -280,7 +280,7 @@ class PerParameterGradClipHandler:
     norms before clipping are kept in ``self.last_norms``.
 
     Args:
-        max_norm: the per-parameter limit (0.3 in seed 001).
+        max_norm: the per-parameter limit (0.3 in UniMiSS).
         params: the parameters to clip; default every parameter of the engine's optimiser.
     """
 

@@ -1,6 +1,6 @@
 """Embedding and attention pictures: t-SNE / UMAP of embeddings, scatter plots (one or several panels), heat maps.
 
-Used by the DVME protocol (seed 003, Truong et al., Appendix F: t-SNE of each encoder's embedding beside the DVME
+Used by the DVME protocol (Truong et al., ML4H 2021, Appendix F: t-SNE of each encoder's embedding beside the DVME
 embedding, and the encoder-to-encoder attention map) and by ``tools/plot_embeddings.py``.
 
 Matplotlib is used through :class:`matplotlib.figure.Figure` and its Agg canvas only (never ``pyplot``), so no global

@@ -53,7 +53,7 @@ RANDOM_INIT_ENCODERS: dict[str, tuple[int, tuple[int, ...], int, str, dict[str, 
     "mit_tiny_narrow_3d": (3, (64, 64, 16), 1, "mit_tiny", _MIT_DEMO),
     # a 3D ResNet of the quick start's widths
     "resnet_small_3d": (3, (64, 64, 64), 1, "ResNetBackbone", {"spatial_dims": 3, **_RESNET_DEMO}),
-    # SwAV 3D (ssl_swav_multimodal_pretrain configs/train.json backbone_3d): seed 002's dense network
+    # SwAV 3D (ssl_swav_multimodal_pretrain configs/train.json backbone_3d): Ghesu et al.'s dense network
     "densenet3d": (
         3, (64, 64, 64), 1, "DenseNet3D",
         {"in_channels": 1, "block_units": [1, 2, 3, 3, 3], "init_features": 16, "growth_rate": 7,

@@ -1,4 +1,4 @@
-"""DINO self-distillation loss with teacher centring (Caron et al. 2021; UniMiSS, seed 001, Eq. 5 and 6).
+"""DINO self-distillation loss with teacher centring (Caron et al. 2021; UniMiSS, Xie et al. ECCV 2022, Eq. 5 and 6).
 
 Notation: f_s, f_t the student / teacher head outputs (K logits, see :class:`medssl.networks.DINOHead`), C the
 centre (1, K), τ_s / τ_t the student / teacher temperatures, ω the centre momentum.
@@ -33,7 +33,7 @@ class DINOLoss(nn.Module):
     Args:
         out_dim: K, the head's output size (65536).
         student_temp: τ_s (0.1).
-        teacher_temp: τ_t (0.04 in seed 001). A plain attribute, read at every call: schedule it with
+        teacher_temp: τ_t (0.04 in UniMiSS). A plain attribute, read at every call: schedule it with
             :class:`medssl.engines.CosineScheduleHandler` (``param_name="teacher_temp"``, or
             ``"loss.teacher_temp"`` on a method holding this module as ``loss``). DINO's linear warm-up
             0.04 → 0.07 over 30 epochs is ``start_value=0.07, end_value=0.07, warmup_start_value=0.04,

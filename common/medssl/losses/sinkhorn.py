@@ -1,4 +1,5 @@
-"""Sinkhorn-Knopp equal-partition codes (SwAV, Caron et al. 2020, Sec. 3.1; seed 002 Eq. 4; seed 000)."""
+"""Sinkhorn-Knopp equal-partition codes (SwAV, Caron et al. 2020, Sec. 3.1; Ghesu et al. 2022 Eq. 4; Nguyen et al.
+2023)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3
 
     Args:
         scores: (B_local, K) prototype scores of this rank's samples (any float dtype; not modified).
-        epsilon: entropic regularisation ε (0.05 in SwAV, 0.03 in seed 002 Table I).
+        epsilon: entropic regularisation ε (0.05 in SwAV, 0.03 in Ghesu et al. Table I).
         n_iters: number of Sinkhorn iterations (3).
 
     Returns:

@@ -1,4 +1,5 @@
-"""SwAV swapped-prediction loss (Caron et al. 2020), its feature queue, and the per-modality variant of seed 002.
+"""SwAV swapped-prediction loss (Caron et al. 2020), its feature queue, and the per-modality variant of Ghesu et al.
+2022.
 
 Notation: z (N, D) the L2-normalised embeddings of the crops, C (K, D) the L2-normalised prototypes (see
 :class:`medssl.networks.heads.SwAVPrototypes`), scores = z · Cᵀ, q the Sinkhorn codes (:func:`sinkhorn_knopp`),
@@ -65,9 +66,9 @@ class SwAVLoss(nn.Module):
 
     Args:
         temperature: τ (0.1).
-        epsilon: Sinkhorn ε (0.05 in SwAV, 0.03 in seed 002).
+        epsilon: Sinkhorn ε (0.05 in SwAV, 0.03 in Ghesu et al. Table I).
         sinkhorn_iters: Sinkhorn iterations (3).
-        crops_for_assign: indices of the crops that produce codes ((0, 1); (0,) for seed 002's 3D [1, 4] crops).
+        crops_for_assign: indices of the crops that produce codes ((0, 1); (0,) for Ghesu et al.'s 3D [1, 4] crops).
         n_crops: total number of crops (2 large + 6 small = 8).
     """
 
@@ -230,8 +231,9 @@ def cancel_prototype_grads(
     prototypes: nn.Module | Iterable[torch.Tensor], iteration: int, freeze_iters: int
 ) -> bool:
     """Drop the prototypes' gradients (``p.grad = None``) while ``iteration < freeze_iters`` (SwAV's
-    ``freeze_prototypes_niters``: 5005 in SwAV; 10000 / 4000 in seed 002). Call between backward and the optimiser
-    step; the optimiser then skips them (no momentum, no weight decay). Returns True when gradients were dropped."""
+    ``freeze_prototypes_niters``: 5005 in SwAV; 10000 / 4000 in Ghesu et al. Table I). Call between backward and the
+    optimiser step; the optimiser then skips them (no momentum, no weight decay). Returns True when gradients were
+    dropped."""
     if iteration >= freeze_iters:
         return False
     params = prototypes.parameters() if isinstance(prototypes, nn.Module) else prototypes
@@ -249,7 +251,7 @@ def per_modality_swav_loss(
     keep_all_in_graph: bool = True,
     return_per_modality: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Multi-modality clustering (seed 002, Ghesu et al., Eq. 4): L = Σ_m L_swav(z_m; C_m).
+    """Multi-modality clustering (Ghesu et al. 2022, Eq. 4): L = Σ_m L_swav(z_m; C_m).
 
     The batch's samples are grouped by modality; modality m's samples are scored against its own prototypes C_m
     and get their own Sinkhorn problem (global over ranks), and the per-modality SwAV losses are summed.

@@ -1,4 +1,5 @@
-"""DeepCluster-v2 (Caron et al. 2020, Appendix; facebookresearch/swav ``main_deepclusterv2.py``; seed 002 / 000).
+"""DeepCluster-v2 (Caron et al. 2020, Appendix; facebookresearch/swav ``main_deepclusterv2.py``; as used by Ghesu et al.
+2022 and Nguyen et al. 2023).
 
 One step: crops (large first) → backbone f_θ (one forward per run of equal-size crops) → projection head →
 L2-normalised embeddings z (V·B, D) → scores z · C_hᵀ for each prototype head h → loss

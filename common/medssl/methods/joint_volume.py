@@ -1,4 +1,5 @@
-"""Stages 2 and 3 of seed 000 (joint image–volume SSL with intra/inter contrastive clustering).
+"""Stages 2 and 3 of Nguyen et al., "Joint self-supervised image-volume representation learning with intra-inter
+contrastive clustering" (AAAI 2023).
 
 * Stage 1 (L_2D, Eq. 1–5) reuses :class:`medssl.methods.SwAV` / :class:`medssl.methods.DeepClusterV2` on 2D slices
   of every volume plus the 2D images, with f_intra's trunk (a :class:`medssl.networks.ResNetBackbone` returning the
@@ -39,7 +40,7 @@ __all__ = ["MaskedSliceEmbeddingPrediction"]
 
 # --------------------------------------------------------------------------------------------- stage 2
 class MaskedSliceEmbeddingPrediction(SSLMethod):
-    """Stage 2 of seed 000: masked slice-embedding prediction with f_intra frozen (Eq. 13–15).
+    """Stage 2 of Nguyen et al. 2023: masked slice-embedding prediction with f_intra frozen (Eq. 13–15).
 
     One step on volumes x (B, C, X, Y, Z), depth last (``batch[crops_key]``: a list of view tensors, concatenated
     along the batch; or ``batch[image_key]``):

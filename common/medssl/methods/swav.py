@@ -1,6 +1,7 @@
-"""SwAV with multi-crop, its queue, seed 002's per-modality prototypes (Eq. 4) and hybrid supervised term (Eq. 7).
+"""SwAV with multi-crop and its queue, with the per-modality prototypes (Eq. 4) and the hybrid supervised term (Eq. 7)
+of Ghesu et al., "Self-supervised learning from 100 million medical images" (2022).
 
-One step (Caron et al. 2020, facebookresearch/swav ``main_swav.py``; Ghesu et al., seed 002):
+One step (Caron et al. 2020, facebookresearch/swav ``main_swav.py``; Ghesu et al. 2022):
 
 1. the prototypes C are L2-normalised row-wise (under ``no_grad``);
 2. the crops x_1 … x_V (large crops first) go through the backbone f_θ one group of equal-size crops at a time
@@ -10,8 +11,8 @@ One step (Caron et al. 2020, facebookresearch/swav ``main_swav.py``; Ghesu et al
    the scores z · Cᵀ;
 4. L_ss = :class:`medssl.losses.SwAVLoss` (codes from the assignment crops only, the other crops predict them), or,
    with ``per_modality_prototypes``, Σ_m L_swav(z_m; C_m) with one prototype matrix and one Sinkhorn problem per
-   modality m (:func:`medssl.losses.per_modality_swav_loss`, seed 002 Eq. 4);
-5. hybrid (``num_classes > 0``, seed 002 Eq. 7): a linear head g_ω on the backbone features of the assignment
+   modality m (:func:`medssl.losses.per_modality_swav_loss`, Ghesu et al. Eq. 4);
+5. hybrid (``num_classes > 0``, Ghesu et al. Eq. 7): a linear head g_ω on the backbone features of the assignment
    (large) crops of the items that carry a class label gives L_sup (cross-entropy, or binary cross-entropy for
    multi-label vectors); total = α·L_ss + β·L_sup. Unlabelled items contribute to L_ss only.
 
@@ -58,7 +59,7 @@ _SHARED_QUEUE = ""  # key of the single queue in SwAV.queues when the prototypes
 
 # --------------------------------------------------------------------------------------------- SwAV
 class SwAV(SSLMethod):
-    """SwAV (Caron et al. 2020) with seed 002's multi-modality clustering (Eq. 4) and hybrid supervision (Eq. 7).
+    """SwAV (Caron et al. 2020) with Ghesu et al.'s multi-modality clustering (Eq. 4) and hybrid supervision (Eq. 7).
 
     Batch (collated, on the device): ``batch[crops_key]`` a list of V crop tensors (B, C, *spatial) — 2D
     (B, C, H, W), 3D (B, C, X, Y, Z) with the depth axis last —, the large (assignment) crops first; crops of
@@ -69,11 +70,11 @@ class SwAV(SSLMethod):
     Args:
         backbone: f_θ, a module (B, C, *spatial) → (B, feature_dim) with a ``feature_dim`` attribute
             (e.g. :func:`medssl.networks.resnet50_2d`, :class:`medssl.networks.DenseNet3D`).
-        feat_dim: embedding size D (128, seed 002 Table I).
+        feat_dim: embedding size D (128, Ghesu et al. Table I).
         hidden_dim: projection head hidden width (2048; 0 = one linear layer).
         n_prototypes: K (3000 for 2D / 1500 for 3D, Table I).
         temperature: τ (0.1).
-        epsilon: Sinkhorn ε (0.03 in seed 002; 0.05 in SwAV).
+        epsilon: Sinkhorn ε (0.03 in Ghesu et al. Table I; 0.05 in SwAV).
         sinkhorn_iters: Sinkhorn iterations (3).
         crops_for_assign: the crops whose codes are predicted ((0, 1) for 2 large crops; (0,) for the 3D [1, 4]).
         per_modality_prototypes: one prototype matrix C_m and one Sinkhorn problem per modality (Eq. 4).

@@ -1,11 +1,11 @@
-"""UniMiSS (seed 001): cross-dimensional self-distillation of one dimension-free MiT on 2D images and 3D volumes.
+"""UniMiSS: cross-dimensional self-distillation of one dimension-free MiT on 2D images and 3D volumes.
 
 Xie et al., "UniMiSS: Universal Medical Self-Supervised Learning via Breaking Dimensionality Barrier", ECCV 2022
-(numbers: ``specs/unimiss.md``). A student g_s = head ∘ MiT and a teacher g_t of the same architecture (the EMA of
-the student, :class:`medssl.engines.EMATeacherHandler`; no gradient) see V (= 2) augmented views of each item; H is
-:class:`medssl.losses.DINOLoss` (centred, sharpened teacher; τ_s = 0.1, τ_t = 0.04; the centre C updated after every
-call). Every batch holds items of one spatial dimension (:class:`medssl.data.DimensionAlternatingBatchSampler`: v
-batches of 2D, then v of 3D).
+(numbers: the paper's implementation details and the authors' code, YtongXie/UniMiSS-code). A student g_s = head ∘ MiT
+and a teacher g_t of the same architecture (the EMA of the student, :class:`medssl.engines.EMATeacherHandler`; no
+gradient) see V (= 2) augmented views of each item; H is :class:`medssl.losses.DINOLoss` (centred, sharpened teacher;
+τ_s = 0.1, τ_t = 0.04; the centre C updated after every call). Every batch holds items of one spatial dimension
+(:class:`medssl.data.DimensionAlternatingBatchSampler`: v batches of 2D, then v of 3D).
 
 * **2D step (Eq. 5)**: f = g(x) for the views x₁, x₂ (B, C, H, W); loss = ½ (H(f_t(x₁), f_s(x₂)) + H(f_t(x₂),
   f_s(x₁))). Only the 2D path and the shared parameters are used: the 3D-only parameters (3D patch embeddings,

@@ -1,5 +1,5 @@
-"""Backbones of the seed-002 bundle (and reused by seed 000): MONAI's ResNet-50 (and wider variants) and a 3D
-dense network, both returning pooled features ``forward(x) -> (B, feature_dim)``.
+"""Backbones of Ghesu et al. 2022 (the SwAV bundle; reused by Nguyen et al. 2023): MONAI's ResNet-50 (and wider
+variants) and a 3D dense network, both returning pooled features ``forward(x) -> (B, feature_dim)``.
 
 - :class:`ResNetBackbone` / :func:`resnet50_2d`: ``monai.networks.nets.ResNet`` (bottleneck blocks, layers
   (3, 4, 6, 3), 7×7 stride-2 stem + max-pool, shortcut "B" without bias) without its classifier. ``width=2`` doubles
@@ -7,10 +7,10 @@ dense network, both returning pooled features ``forward(x) -> (B, feature_dim)``
   state-dict keys and shapes are those of torchvision / SwAV trunks (``conv1``, ``bn1``, ``layer1.0.conv1``, ...),
   so published checkpoints load without renaming. Multi-level features: :meth:`ResNetBackbone.forward_features`
   returns the (pooled) outputs of any of the stages ``stem, layer1, layer2, layer3, layer4, pool``;
-  ``return_levels=L`` makes ``forward`` return the concatenation of the last L of them (seed 000: L = 5, each
+  ``return_levels=L`` makes ``forward`` return the concatenation of the last L of them (Nguyen et al. 2023: L = 5, each
   L2-normalised, 256 + 512 + 1024 + 2048 + 2048 = 5888-d).
-- :class:`DenseNet3D`: the seed-002 3D dense network (5 dense blocks of (1, 2, 3, 3, 3) Conv3d-BN-LeakyReLU units,
-  16 initial features, growth rate 7, in-plane-only first blocks, 1024-d max + avg pooled features).
+- :class:`DenseNet3D`: the 3D dense network of Ghesu et al. 2022 (5 dense blocks of (1, 2, 3, 3, 3) Conv3d-BN-LeakyReLU
+  units, 16 initial features, growth rate 7, in-plane-only first blocks, 1024-d max + avg pooled features).
 
 Axis convention: inputs are channel-first, 2D ``(B, C, H, W)`` or 3D ``(B, C, X, Y, Z)`` with the DEPTH axis LAST
 (MONAI / RAS after loading: Z = inferior → superior, axial slices in the X, Y plane).
@@ -122,7 +122,8 @@ class ResNetBackbone(_MultiLevelFeatures, ResNet):
         return_levels: None: ``forward`` gives the final pooled feature (``feature_dim`` = 2048 for ResNet-50,
             4096 for w2). An int L or level names: ``forward`` gives the concatenation of those pooled levels
             (last L of ``stem, layer1, layer2, layer3, layer4, pool``) and ``feature_dim`` is their sum.
-        normalize_levels: L2-normalise each level before concatenating (seed 000's multi-level slice feature).
+        normalize_levels: L2-normalise each level before concatenating (the multi-level slice feature of Nguyen et al.
+        2023).
 
     Parameters: ResNet-50, 3 input channels: 23,508,032 (the torchvision / SwAV trunk); ResNet-50w2: 93,907,072.
     """
@@ -203,10 +204,10 @@ def resnet50_2d(
     normalize_levels: bool = False,
     **kwargs,
 ) -> ResNetBackbone:
-    """2D ResNet-50 (``width=2``: ResNet-50w2) trunk of seed 002 / seed 000; input (B, C, H, W).
+    """2D ResNet-50 (``width=2``: ResNet-50w2) trunk of Ghesu et al. 2022 / Nguyen et al. 2023; input (B, C, H, W).
 
     ``forward`` returns (B, 2048) (width 1) or (B, 4096) (width 2); see :class:`ResNetBackbone` for
-    ``return_levels`` (e.g. ``return_levels=5, normalize_levels=True`` for seed 000's 5888-d slice feature).
+    ``return_levels`` (e.g. ``return_levels=5, normalize_levels=True`` for Nguyen et al.'s 5888-d slice feature).
     """
     return ResNetBackbone(
         spatial_dims=2,
@@ -262,7 +263,7 @@ class _Downsample(nn.Module):
 
 
 class DenseNet3D(_MultiLevelFeatures, nn.Module):
-    """Seed-002 3D dense network (Ghesu et al.): input (B, C, X, Y, Z), DEPTH LAST, output (B, feature_dim).
+    """3D dense network of Ghesu et al. 2022: input (B, C, X, Y, Z), DEPTH LAST, output (B, feature_dim).
 
     Layout (each "unit" and each 1×1×1 convolution is MONAI ``Convolution``: Conv3d (no bias) → BatchNorm →
     LeakyReLU(0.01)):
@@ -277,7 +278,7 @@ class DenseNet3D(_MultiLevelFeatures, nn.Module):
       downsample (2, 2, 1), X and Y only; later blocks use 3×3×3 kernels and (2, 2, 2) downsampling. A 64×64×16
       input reaches block 5 at 4×4×4.
     - Final features: concat(adaptive max-pool, adaptive avg-pool) over the whole volume. With growth rate 7 the
-      last block has only 100 channels (a 200-d concat), so to obtain the seed's 1024-d feature a 1×1×1 unit first
+      last block has only 100 channels (a 200-d concat), so to obtain the paper's 1024-d feature a 1×1×1 unit first
       maps them to ``out_dim / 2`` = 512 channels; the feature is then exactly [max-pool, avg-pool] of that map, as
       the paper describes. (Chosen over a Linear(200 → 1024) after pooling: the per-voxel projection lets max and
       average pooling act on 512 learned channels, keeps the two pooled halves separate, and costs 4× fewer

@@ -1,14 +1,15 @@
 """Classification networks for the downstream bundles: a pretrained encoder + a classification head.
 
 :class:`EncoderClassifier` keeps the encoder as the sub-module ``encoder`` — an instance of the pretraining backbone
-class itself (:class:`~medssl.networks.ResNetBackbone` of seeds 000 / 002, :class:`~medssl.networks.MiT` of seed
-001, :class:`~medssl.networks.DenseNet3D` of seed 002, :class:`~medssl.networks.HybridVolumeBackbone` of
-seed 000) — so that an exported encoder's state dict loads into ``encoder.*`` key for key
-(:func:`medssl.weights.load_pretrained_encoder` with ``encoder_prefix="encoder"``). The head is ``head``:
+class itself (:class:`~medssl.networks.ResNetBackbone` of Nguyen et al. 2023 / Ghesu et al. 2022,
+:class:`~medssl.networks.MiT` of UniMiSS, :class:`~medssl.networks.DenseNet3D` of Ghesu et al.,
+:class:`~medssl.networks.HybridVolumeBackbone` of Nguyen et al.) — so that an exported encoder's state dict loads into
+``encoder.*`` key for key (:func:`medssl.weights.load_pretrained_encoder` with ``encoder_prefix="encoder"``). The head
+is ``head``:
 
-* ``hidden_dims=()``: one linear layer ``feature_dim -> num_classes`` (seed 002's 2D / 3D classifiers, the MiT
-  encoder + FC of seed 001, a linear probe);
-* ``hidden_dims=(252,)``: seed 000's head, FC 640 -> 252 -> classes (ReLU, dropout between).
+* ``hidden_dims=()``: one linear layer ``feature_dim -> num_classes`` (Ghesu et al.'s 2D / 3D classifiers, the MiT
+  encoder + FC of UniMiSS, a linear probe);
+* ``hidden_dims=(252,)``: the head of Nguyen et al. 2023, FC 640 -> 252 -> classes (ReLU, dropout between).
 
 The network returns LOGITS (B, num_classes): softmax + cross-entropy for multi-class tasks, sigmoid + BCE for
 multi-label tasks; the bundles' post-processing turns them into probabilities. Inputs are channels-first:
@@ -70,7 +71,7 @@ class EncoderClassifier(nn.Module):
         encoder: any module mapping a batch (B, C, H, W) or (B, C, X, Y, Z) (depth last) to (B, D) features; it
             becomes the sub-module ``encoder``.
         num_classes: number of logits.
-        hidden_dims, dropout: of the head (``hidden_dims=[252]``: seed 000's FC 640 -> 252 -> classes).
+        hidden_dims, dropout: of the head (``hidden_dims=[252]``: Nguyen et al.'s FC 640 -> 252 -> classes).
         feature_dim: D; default ``encoder.feature_dim`` (every medssl backbone has it).
     """
 

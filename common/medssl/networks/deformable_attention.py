@@ -1,6 +1,8 @@
-"""1-D deformable multi-head self-attention over the slices of a volume, and the transformer f_inter of seed 000.
+"""1-D deformable multi-head self-attention over the slices of a volume, and the transformer f_inter of Nguyen et al.
+2023.
 
-Seed 000 (joint image-volume SSL, Eq. 6–8) contextualises the per-slice embeddings of a volume with a Deformable
+Nguyen et al. ("Joint self-supervised image-volume representation learning with intra-inter contrastive
+clustering", AAAI 2023, Eq. 6–8) contextualise the per-slice embeddings of a volume with a Deformable
 Attention Transformer (DAT, Xia et al.) reduced to one dimension, the slice axis:
 
 - Queries q = x W_q for every slice i (x: the F slice embeddings, (B, F, D)).
@@ -137,7 +139,7 @@ def _check_sequence(x: torch.Tensor, embed_dim: int, owner: str) -> None:
 
 
 class DeformableSliceAttention(nn.Module):
-    """1-D deformable multi-head self-attention over the slice axis (seed 000 Eq. 6–8; DAT in 1-D).
+    """1-D deformable multi-head self-attention over the slice axis (Nguyen et al. 2023 Eq. 6–8; DAT in 1-D).
 
     Args:
         embed_dim: D, slice-embedding width (640).

@@ -1,4 +1,5 @@
-"""The DINO projection head used by every self-distillation method (UniMiSS, seed 001; DINO, Caron et al. 2021).
+"""The DINO projection head used by every self-distillation method (UniMiSS, Xie et al. ECCV 2022; DINO, Caron et al.
+2021).
 
 g(x) = W_last · normalize(MLP(x)): an MLP (Linear → GELU → … → Linear to a bottleneck, no BatchNorm by default),
 L2 normalisation, then a bias-free weight-normalised Linear to K outputs (the "prototype" logits that
@@ -24,7 +25,7 @@ class WeightNormLinear(nn.Module):
 
     Args:
         in_features: input size (the bottleneck, 256).
-        out_features: K (65536 in seeds 001 / DINO).
+        out_features: K (65536 in UniMiSS / DINO).
         fix_gain: g fixed at 1 (``requires_grad=False``): W has unit-norm rows whatever v is.
 
     Parameters ``weight_v`` (out, in), initialised as ``nn.Linear``'s weight, and ``weight_g`` (out, 1), set to 1
@@ -57,7 +58,7 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """DINO head: MLP → L2 normalise → weight-normalised Linear (seed 001: 48 → 2048 → 2048 → 256 → 65536).
+    """DINO head: MLP → L2 normalise → weight-normalised Linear (UniMiSS: 48 → 2048 → 2048 → 256 → 65536).
 
     Args:
         in_dim: backbone feature size (48: MiT's decoder SSL token).
@@ -65,7 +66,7 @@ class DINOHead(nn.Module):
         hidden_dim: width of the hidden layers (2048).
         bottleneck_dim: size of the normalised embedding (256).
         n_layers: number of Linear layers of the MLP (3; 1 = a single Linear(in_dim, bottleneck_dim)).
-        use_bn: BatchNorm1d after each hidden Linear (False in seeds 001 / DINO ViT).
+        use_bn: BatchNorm1d after each hidden Linear (False in UniMiSS / DINO ViT).
         norm_last_layer: fix the last layer's weight-norm gain at 1 (True, the reference). False lets g train.
 
     Input (..., in_dim) — e.g. (N, in_dim), or (N, m, in_dim) for the m slices of a volume; output (..., out_dim).

@@ -1,5 +1,5 @@
-"""Dynamic Visual Meta-Embedding (DVME, seed 003: Truong et al., "How transferable are self-supervised features in
-medical image classification tasks?", Appendix E listing), generalised to any set of encoders.
+"""Dynamic Visual Meta-Embedding (DVME: Truong et al., "How transferable are self-supervised features in
+medical image classification tasks?", ML4H 2021, Appendix E listing), generalised to any set of encoders.
 
 DVME fuses the embeddings of several frozen pretrained encoders (the paper: SimCLR ResNet-50 2048-d, SwAV ResNet-50
 2048-d, DINO ViT-S/8 1536-d = CLS tokens of the last four blocks) into one classifier:

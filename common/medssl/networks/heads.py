@@ -3,7 +3,7 @@
 - :class:`ProjectionHead`: the SwAV / DeepCluster-v2 projection g: Linear → BN → ReLU → Linear → L2 normalise.
 - :class:`SwAVPrototypes`: the prototype matrix C (one or several heads), a bias-free Linear whose rows are
   re-normalised in place at every iteration (SwAV) or overwritten by k-means centroids (DeepCluster-v2).
-- :class:`PerModalityPrototypes`: one prototype matrix C_m per imaging modality (seed 002, Eq. 4).
+- :class:`PerModalityPrototypes`: one prototype matrix C_m per imaging modality (Ghesu et al. 2022, Eq. 4).
 - :func:`prototype_assignments`: each row's argmax prototype, the part of a method's ``"health"`` output that
   :class:`medssl.evaluation.HealthMonitorHandler` turns into prototype usage.
 
@@ -110,7 +110,7 @@ class SwAVPrototypes(nn.Module):
 
 
 class PerModalityPrototypes(nn.Module):
-    """One prototype matrix C_m per modality m (seed 002, Ghesu et al., Eq. 4).
+    """One prototype matrix C_m per modality m (Ghesu et al. 2022, Eq. 4).
 
     Args:
         modalities: canonical modality codes (e.g. ["CT", "MR", "XR"]); kept sorted.

@@ -1,4 +1,5 @@
-"""The hybrid volume encoder of seed 000: f_intra (slice CNN) + f_inter (deformable transformer over slices).
+"""The hybrid volume encoder of Nguyen et al. (joint image-volume SSL, AAAI 2023): f_intra (slice CNN) + f_inter
+(deformable transformer over slices).
 
 ``HybridVolumeEncoder(num_slices=64, embed_dim=640)``:
 
@@ -11,7 +12,7 @@
 
 A 2D image (B, C, H, W) goes through f_intra only and gives its slice embedding (B, D) (not normalised).
 
-Stages (seed 000): stage 1 trains ``slice_encoder`` alone on 2D slices / images; stage 2 freezes it and trains
+Stages (Nguyen et al. 2023): stage 1 trains ``slice_encoder`` alone on 2D slices / images; stage 2 freezes it and trains
 ``slice_transformer`` + ``mask_embedding`` (+ the method's f_decode) by masked slice-embedding prediction
 (``embed_slices`` → ``mask_slices`` → ``contextualize``); stage 3 trains everything on the volume embeddings.
 
@@ -54,7 +55,7 @@ __all__ = [
     "REFERENCE_PARAMETER_COUNTS",
 ]
 
-#: Parameter counts of the authors' model (spec: seed 000; paper: 31.16 M), prototypes excluded.
+#: Parameter counts of the authors' model (Nguyen et al. 2023: 31.16 M in total), prototypes excluded.
 REFERENCE_PARAMETER_COUNTS = {
     "trunk": 23_508_032,
     "projection": 3_768_960,
@@ -123,7 +124,7 @@ def _count(module: nn.Module | nn.Parameter) -> int:
 
 
 class HybridVolumeEncoder(nn.Module):
-    """f_intra + f_inter of seed 000: volume (B, C, X, Y, Z), depth last -> volume embedding Z (B, D).
+    """f_intra + f_inter of Nguyen et al. 2023: volume (B, C, X, Y, Z), depth last -> volume embedding Z (B, D).
 
     Args:
         num_slices: F (64): volumes are cropped / padded to F slices (``fit_slices``); size of the position tables.

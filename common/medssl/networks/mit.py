@@ -1,7 +1,7 @@
-"""MiT, the dimension-free medical transformer of UniMiSS (seed 001): one network for 2D images and 3D volumes.
+"""MiT, the dimension-free medical transformer of UniMiSS: one network for 2D images and 3D volumes.
 
 Architecture (paper: Xie et al., "UniMiSS: Universal Medical Self-Supervised Learning via Breaking Dimensionality
-Barrier", ECCV 2022; numbers from ``specs/unimiss.md``):
+Barrier", ECCV 2022; the numbers below are those of the authors' code, YtongXie/UniMiSS-code):
 
 - **Switchable patch embedding (SPE)**: the input's rank picks the path, ``(B, C, H, W)`` → 2D, ``(B, C, X, Y, Z)``
   → 3D. Each path has its own stem (Conv k7 s2 p3 → InstanceNorm(affine) → LeakyReLU(0.01); the 3D stem keeps the
@@ -38,7 +38,7 @@ reference's 3D kernels and position embeddings from (D, H, W) to (H, W, D) = (X,
 checkpoint (and transposes the 2D ones to the column-first order of medssl's 2D loader).
 
 Variants: ``spatial_dims=2`` or ``3`` builds one path only (the other path's modules do not exist), ``decoder=False``
-the encoder alone. Parameter counts equal the reference's (``specs/unimiss.md``), e.g. ``mit_small()`` 43,942,944
+the encoder alone. Parameter counts equal those of the authors' released models, e.g. ``mit_small()`` 43,942,944
 and ``mit_small(decoder=False)`` 28,523,888.
 """
 
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 __all__ = ["MiT", "mit_tiny", "mit_small", "MIT_VARIANTS"]
 
-# encoder / decoder hyper-parameters of the two published variants (specs/unimiss.md)
+# encoder / decoder hyper-parameters of the two published variants (the authors' code, UniMiss_tiny / UniMiss_small)
 MIT_VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
     "tiny": {"depths": (1, 1, 1, 1), "decoder_depths": (1, 1, 1)},
     "small": {"depths": (2, 3, 4, 3), "decoder_depths": (3, 4, 3)},

@@ -1,18 +1,18 @@
 """Segmentation networks of the downstream bundles, built around the pretraining encoders so that an exported encoder
 loads into the sub-module ``encoder`` key for key (no renaming).
 
-- :class:`ResNetUNet` (seed 000, 2D): a U-Net whose encoder is :class:`~medssl.networks.ResNetBackbone` (ResNet-50 by
-  default). The stage maps ``stem`` (stride 2), ``layer1`` .. ``layer4`` (strides 4, 8, 16, 32) are the skips
-  (``ResNetBackbone.forward_features(..., pooled=False)``); the decoder is five MONAI ``UpCat`` blocks (transposed-conv
-  up-sampling ×2, concatenation with the skip, two Conv-Norm-Act) back to full resolution and a 1×1 convolution to the
-  classes. Input ``(B, C, H, W)``, output logits ``(B, K, H, W)``; H and W multiples of 32.
-- :class:`SliceWiseResNetUNet` (seed 000, 3D): the same 2D U-Net applied to every axial slice of a volume and the slice
-  predictions stacked back. Input ``(B, C, X, Y, Z)`` with the DEPTH axis LAST (MONAI / RAS: Z = inferior → superior,
-  axial slices in the X, Y plane), output ``(B, K, X, Y, Z)``; a 4-D input is segmented as a 2D batch.
-- :class:`MiTSegmenter` (seed 001, 2D or 3D): the MiT of UniMiSS (encoder and its symmetric decoder, the whole
-  pretraining network, sub-module ``encoder``) and the seed's segmentation head: ConvTranspose (k2, s2) →
-  Conv-InstanceNorm-LeakyReLU → 1×1 conv to the classes, on the decoder's last map (``decoder3``: 48 channels at the
-  resolution of the first encoder stage). Input ``(B, C, H, W)`` or ``(B, C, X, Y, Z)`` (depth last), output logits
+- :class:`ResNetUNet` (Nguyen et al. 2023, 2D): a U-Net whose encoder is :class:`~medssl.networks.ResNetBackbone`
+  (ResNet-50 by default). The stage maps ``stem`` (stride 2), ``layer1`` .. ``layer4`` (strides 4, 8, 16, 32) are the
+  skips (``ResNetBackbone.forward_features(..., pooled=False)``); the decoder is five MONAI ``UpCat`` blocks
+  (transposed-conv up-sampling ×2, concatenation with the skip, two Conv-Norm-Act) back to full resolution and a 1×1
+  convolution to the classes. Input ``(B, C, H, W)``, output logits ``(B, K, H, W)``; H and W multiples of 32.
+- :class:`SliceWiseResNetUNet` (Nguyen et al. 2023, 3D): the same 2D U-Net applied to every axial slice of a volume and
+  the slice predictions stacked back. Input ``(B, C, X, Y, Z)`` with the DEPTH axis LAST (MONAI / RAS: Z = inferior →
+  superior, axial slices in the X, Y plane), output ``(B, K, X, Y, Z)``; a 4-D input is segmented as a 2D batch.
+- :class:`MiTSegmenter` (UniMiSS, Xie et al. ECCV 2022, 2D or 3D): the MiT of UniMiSS (encoder and its symmetric
+  decoder, the whole pretraining network, sub-module ``encoder``) and the paper's segmentation head: ConvTranspose (k2,
+  s2) → Conv-InstanceNorm-LeakyReLU → 1×1 conv to the classes, on the decoder's last map (``decoder3``: 48 channels at
+  the resolution of the first encoder stage). Input ``(B, C, H, W)`` or ``(B, C, X, Y, Z)`` (depth last), output logits
   of the same spatial size.
 
 All networks return ONE tensor of logits (MONAI's ``verify_net_in_out`` and TorchScript tracing need that); softmax /
@@ -49,7 +49,8 @@ def _match_channels(x: torch.Tensor, channels: int, owner: str) -> torch.Tensor:
 
 
 class ResNetUNet(nn.Module):
-    """2D U-Net with a :class:`~medssl.networks.ResNetBackbone` encoder (seed 000's downstream segmentation network).
+    """2D U-Net with a :class:`~medssl.networks.ResNetBackbone` encoder (Nguyen et al.'s downstream segmentation
+    network).
 
     Args:
         out_channels: number of classes K (background included).
@@ -138,7 +139,7 @@ class ResNetUNet(nn.Module):
 
 
 class SliceWiseResNetUNet(ResNetUNet):
-    """The 2D :class:`ResNetUNet` applied to each axial slice of a volume, predictions stacked back (seed 000, 3D).
+    """The 2D :class:`ResNetUNet` applied to each axial slice of a volume, predictions stacked back (Nguyen et al., 3D).
 
     Input ``(B, C, X, Y, Z)`` with the DEPTH axis LAST: the Z slices ``x[..., z]`` (each ``(B, C, X, Y)``) go through
     the 2D network (as one batch of B·Z slices, or in chunks of ``slices_per_pass``) and the logits are put back at
@@ -172,7 +173,7 @@ class SliceWiseResNetUNet(ResNetUNet):
 
 
 class SegmentationHead(nn.Module):
-    """Seed 001's segmentation head: ConvTranspose (kernel = stride = 2) → Conv 3 (no bias) → InstanceNorm
+    """UniMiSS's segmentation head: ConvTranspose (kernel = stride = 2) → Conv 3 (no bias) → InstanceNorm
     (affine) → LeakyReLU(0.01) → 1×1 conv to the classes. 2D or 3D by ``spatial_dims``; channel-first, 3D depth
     last."""
 
@@ -195,14 +196,14 @@ class SegmentationHead(nn.Module):
 
 
 class MiTSegmenter(nn.Module):
-    """UniMiSS's MiT (encoder + symmetric decoder) with seed 001's segmentation head, 2D or 3D.
+    """UniMiSS's MiT (encoder + symmetric decoder) with UniMiSS's segmentation head, 2D or 3D.
 
     The sub-module ``encoder`` is a one-path :class:`~medssl.networks.MiT` with its decoder: exactly the modules of
     the pretraining network that a ``spatial_dims``-D input uses, so an exported UniMiSS MiT (both paths) loads into
     it with the other path's tensors ignored. Its decoder's last map (``decoder3``, ``decoder_dims[-1]`` channels at
     1/4 of the input in-plane, 1/2 in depth) goes through :class:`SegmentationHead` (to 1/2 in-plane, full depth) and
     the logits are interpolated (bilinear / trilinear) to the input size — that last up-sampling is ours, the spec
-    names the head's layers only. The MiT carries its SSL token through the decoder as in pretraining (the seed's
+    names the head's layers only. The MiT carries its SSL token through the decoder as in pretraining (the authors'
     downstream network drops it; keeping it lets every pretrained tensor load one-to-one).
 
     Args:

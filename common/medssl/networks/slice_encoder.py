@@ -1,4 +1,5 @@
-"""f_intra of seed 000: a 2D ResNet-50 applied to every slice of a volume, multi-level features projected to D.
+"""f_intra of Nguyen et al. (joint image-volume SSL, AAAI 2023): a 2D ResNet-50 applied to every slice of a volume,
+multi-level features projected to D.
 
 For each slice (or 2D image) the trunk (:class:`~medssl.networks.backbones.ResNetBackbone`, MONAI's ResNet-50 with
 the torchvision / SwAV layout) gives the global-average-pooled outputs of its last L levels (default L = 5:

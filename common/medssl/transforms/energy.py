@@ -1,4 +1,4 @@
-"""Energy-band decomposition and energy-based intensity augmentation (seed 002, after Philipsen et al. 2015).
+"""Energy-band decomposition and energy-based intensity augmentation (Ghesu et al. 2022, after Philipsen et al. 2015).
 
 An image I is split into B = len(sigmas) + 1 energy bands by a cascade of Gaussian low-pass filters
 (σ = 1, 2, 4, 8, 16 by default), each filter applied to the previous low-pass result:
@@ -7,7 +7,7 @@ An image I is split into B = len(sigmas) + 1 energy bands by a cascade of Gaussi
 
 so that ``I = L_K + Σ_k B_k`` exactly (up to float rounding). Bands are returned residual first, then from the
 coarsest to the finest band: ``[L_16, B_16, B_8, B_4, B_2, B_1]`` for the default sigmas. The energy e_i(I, Ω) of a
-band is its population standard deviation (ddof 0) inside a region Ω (the whole image by default). The seed's
+band is its population standard deviation (ddof 0) inside a region Ω (the whole image by default). Ghesu et al.'s
 normalised / augmented image (Eq. 8) is ``Σ_i (e_ref_i / e_i(I, Ω)) · I(i)``; the augmentation draws each e_ref_i
 from a Gaussian fitted to reference energies, restricted to [mean − r·std, mean + r·std].
 
@@ -230,7 +230,7 @@ def energy_bands(
     method: str = "auto",
     dtype: Any = np.float32,
 ) -> ArrayLike:
-    """Decompose an image into energy bands by a cascade of Gaussian low-pass filters (seed 002, Eq. 8).
+    """Decompose an image into energy bands by a cascade of Gaussian low-pass filters (Ghesu et al., Eq. 8).
 
     Args:
         image: channel-first 2D image ``(C, H, W)`` or 3D volume ``(C, X, Y, Z)`` (depth last), a numpy array or a
@@ -425,7 +425,7 @@ def estimate_reference_energies(
     image_key: str = "image",
     modality_key: str = "modality",
 ) -> dict:
-    """Fit the per-modality reference energies e_ref of seed 002 (mean and std of each band's energy over images).
+    """Fit the per-modality reference energies e_ref of Ghesu et al. (mean and std of each band's energy over images).
 
     Args:
         items: iterable of ``(image, modality)`` pairs or of sample dicts ``{image_key: image, modality_key: str}``
@@ -539,7 +539,7 @@ def load_energy_reference(reference: str | Path | Mapping) -> dict:
 
 
 class EnergyBandAugmentd(RandomizableTransform, MapTransform):
-    """Energy-based augmentation of seed 002: ``I' = Σ_i (e_ref_i / e_i(I)) · I(i)`` with e_ref_i drawn at random.
+    """Energy-based augmentation of Ghesu et al.: ``I' = Σ_i (e_ref_i / e_i(I)) · I(i)`` with e_ref_i drawn at random.
 
     Per call (with probability ``prob``): each image is decomposed by :func:`energy_bands`, its band energies e_i are
     measured over the whole image, and for each band a reference energy is drawn from the Gaussian N(mean_i, std_i)

@@ -1,6 +1,6 @@
-"""Intensity augmentations of seed 002's set A (Ghesu et al.): gamma, linear a·I + b, whole-image rescaling.
+"""Intensity augmentations of set A of Ghesu et al. 2022: gamma, linear a·I + b, whole-image rescaling.
 
-Seed 002 lists its augmentation set A as: rescale to a fraction s ∈ [0.1, 0.7] of the image size; energy-based
+Ghesu et al. list their augmentation set A as: rescale to a fraction s ∈ [0.1, 0.7] of the image size; energy-based
 augmentation (:class:`medssl.transforms.energy.EnergyBandAugmentd`); gamma with γ ∈ [1.8, 2.6]; linear a·I + b with
 a ∈ [0.9, 1.1] and |b| ≤ 20 % of the intensity range; random crops last. This module holds the gamma and linear
 transforms and the literal "rescale the whole image by s" reading of the first item; the default reading of that item
@@ -47,7 +47,7 @@ def _check_prob(owner: str, name: str, value: float) -> float:
 
 
 class RandGammad(RandomizableTransform, MapTransform):
-    """Gamma augmentation of seed 002: ``I' = ((I − min) / (max − min))^g · (max − min) + min`` with g = γ or 1/γ.
+    """Gamma augmentation of Ghesu et al.: ``I' = ((I − min) / (max − min))^g · (max − min) + min`` with g = γ or 1/γ.
 
     γ is drawn uniformly from ``gamma_range`` (seed: [1.8, 2.6]); with probability ``reciprocal_prob`` the exponent
     is g = 1/γ instead of γ. The intensity is normalised to [0, 1] by the image's own min and max, raised to g and
@@ -57,7 +57,7 @@ class RandGammad(RandomizableTransform, MapTransform):
     MONAI's ``AdjustContrast``, which this class calls; its range has a 1e-7 guard) with g = γ always. That is the
     literal reading of "gamma γ ∈ [1.8, 2.6]", but an exponent > 1 only darkens: every intensity strictly inside
     (min, max) goes down, so the views never get brighter mid-tones. Our default ``reciprocal_prob=0.5`` applies γ
-    or 1/γ with equal chance (1/γ ∈ [0.385, 0.556] brightens), i.e. the gamma *magnitude* is the seed's and the
+    or 1/γ with equal chance (1/γ ∈ [0.385, 0.556] brightens), i.e. the gamma *magnitude* is the paper's and the
     direction is symmetric; ``reciprocal_prob=0`` gives MONAI's / the literal behaviour.
 
     Args:
@@ -107,7 +107,7 @@ class RandGammad(RandomizableTransform, MapTransform):
 
 
 class RandLinearIntensityd(RandomizableTransform, MapTransform):
-    """Linear intensity augmentation of seed 002: ``I' = a · I + b``, a ∈ a_range, |b| ≤ b_fraction · (max − min).
+    """Linear intensity augmentation of Ghesu et al.: ``I' = a · I + b``, a ∈ a_range, |b| ≤ b_fraction · (max − min).
 
     Per call one a ~ U(a_range) (seed: [0.9, 1.1]) and one u ~ U(−1, 1) are drawn; each image gets
     ``b = u · b_fraction · (max(I) − min(I))`` with its own intensity range (seed: b_fraction = 0.2, "20 % of the
@@ -171,13 +171,13 @@ class RandLinearIntensityd(RandomizableTransform, MapTransform):
 
 
 class RandRescaleFractiond(RandomizableTransform, MapTransform):
-    """Literal reading of seed 002's "rescale to a fraction s ∈ [0.1, 0.7] of the image size": resample the WHOLE
+    """Literal reading of Ghesu et al.'s "rescale to a fraction s ∈ [0.1, 0.7] of the image size": resample the WHOLE
     image so that every spatial side n becomes ``max(min_size, round(s · n))``.
 
     One s ~ U(scale_range) per call, shared by all keys and all axes (isotropic in voxels, aspect ratio kept).
     Resampling uses ``monai.transforms.Resize`` (``mode`` "area", i.e. box averaging, for downscaling; a
     ``MetaTensor``'s affine is updated, so the voxel spacing grows by 1/s). Followed by plain random crops
-    (``MultiCropd(..., scales=None)``, which pads images smaller than the crop) this reproduces the seed's list
+    (``MultiCropd(..., scales=None)``, which pads images smaller than the crop) this reproduces the paper's list
     order "rescale ..., random crops last" literally.
 
     This is NOT the default of :func:`medssl.transforms.views.seed002_multicrop`: how many pixels a crop of fixed

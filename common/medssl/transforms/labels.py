@@ -23,7 +23,7 @@ UNLABELLED = -1
 
 
 class ClassLabeld(MapTransform):
-    """Datalist ``label`` → class target of the hybrid head (seed 002 Eq. 7), the same type for every item.
+    """Datalist ``label`` → class target of the hybrid head (Ghesu et al. 2022, Eq. 7), the same type for every item.
 
     * single-label (``multi_label=False``): an int (Python / NumPy / 0-d array or tensor) → that class index as a
       0-d long tensor; a str (a segmentation-mask path), None or a missing key → ``UNLABELLED`` (−1);

@@ -1,14 +1,16 @@
-"""Seed 001 (UniMiSS) views: two (or more) augmented views of each 2D image or 3D volume, as MONAI transforms.
+"""UniMiSS views (Xie et al., ECCV 2022): two (or more) augmented views of each 2D image or 3D volume, as MONAI
+transforms.
 
 :func:`unimiss_views` returns one :class:`medssl.transforms.views.MultiCropd` that serves a mixed 2D / 3D dataset:
 the crop plan and the augmentation pipeline are picked by each sample's spatial dims. ``sample["crops"]`` becomes
 ``[view_0, ..., view_{n-1}]``, each ``(C, *view_size)``; the collated batch is a list of ``(B, C, *view_size)``
 tensors, the input of :class:`medssl.methods.unimiss.UniMiSS`.
 
-What the seed / its reference specify (``specs/unimiss.md``) and how it is read here:
+What the paper and the authors' code (YtongXie/UniMiSS-code, ``main.py`` / data loaders) specify and how it is read
+here:
 
 * **2D** (DINO-style global views): random-resized crop to 224 × 224 with area fraction s ∈ [0.14, 1] (the
-  reference's scale, specs/unimiss.md), horizontal flip, intensity ("colour") jitter, Gaussian blur. Our 2D
+  reference's scale), horizontal flip, intensity ("colour") jitter, Gaussian blur. Our 2D
   medical images are grey or RGB; the jitter is brightness (x · (1 + b), |b| ≤ 0.4) and contrast (scaling about
   the mean, |c| ≤ 0.4) with probability 0.8 — DINO's ColorJitter(0.4, 0.4, ...) with p = 0.8 (saturation and hue
   are meaningless for grey images and left out). Blur σ ∈ [0.1, 2.0] pixels with probability 0.5 (DINO: 1.0 for
@@ -67,11 +69,11 @@ __all__ = [
 ]
 
 UNIMISS_VIEW_SIZE_2D: tuple[int, int] = (224, 224)
-"""2D view size (specs/unimiss.md: inputs 224 × 224)."""
+"""2D view size (the authors' code: inputs 224 × 224)."""
 UNIMISS_VIEW_SIZE_3D: tuple[int, int, int] = (96, 96, 16)
 """3D view size (X, Y, Z), depth last: the reference's 16 × 96 × 96 (D × H × W) sub-volumes."""
 UNIMISS_SCALE_2D: tuple[float, float] = (0.14, 1.0)
-"""Area fraction range of the 2D random-resized crop (specs/unimiss.md: scale 0.14–1)."""
+"""Area fraction range of the 2D random-resized crop (the authors' code: scale 0.14–1)."""
 
 
 class ByDimensiond(Randomizable, MapTransform):
@@ -139,7 +141,7 @@ def unimiss_augmentations_2d(
     blur_prob: float = 0.5,
     blur_sigma: Sequence[float] = (0.1, 2.0),
 ) -> Compose:
-    """Seed 001's 2D augmentations after the random-resized crop (see the module docstring): horizontal (left-right)
+    """UniMiSS's 2D augmentations after the random-resized crop (see the module docstring): horizontal (left-right)
     flip, brightness and contrast jitter (each with ``jitter_prob``), Gaussian blur. Images ``(C, *spatial)`` as
     medssl's loader gives them, column (x) index first, so the left-right flip reverses spatial axis 0."""
     sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
@@ -167,7 +169,7 @@ def unimiss_augmentations_3d(
     gamma_prob: float = 0.3,
     gamma: Sequence[float] = (0.7, 1.5),
 ) -> Compose:
-    """Seed 001's 3D augmentations after the sub-volume crop (see the module docstring; nnU-Net's default
+    """UniMiSS's 3D augmentations after the sub-volume crop (see the module docstring; nnU-Net's default
     parameters): flips along X, Y and Z, Gaussian noise, Gaussian blur, brightness, contrast (range preserved),
     gamma. Volumes ``(C, X, Y, Z)``, depth last."""
     sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
@@ -196,7 +198,7 @@ def unimiss_views(
     augment_3d: Callable[[dict], dict] | None = None,
     **kwargs: Any,
 ) -> MultiCropd:
-    """The views of seed 001 for a mixed 2D / 3D dataset: ``n_views`` random-resized crops of ``size_2d`` (area
+    """The views of UniMiSS for a mixed 2D / 3D dataset: ``n_views`` random-resized crops of ``size_2d`` (area
     fraction in ``scale_2d``) of a 2D image, or ``n_views`` plain sub-volume crops of ``size_3d`` (X, Y, Z — depth
     last; an int is used on every axis, a pair is (in-plane, depth)) of a 3D volume, each augmented independently by
     :func:`unimiss_augmentations_2d` / :func:`unimiss_augmentations_3d` (or the given ``augment_2d`` / ``augment_3d``).

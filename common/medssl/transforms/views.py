@@ -1,4 +1,4 @@
-"""Multi-crop view generation for 2D and 3D images (SwAV-style, seed 002 Table I) and the seed's augmentation set A.
+"""Multi-crop view generation for 2D and 3D images (SwAV-style, Ghesu et al. 2022 Table I) and their augmentation set A.
 
 :class:`MultiCropd` turns one image into a list of crops (the views of SwAV / DeepCluster-v2): groups of
 ``count`` crops of one size each, every crop an independent random region (optionally resized, see below) followed by
@@ -6,19 +6,20 @@ an independent draw of an augmentation pipeline. ``sample["crops"] = [crop_0, ..
 groups (large crops first), each ``(C, *crop_size)``; the default collation of a batch then gives a list of
 ``(B, C, *crop_size)`` tensors, one per crop index.
 
-Seed 002 (Ghesu et al.), Table I and set A, and how they are read here:
+Ghesu et al., "Self-supervised learning from 100 million medical images" (2022), Table I and set A, and how they are
+read here:
 
 * Crop counts and sizes, 2D: 2 × 224 + 6 × 92 (square crops of the (C, H, W) image).
 * 3D: 1 × (224, 192) + 4 × (112, 96), read as (in-plane size, depth): crops of ``(224, 224, 192)`` and
   ``(112, 112, 96)`` voxels in our axis order (C, X, Y, Z) -- X, Y in-plane, the depth (slice) axis Z last. Reason:
-  the seed's 3D network treats the first two blocks as in-plane only ((1, 3, 3) kernels), i.e. it reasons in
+  the paper's 3D network treats the first two blocks as in-plane only ((1, 3, 3) kernels), i.e. it reasons in
   (in-plane, slices), the usual notation for anisotropic CT / MR; a 2-tuple size given for a 3D image is expanded the
   same way, ``(a, b) -> (a, a, b)``. A 224 x 224 x 192 crop is 9.6 M voxels (38 MB in float32); demo / smoke configs
   pass small sizes (``sizes=[(32, 16), (16, 8)]`` etc.).
 * "Rescale to a fraction s ∈ [0.1, 0.7] of the image size ... random crops last" is read as a random-resized crop:
   each crop is a random region covering the fraction s (uniform in ``scale``) of the image's area (2D) / volume (3D),
   resized to the crop size -- the role of SwAV's ``RandomResizedCrop(scale=(min_scale, max_scale))``, whose ranges
-  seed 002's Table I replaces by this one s range (used for the large and the small crops alike by default). It is
+  Ghesu et al.'s Table I replaces by this one s range (used for the large and the small crops alike by default). It is
   resolution independent: the same anatomy fraction whatever the native pixel count. The region has the crop's
   proportions (zoom is isotropic in voxels, anatomy is not stretched) and volume s × the image's; a side that would
   exceed the image is clipped to it (that axis is then stretched and the covered fraction is smaller than s). The
@@ -69,10 +70,10 @@ __all__ = [
     "view_nuisance_augmentations",
 ]
 
-# seed 002, Table I: crops [2, 6] / [1, 4]; sizes [224, 92] / [(224, 192), (112, 96)] = (in-plane, depth)
+# Ghesu et al. 2022, Table I: crops [2, 6] / [1, 4]; sizes [224, 92] / [(224, 192), (112, 96)] = (in-plane, depth)
 SEED002_CROP_COUNTS: dict[int, tuple[int, ...]] = {2: (2, 6), 3: (1, 4)}
 SEED002_CROP_SIZES: dict[int, tuple[Any, ...]] = {2: (224, 92), 3: ((224, 224, 192), (112, 112, 96))}
-# seed 002, set A: "rescale to a fraction s ∈ [0.1, 0.7] of the image size"
+# Ghesu et al. 2022, set A: "rescale to a fraction s ∈ [0.1, 0.7] of the image size"
 SEED002_SCALE_RANGE: tuple[float, float] = (0.1, 0.7)
 
 ScaleRange = tuple[float, float] | None
@@ -80,7 +81,7 @@ ScaleRange = tuple[float, float] | None
 
 def expand_crop_size(size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
     """Crop size per spatial axis: an int is used on every axis; a tuple of ``spatial_dims`` ints as it is; for 3D a
-    2-tuple is (in-plane, depth) -> ``(a, a, b)`` in the (X, Y, Z) order, depth last (seed 002 Table I notation)."""
+    2-tuple is (in-plane, depth) -> ``(a, a, b)`` in the (X, Y, Z) order, depth last (Ghesu et al. Table I notation)."""
     if isinstance(size, numbers.Integral):
         out = (int(size),) * spatial_dims
     else:
@@ -382,7 +383,7 @@ def seed002_augmentations(
     b_fraction: float = 0.2,
     energy_kwargs: Mapping[str, Any] | None = None,
 ) -> Compose:
-    """Seed 002's intensity augmentation set A, in the seed's order, as one ``Compose`` (the ``augment`` of crops):
+    """Ghesu et al.'s intensity augmentation set A, in the paper's order, as one ``Compose`` (the ``augment`` of crops):
 
     1. :class:`EnergyBandAugmentd` -- energy bands with per-band reference energies drawn within ±σ of the modality's
        mean (``energy_reference``: the JSON of ``tools/energy_reference.py`` or its dict; None = per-image fallback);
@@ -390,7 +391,7 @@ def seed002_augmentations(
     3. :class:`RandLinearIntensityd` -- a·I + b, a ∈ [0.9, 1.1], |b| ≤ 20 % of the intensity range.
 
     The spatial items of set A (rescale to a fraction s, random crops) are :class:`MultiCropd`'s job. The seed gives
-    no application probabilities; ours are the defaults above (energy every time, as the seed's normalisation;
+    no application probabilities; ours are the defaults above (energy every time, as the paper's normalisation;
     gamma and linear half of the time). The set is the same for 2D and 3D (``spatial_dims`` is checked only).
     ``energy_kwargs`` go to :class:`EnergyBandAugmentd` (e.g. ``sample_range_sigma``, ``sigma_unit``).
     """
@@ -418,9 +419,9 @@ def view_nuisance_augmentations(
     """Per-view left-right flip, Gaussian blur and Gaussian noise (MONAI's ``RandFlipd``, ``RandGaussianSmoothd``,
     ``RandGaussianNoised``; the noise standard deviation drawn in [0, ``noise_std``] on the [0, 1]-scaled image).
 
-    Not part of seed 002's set A. Added after set A by the small-data configs (the bundles' ``demo.json``): two crops
-    of one image share its noise level, sharpness and orientation, so without these a small network matches views by
-    those nuisances instead of by anatomy (measured in the SwAV bundle's ``docs/README.md``, "Does it learn?").
+    Not part of Ghesu et al.'s set A. Added after set A by the small-data configs (the bundles' ``demo.json``): two
+    crops of one image share its noise level, sharpness and orientation, so without these a small network matches views
+    by those nuisances instead of by anatomy (measured in the SwAV bundle's ``docs/README.md``, "Does it learn?").
     ``blur_sigma`` is in voxels, drawn per axis; the flip mirrors the first spatial axis (X, left-right in RAS).
     """
     if int(spatial_dims) not in (2, 3):
@@ -447,7 +448,7 @@ def seed002_multicrop(
     out_key: str = "crops",
     **kwargs: Any,
 ) -> MultiCropd:
-    """:class:`MultiCropd` with seed 002's Table I crops: 2D 2 × 224 + 6 × 92; 3D 1 × (224, 224, 192) + 4 ×
+    """:class:`MultiCropd` with Ghesu et al.'s Table I crops: 2D 2 × 224 + 6 × 92; 3D 1 × (224, 224, 192) + 4 ×
     (112, 112, 96) (X, Y in-plane, Z depth last), s ∈ [0.1, 0.7] for every crop, augmented by
     :func:`seed002_augmentations` (with ``energy_reference``) unless ``augment`` is given.
 

@@ -3,7 +3,7 @@
 The authors' checkpoints (``UniMiss_tiny`` / ``UniMiss_small``) are ``torch.save`` dicts of their training state:
 ``{"teacher": {"backbone.<MiT key>": ..., "head.<DINO head key>": ...}, "student": {"module.backbone.<MiT key>": ...,
 "module.head.<...>": ...}, "optimizer": ..., "epoch": int, "args": argparse.Namespace, "loss": {...}}``. Their MiT
-keys (``specs/unimiss_reference_keys.json``) are: the encoder under ``transformer.`` (``patch_embed2D0`` stem,
+keys (:func:`reference_state_dict_shapes` lists them) are: the encoder under ``transformer.`` (``patch_embed2D0`` stem,
 ``patch_embed2D1..4.proj``, ``pos_embed2D1..4``, ``cls_tokens1`` + Linear ``cls_tokens2..4``, ``block1..4``; the
 same with ``3D``), the decoder at the top level (``DecEmbed2D0..2.proj``, ``DecPosEmbed2D0..2``, ``Decblock0..2``,
 ``cls_tokens0..2``, ``norm``).
@@ -94,7 +94,7 @@ SOURCE_REPOSITORY = "YtongXie/UniMiSS-code"
 DEFAULT_IMG_SIZE_2D = 224
 DEFAULT_IMG_SIZE_3D = (96, 96, 16)  # (X, Y, Z) = the reference's 16 × 96 × 96 (D, H, W) crops
 
-# how the authors prepared their inputs (main.py, data_loader2D.py, data_loader3D.py; specs/unimiss.md)
+# how the authors prepared their inputs (main.py, data_loader2D.py, data_loader3D.py of YtongXie/UniMiSS-code)
 UNIMISS_PREPROCESSING: dict[str, Any] = {
     "2d": {
         "channels": 3,
@@ -263,7 +263,8 @@ def _reference_shape(model: MiT, key: str, tensor: torch.Tensor, transpose_2d: b
 
 def reference_state_dict_shapes(model: MiT, transpose_2d: bool = True) -> "OrderedDict[str, tuple[int, ...]]":
     """The reference key names and shapes (in the reference's axis order) of a checkpoint that converts into
-    ``model``: what ``model`` expects to find, e.g. ``specs/unimiss_reference_keys.json`` for ``mit_small()``."""
+    ``model``: what ``model`` expects to find in the authors' checkpoint (e.g. ``UniMiss_small`` for
+    ``mit_small()``)."""
     shapes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     for key, tensor in model.state_dict().items():
         ref = reference_key(key)

@@ -14,9 +14,9 @@ and loads it into the sub-module ``encoder_prefix`` of the downstream network:
 
 1. **Which entry of the registry** (:data:`ENCODER_ADAPTERS`): the manifest's backbone class and the receiving
    module's class pick an :class:`EncoderAdapter`, which maps source keys to target keys (a prefix to take, e.g. the
-   f_intra trunk ``slice_encoder.backbone.`` of a seed-000 volume encoder for a 2D task) and says which source keys
-   may be left out (the unused 2D / 3D path of a dimension-free MiT, a decoder the task does not use). A new encoder
-   type plugs in with one :func:`register_encoder_adapter` call.
+   f_intra trunk ``slice_encoder.backbone.`` of a Nguyen et al. 2023 volume encoder for a 2D task) and says which source
+   keys may be left out (the unused 2D / 3D path of a dimension-free MiT, a decoder the task does not use). A new
+   encoder type plugs in with one :func:`register_encoder_adapter` call.
 2. **Dimensionality**: the encoder's pretraining dims (manifest ``spatial_dims`` / backbone kwargs / MiT paths)
    against the task's ``spatial_dims``: a 2D encoder for a 3D task is an error unless ``slice_wise`` (a 2D network
    applied slice by slice); a 3D encoder for a 2D task is an error.
@@ -134,7 +134,8 @@ register_encoder_adapter(
     EncoderAdapter("mit", ("MiT",), ("MiT",), optional_source=_mit_optional, dimension_free=True)
 )
 register_encoder_adapter(EncoderAdapter("hybrid_volume", _HYBRID, _HYBRID, optional_source=_hybrid_optional))
-# seed 000: the f_intra trunk of a stage-3 (or stage-2) volume encoder as a 2D ResNet-50 (2D tasks, slice-wise 3D)
+# Nguyen et al. 2023: the f_intra trunk of a stage-3 (or stage-2) volume encoder as a 2D ResNet-50 (2D tasks,
+# slice-wise 3D)
 register_encoder_adapter(
     EncoderAdapter(
         "hybrid_volume_trunk", _HYBRID, ("ResNetBackbone",), source_prefix="slice_encoder.backbone.", dims=(2,)
