@@ -1,5 +1,6 @@
-"""The DVME transfer protocol (Truong et al., "How transferable are self-supervised features in medical
-image classification tasks?", ML4H 2021, Sec. 3-4, Appendix E-F) on frozen-encoder embeddings, and its image-level network.
+"""The DVME transfer protocol (Truong et al., "How transferable are self-supervised features in medical image
+classification tasks?", ML4H 2021, Sec. 3-4, Appendix E-F) on frozen-encoder embeddings, and its image-level
+network.
 
 What runs (:class:`DVMEProtocol`, the ``train#trainer`` of ``bundles/dvme_classification``):
 
