@@ -45,7 +45,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .demo import DEMO_VERSION, _ras_affine, _rng, _save_nifti, _sigmoid, _smooth_noise, _to_uint8
+from .demo.catalogue import DEMO_VERSION
+from .demo.generators import _rng, _sigmoid, _smooth_noise, _to_uint8
+from .demo.writers import _ras_affine, _save_nifti
 
 __all__ = [
     "LEARN_CLASSES",
