@@ -321,6 +321,11 @@ def format_table(rows: list[dict[str, Any]], fractions: list[float], seeds: int,
     return "\n".join(lines)
 
 
+def main(**kwargs: Any) -> None:
+    """See the module docstring; the table is printed and written, not returned (fire would print the rows again)."""
+    compare(**{k.replace("-", "_"): v for k, v in kwargs.items()})
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    run(compare)
+    run(main)
