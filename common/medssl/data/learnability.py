@@ -46,7 +46,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .demo.catalogue import DEMO_VERSION
-from .demo.generators import _rng, _sigmoid, _smooth_noise, _to_uint8
+from .demo.generators import _rng, _sigmoid, _smooth_noise, _to_uint8, rib_cage
 from .demo.writers import _ras_affine, _save_nifti
 
 __all__ = [
@@ -201,14 +201,8 @@ def learn_chest_xr(rng: np.random.Generator, class_index: int, size: int = LEARN
     heart = soft(np.sqrt(((u - 0.1) / rng.uniform(0.22, 0.34)) ** 2 + ((v - 0.3) / rng.uniform(0.2, 0.28)) ** 2) - 1)
     image = image + rng.uniform(0.16, 0.26) * heart * (0.3 + lungs)
     image = image + 0.18 * soft(np.abs(u) - rng.uniform(0.08, 0.12)) * torso  # spine and mediastinum
-    ribs = np.zeros_like(u)
     spacing, start = rng.uniform(0.16, 0.21), rng.uniform(-0.8, -0.68)
-    for k in range(9):
-        v0 = start + k * spacing + rng.normal(0.0, 0.01)
-        curve = v0 + 0.5 * (np.abs(u) - 0.1) ** 2 + 0.2 * np.abs(u) - 0.25 * np.maximum(np.abs(u) - 0.75, 0.0)
-        ribs = np.maximum(ribs, np.exp(-(((v - curve) / 0.024) ** 2)))
-    ribs *= soft(0.1 - np.abs(u)) * torso * soft((v - 0.55) / 3.0)
-    clavicles = np.exp(-(((v - (-0.72 + 0.25 * (np.abs(u) - 0.45) ** 2)) / 0.03) ** 2)) * (np.abs(u) < 0.75)
+    ribs, clavicles = rib_cage(rng, u, v, torso, soft, spacing, start)
     image = image + rng.uniform(0.04, 0.12) * ribs + 0.14 * clavicles * torso
     markings = _noise_field(rng, u.shape, rng.uniform(1.0, 2.0))
     image = image + rng.uniform(0.01, 0.07) * markings * lungs

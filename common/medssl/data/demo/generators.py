@@ -4,6 +4,7 @@ chest CT volumes, each a pure function of its random generator; and the small nu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +73,21 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # synthetic 2D images
 # --------------------------------------------------------------------------------------------------
+def rib_cage(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, torso: np.ndarray, soft: Any, spacing: float,
+             start: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nine curved posterior ribs (``spacing`` apart from ``start`` in v, each jittered by one ``rng.normal`` draw) cut to
+    the torso, and the clavicles: the bony overlay of the chest radiographs (``synthetic_chest_xr`` and the
+    learnability set's). ``u``, ``v`` are the normalised grid, ``soft`` the soft indicator of a signed distance."""
+    ribs = np.zeros_like(u)
+    for k in range(9):
+        v0 = start + k * spacing + rng.normal(0.0, 0.01)
+        curve = v0 + 0.5 * (np.abs(u) - 0.1) ** 2 + 0.2 * np.abs(u) - 0.25 * np.maximum(np.abs(u) - 0.75, 0.0)
+        ribs = np.maximum(ribs, np.exp(-(((v - curve) / 0.024) ** 2)))
+    ribs *= soft(0.1 - np.abs(u)) * torso * soft((v - 0.55) / 3.0)
+    clavicles = np.exp(-(((v - (-0.72 + 0.25 * (np.abs(u) - 0.45) ** 2)) / 0.03) ** 2)) * (np.abs(u) < 0.75)
+    return ribs, clavicles
+
+
 def synthetic_chest_xr(rng: np.random.Generator, class_index: int, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """A chest-radiograph-like image of class ``CLASSES[class_index]`` and its lesion mask.
 
@@ -124,15 +140,9 @@ def _chest_xr(rng: np.random.Generator, class_index: int, size: int) -> tuple[np
     heart = soft(np.sqrt(((u - 0.12) / rng.uniform(0.26, 0.32)) ** 2 + ((v - 0.3) / 0.24) ** 2) - 1.0)
     image = image + 0.22 * heart * (0.3 + lungs)
     image = image + 0.18 * soft(np.abs(u) - 0.1) * torso  # spine and mediastinum
-    ribs = np.zeros_like(u)
     spacing = rng.uniform(0.17, 0.2)
     start = rng.uniform(-0.78, -0.7)
-    for k in range(9):
-        v0 = start + k * spacing + rng.normal(0.0, 0.01)
-        curve = v0 + 0.5 * (np.abs(u) - 0.1) ** 2 + 0.2 * np.abs(u) - 0.25 * np.maximum(np.abs(u) - 0.75, 0.0)
-        ribs = np.maximum(ribs, np.exp(-(((v - curve) / 0.024) ** 2)))
-    ribs *= soft(0.1 - np.abs(u)) * torso * soft((v - 0.55) / 3.0)
-    clavicles = np.exp(-(((v - (-0.72 + 0.25 * (np.abs(u) - 0.45) ** 2)) / 0.03) ** 2)) * (np.abs(u) < 0.75)
+    ribs, clavicles = rib_cage(rng, u, v, torso, soft, spacing, start)
     image = image + 0.08 * ribs + 0.14 * clavicles * torso
 
     mask = np.zeros(u.shape, dtype=bool)
