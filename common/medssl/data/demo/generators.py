@@ -75,8 +75,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 def rib_cage(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, torso: np.ndarray, soft: Any, spacing: float,
              start: float) -> tuple[np.ndarray, np.ndarray]:
-    """Nine curved posterior ribs (``spacing`` apart from ``start`` in v, each jittered by one ``rng.normal`` draw) cut to
-    the torso, and the clavicles: the bony overlay of the chest radiographs (``synthetic_chest_xr`` and the
+    """Nine curved posterior ribs (``spacing`` apart from ``start`` in v, each jittered by one ``rng.normal`` draw)
+    cut to the torso, and the clavicles: the bony overlay of the chest radiographs (``synthetic_chest_xr`` and the
     learnability set's). ``u``, ``v`` are the normalised grid, ``soft`` the soft indicator of a signed distance."""
     ribs = np.zeros_like(u)
     for k in range(9):
