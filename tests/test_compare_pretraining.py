@@ -26,17 +26,15 @@ RESNET = {"backbone": {"_target_": "medssl.networks.ResNetBackbone",
 
 def test_resnet_overrides_build_the_exported_architecture():
     tool = _tool()
-    configs, overrides = tool._encoder_overrides("xray_classification", RESNET)
+    overrides = tool._encoder_overrides(RESNET)
     parser = ConfigParser()
-    parser.read_config([str(BUNDLES / "xray_classification" / "configs" / c) for c in ["train.json", *configs]])
+    parser.read_config([str(BUNDLES / "xray_classification" / "configs" / "train.json")])
     for key, value in overrides.items():
         parser[key] = value
     encoder = parser.get_parsed_content("encoder")
     assert type(encoder).__name__ == "ResNetBackbone" and encoder.feature_dim == 128 * 4
-    configs, overrides = tool._encoder_overrides("xray_segmentation_2d", RESNET)
-    assert overrides["resnet_layers"] == [1, 1, 1, 1] and overrides["resnet_block_inplanes"] == [16, 32, 64, 128]
-    with pytest.raises(ValueError, match="no downstream mapping"):
-        tool._encoder_overrides("xray_classification", {"backbone": {"_target_": "x.DenseNet3D", "kwargs": {}}})
+    with pytest.raises(ValueError, match="no fine-tuning mapping"):
+        tool._encoder_overrides({"backbone": {"_target_": "x.DenseNet3D", "kwargs": {}}})
 
 
 def _row(method, mean, ci, random=False, arch="resnet-small", dims=2):
