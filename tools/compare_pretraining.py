@@ -22,7 +22,7 @@ comparison resumes):
    ``--seeds`` label-subset seeds x ``--pretrain-seeds``: mean and 95 % CI (Student t); the logistic probe's
    cross-validation tries C = 1e-3, 1e-2, 1e-1 (weaker regularisation takes many more iterations). Labels are the
    learnability set's flat classes, three per modality (chance within a modality 1/3);
-4. fine-tunes ``xray_classification`` on 10 % of the learnability set's X-ray items from each 2D encoder and from
+4. fine-tunes ``xray_classification`` on 10 % of the learnability set's X-ray items from each 2D ResNet and from
    scratch (``--finetune-epochs``, 0 = skip), one seed, and reports test accuracy;
 5. prints one markdown table -- with a verdict per method: does its linear probe at 10 % labels beat random with
    non-overlapping confidence intervals? -- and writes it with the raw numbers to ``--out-dir`` (``comparison.md``,
