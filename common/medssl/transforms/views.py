@@ -419,7 +419,7 @@ def view_nuisance_augmentations(
     """Per-view left-right flip, Gaussian blur and Gaussian noise (MONAI's ``RandFlipd``, ``RandGaussianSmoothd``,
     ``RandGaussianNoised``; the noise standard deviation drawn in [0, ``noise_std``] on the [0, 1]-scaled image).
 
-    Not part of Ghesu et al.'s set A. Added after set A by the small-data configs (the bundles' ``demo.json``): two
+    Not part of Ghesu et al.'s set A. Added after set A by the SwAV bundle's small-data ``demo.json``: two
     crops of one image share its noise level, sharpness and orientation, so without these a small network matches views
     by those nuisances instead of by anatomy (measured in the SwAV bundle's ``docs/README.md``, "Does it learn?").
     ``blur_sigma`` is in voxels, drawn per axis; the flip mirrors the first spatial axis (X, left-right in RAS).
