@@ -13,7 +13,8 @@ One iteration (``engine.state.iteration`` = i, 1-based):
    and other non-tensors are left as they are);
 2. the (``DistributedDataParallel``-wrapped when the world size is above 1) method's forward = ``training_step``
    runs under ``torch.autocast`` when ``amp`` (bf16 or fp16, CUDA only; on CPU ``amp`` is turned off with one log
-   line);
+   line). ``amp`` left unset (None) means on with CUDA, off elsewhere, and ``amp_dtype`` defaults to bfloat16, so a
+   CUDA run trains under bf16 autocast unless the config says ``amp: false``;
 3. ``(loss / window).backward()`` through the ``GradScaler`` for fp16, where ``window`` is the number of batches
    accumulated into this optimiser step (``accumulate_grad_batches``, shorter for the last window of an epoch);
    the iterations that do not step run under ``DDP.no_sync()``;
@@ -22,6 +23,18 @@ One iteration (``engine.state.iteration`` = i, 1-based):
 5. ``engine.state.output`` = a :class:`StepOutput`: the step's scalars as Python floats, ``"loss"`` first, each the
    mean over the ranks (so every rank logs, and stops on a NaN, identically), plus ``"grad_norm"`` (the norm
    before clipping) when clipping is on.
+
+Speed switches (issue #12), all off on CPU by default:
+
+- ``channels_last`` (None = on with CUDA): when the method holds 2D convolutions (``nn.Conv2d``), its 4-D parameters
+  and the 4-D floating tensors of every batch are put in ``torch.channels_last`` memory format (cuDNN's NHWC
+  kernels; values are unchanged, only the strides). A method without 2D convolutions is left as it is.
+- ``compile`` (default False): the method's ``backbone`` (the method itself when it has none) runs through
+  ``torch.compile``; its parameters and ``state_dict`` keys stay those of the eager module (checkpoints are
+  interchangeable). When ``torch.compile`` raises, or the compiled forward fails on its first call, one warning
+  line is logged and the backbone runs eagerly from then on.
+
+Boolean arguments accept the command-line spellings of :func:`medssl.bundle.as_bool` (``"true"``, ``"off"``...).
 
 Epochs and the data order: the engine iterates ``epoch_length`` batches per epoch (default ``len(data_loader)``;
 a smaller value uses the first ``epoch_length`` batches of each epoch). Each epoch starts a fresh pass over the
@@ -47,6 +60,7 @@ from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 
+from medssl.bundle.params import as_bool
 from medssl.utils.dist import all_reduce_sum, get_world_size, is_distributed
 
 __all__ = [
@@ -58,6 +72,9 @@ __all__ = [
     "output_is_finite",
     "epoch_sampler",
     "epoch_started_fresh",
+    "to_channels_last",
+    "has_conv2d",
+    "compile_backbone",
 ]
 
 logger = logging.getLogger(__name__)
@@ -211,6 +228,84 @@ def _resolve_amp_dtype(amp_dtype: str | torch.dtype) -> torch.dtype:
     return _AMP_DTYPES[key]
 
 
+def _optional_bool(value: Any, key: str) -> bool | None:
+    """None stays None (= the device's default); anything else through :func:`medssl.bundle.as_bool`."""
+    return None if value is None else as_bool(value, key)
+
+
+def has_conv2d(module: nn.Module) -> bool:
+    """Whether ``module`` holds a 2D convolution (the backbones ``channels_last`` speeds up)."""
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def to_channels_last(data: Any) -> Any:
+    """``data`` with every 4-D floating tensor in ``torch.channels_last`` memory format (same values, NHWC strides),
+    recursing into dicts, lists and tuples like :func:`to_device`; other tensors and objects are returned as they are."""
+    if isinstance(data, torch.Tensor):
+        if data.ndim == 4 and data.is_floating_point():
+            return data.contiguous(memory_format=torch.channels_last)
+        return data
+    if isinstance(data, Mapping):
+        moved = {k: to_channels_last(v) for k, v in data.items()}
+        try:
+            return type(data)(moved)
+        except TypeError:
+            return moved
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(to_channels_last(v) for v in data))
+    if isinstance(data, (list, tuple)):
+        moved = [to_channels_last(v) for v in data]
+        return moved if isinstance(data, list) else tuple(moved)
+    return data
+
+
+def _params_channels_last(module: nn.Module) -> None:
+    """The 4-D parameters and buffers of ``module`` (2D conv weights) in channels_last, in place: the Parameter
+    objects stay the same (the optimiser built before the engine keeps them); 5-D (3D conv) weights are left as they
+    are (``Module.to(memory_format=...)`` would reject them)."""
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.ndim == 4 and tensor.is_floating_point():
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+
+
+def compile_backbone(module: nn.Module, **compile_kwargs: Any) -> bool:
+    """Run ``module``'s forward through ``torch.compile``, in place, keeping its parameters and ``state_dict`` keys.
+
+    Returns False (and logs one warning line) when ``torch.compile`` raises; the module then stays eager. A compiled
+    forward that raises on a call (compilation is lazy: most failures show at the first batch) logs one warning line,
+    and that call and every later one run the eager forward. Returns True when the compiled forward is installed.
+    """
+    eager_forward = module.forward
+    try:
+        compiled_forward = torch.compile(eager_forward, **compile_kwargs)
+    except Exception as err:  # noqa: BLE001 - any failure of the compiler means: train eagerly
+        logger.warning(f"compile: torch.compile failed ({type(err).__name__}: {_first_line(err)}); training eagerly")
+        return False
+    failed = False
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            try:
+                return compiled_forward(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001
+                failed = True
+                logger.warning(
+                    f"compile: the compiled {type(module).__name__} failed ({type(err).__name__}: {_first_line(err)}); "
+                    "training eagerly"
+                )
+        return eager_forward(*args, **kwargs)
+
+    module.forward = forward  # instance attribute: nn.Module.__call__ uses it, state_dict is untouched
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no message"
+
+
 class SSLTrainer(Trainer):
     """Ignite / MONAI training engine for a :class:`medssl.methods.SSLMethod` (see the module docstring for one
     iteration, the epoch / data order and the resume behaviour).
@@ -224,8 +319,14 @@ class SSLTrainer(Trainer):
             ``DistributedDataParallel`` (``engine.network``; ``engine.method`` stays the unwrapped module).
         optimizer: the optimiser over ``method``'s parameters (e.g. built from ``method.parameter_groups()``).
         epoch_length: batches per epoch; default ``len(data_loader)``; at most that.
-        amp: mixed precision (CUDA only; on CPU turned off with a log line).
-        amp_dtype: ``"bfloat16"`` (no scaler) or ``"float16"`` (with a ``GradScaler``, ``engine.scaler``).
+        amp: mixed precision (CUDA only; on CPU turned off with a log line). Default None: on with CUDA (bf16
+            autocast with the default ``amp_dtype``), off on other devices.
+        amp_dtype: ``"bfloat16"`` (default; no scaler) or ``"float16"`` (with a ``GradScaler``, ``engine.scaler``).
+        channels_last: put a method with 2D convolutions and the 4-D tensors of each batch in
+            ``torch.channels_last`` memory format. Default None: on with CUDA, off on other devices.
+        compile: run the method's ``backbone`` through ``torch.compile`` (:func:`compile_backbone`: eager
+            fallback with a one-line warning when compiling fails). Default False.
+        compile_kwargs: keyword arguments for ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
         clip_grad_norm: max total L2 norm of the gradients (after unscaling); None = no clipping.
         accumulate_grad_batches: batches whose gradients are summed (loss / window) before one optimiser step;
             windows restart at each epoch (the last one of an epoch may be shorter).
@@ -237,7 +338,7 @@ class SSLTrainer(Trainer):
         ddp_kwargs: more keyword arguments for ``DistributedDataParallel``.
 
     Attributes read by handlers: ``method``, ``network``, ``optimizer``, ``scaler``, ``data_loader``, ``amp``,
-    ``amp_dtype``; ``engine.state.optimizer_stepped`` (whether the last iteration stepped the optimiser).
+    ``amp_dtype``, ``channels_last``, ``compiled``; ``engine.state.optimizer_stepped`` (whether the last iteration stepped the optimiser).
     """
 
     def __init__(
@@ -248,8 +349,11 @@ class SSLTrainer(Trainer):
         method: nn.Module,
         optimizer: torch.optim.Optimizer,
         epoch_length: int | None = None,
-        amp: bool = False,
+        amp: bool | str | None = None,
         amp_dtype: str | torch.dtype = "bfloat16",
+        channels_last: bool | str | None = None,
+        compile: bool | str = False,
+        compile_kwargs: dict | None = None,
         clip_grad_norm: float | None = None,
         accumulate_grad_batches: int = 1,
         find_unused_parameters: bool = False,
@@ -279,6 +383,13 @@ class SSLTrainer(Trainer):
                 "per epoch"
             )
         dtype = _resolve_amp_dtype(amp_dtype)
+        amp = _optional_bool(amp, "amp")
+        if amp is None:
+            amp = device.type == "cuda"
+        channels_last = _optional_bool(channels_last, "channels_last")
+        if channels_last is None:
+            channels_last = device.type == "cuda"
+        compile = as_bool(compile, "compile")
         if amp and device.type != "cuda":
             logger.info(
                 f"amp=True ignored on device {device}: mixed precision is used on CUDA only; training in float32"
@@ -286,6 +397,16 @@ class SSLTrainer(Trainer):
             amp = False
 
         method = method.to(device)
+        if channels_last and not has_conv2d(method):
+            logger.info(f"channels_last: {type(method).__name__} has no 2D convolution; memory format left as is")
+            channels_last = False
+        if channels_last:
+            _params_channels_last(method)
+        compiled = False
+        if compile:
+            target = getattr(method, "backbone", None)
+            target = target if isinstance(target, nn.Module) else method
+            compiled = compile_backbone(target, **dict(compile_kwargs or {}))
         network: nn.Module = method
         if is_distributed():
             kwargs = dict(ddp_kwargs or {})
@@ -310,6 +431,8 @@ class SSLTrainer(Trainer):
         self.network = network
         self.optimizer = optimizer
         self.amp_dtype = dtype
+        self.channels_last = bool(channels_last)
+        self.compiled = compiled
         self.clip_grad_norm = clip_grad_norm
         self.accumulate_grad_batches = int(accumulate_grad_batches)
         self.reduce_outputs = reduce_outputs
@@ -373,6 +496,8 @@ class SSLTrainer(Trainer):
         if batchdata is None:
             raise ValueError("SSLTrainer: the data loader gave no batch for this iteration")
         batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking)
+        if self.channels_last:
+            batch = to_channels_last(batch)
         step, window = self._accumulation_window(self.state.iteration)
         is_ddp = isinstance(self.network, nn.parallel.DistributedDataParallel)
         sync_context = self.network.no_sync() if (is_ddp and not step) else contextlib.nullcontext()
