@@ -1,8 +1,8 @@
 """Handlers for the stateful tricks of the online-clustering methods (SwAV, DeepCluster-v2), each with
 ``attach(engine)`` so bundle configs list them in ``train#handlers``.
 
-* :class:`SwAVQueueHandler` — creates and starts the method's feature queue at a given epoch (SwAV
-  ``epoch_queue_starts``); the method uses the queue once it is full.
+* :class:`SwAVQueueHandler` — starts the method's feature queue (its :class:`medssl.losses.swav.SwAVQueues`) at a
+  given epoch (SwAV ``epoch_queue_starts``); the method uses the queue once it is full.
 * :class:`FreezePrototypesHandler` — drops the prototypes' gradients for the first N iterations (SwAV
   ``freeze_prototypes_niters``), between backward and the optimiser step (``IterationEvents.BACKWARD_COMPLETED``,
   which :class:`medssl.engines.SSLTrainer` fires there).
@@ -15,7 +15,7 @@ of the method's ``state_dict`` (saved in the checkpoint's ``"method"`` entry), a
 ``engine.state.epoch`` / ``iteration``. So a resumed run continues correctly without listing these handlers in
 :class:`medssl.engines.CheckpointHandler`'s ``objects``. Multi-rank limitation: a checkpoint holds rank 0's
 per-rank state; on resume the other ranks restart their queue / memory bank empty (see
-:meth:`medssl.methods.SwAV.set_extra_state` and :class:`medssl.methods.DeepClusterV2`), so a multi-rank resume is
+:class:`medssl.losses.swav.SwAVQueues` and :class:`medssl.methods.DeepClusterV2`), so a multi-rank resume is
 close to, not exactly, the uninterrupted run.
 
 ``method`` may be given explicitly (the unwrapped ``SSLMethod`` or its DDP wrapper) or left None to use
@@ -54,15 +54,16 @@ def _resolve_method(method: Any, engine: Engine, owner: str, needs: str) -> Any:
 
 
 class SwAVQueueHandler:
-    """Create and start the SwAV feature queue at the start of epoch ``start_epoch`` (0-based, as the reference's
+    """Start the SwAV feature queue at the start of epoch ``start_epoch`` (0-based, as the reference's
     ``--epoch_queue_starts``: 0 = from the first epoch; Ghesu et al. 2022 Table I: 10 (2D) / 3 (3D)).
 
     At Events.EPOCH_STARTED of the epoch with 0-based index ``engine.state.epoch - 1 >= start_epoch`` and a queue
-    not yet active, calls ``method.start_queue(length)``: an empty queue of ``length // world_size`` rows per rank
-    and assignment crop (one queue per modality with per-modality prototypes). From then on every step pushes its
-    assignment-crop embeddings, and the step's codes use the queue once it is full (the step after it filled:
-    ``ceil(L_rank / B_local)`` steps). The queue is never restarted (it is kept across epochs, as the reference);
-    a resumed run gets it back from the method's state (an active queue is left alone).
+    not yet active, calls ``method.queues.start(length)`` (:meth:`medssl.losses.swav.SwAVQueues.start`, which owns
+    the queue): an empty queue of ``length // world_size`` rows per rank and assignment crop (one queue per modality
+    with per-modality prototypes). From then on every step pushes its assignment-crop embeddings, and the step's
+    codes use the queue once it is full (the step after it filled: ``ceil(L_rank / B_local)`` steps). The queue is
+    never restarted (it is kept across epochs, as the reference); a resumed run gets it back from the method's
+    state (an active queue is left alone).
 
     Args:
         method: the :class:`medssl.methods.SwAV` (or its DDP wrapper); None = ``engine.method``.
@@ -82,16 +83,16 @@ class SwAVQueueHandler:
         self.length = length
 
     def attach(self, engine: Engine) -> None:
-        self.method = _resolve_method(self.method, engine, "SwAVQueueHandler", "start_queue")
-        length = self.method.queue_length if self.length is None else self.length
+        self.method = _resolve_method(self.method, engine, "SwAVQueueHandler", "queues")
+        length = self.method.queues.length if self.length is None else self.length
         if not length:
             raise ValueError("SwAVQueueHandler: no queue length (give `length` or the method's queue_length)")
         engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch_started)
 
     def _on_epoch_started(self, engine: Engine) -> None:
-        if engine.state.epoch - 1 < self.start_epoch or self.method.queue_active:
+        if engine.state.epoch - 1 < self.start_epoch or self.method.queues.active:
             return
-        per_rank = self.method.start_queue(self.length)
+        per_rank = self.method.queues.start(self.length)
         logger.info(
             f"SwAV queue started at epoch {engine.state.epoch} (0-based {engine.state.epoch - 1}): {per_rank} rows per "
             f"rank and assignment crop; used once full"

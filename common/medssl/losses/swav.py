@@ -1,6 +1,11 @@
 """SwAV swapped-prediction loss (Caron et al. 2020), its feature queue, and the per-modality variant of Ghesu et al.
 2022.
 
+The queue has one owner, :class:`SwAVQueues`: this rank's queue of each prototype set (one :class:`SwAVQueue`
+FIFO each), their size, start and reset, their device moves and their checkpoint state (per rank, never a DDP
+buffer). A method holds one :class:`SwAVQueues`; :class:`medssl.engines.SwAVQueueHandler` only calls its
+:meth:`SwAVQueues.start` at the configured epoch.
+
 Notation: z (N, D) the L2-normalised embeddings of the crops, C (K, D) the L2-normalised prototypes (see
 :class:`medssl.networks.heads.SwAVPrototypes`), scores = z · Cᵀ, q the Sinkhorn codes (:func:`sinkhorn_knopp`),
 τ the temperature, ε the Sinkhorn regularisation. Crops are stacked view-major: rows ``c·B … (c+1)·B − 1`` of an
@@ -10,7 +15,8 @@ Notation: z (N, D) the L2-normalised embeddings of the crops, C (K, D) the L2-no
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,11 +24,14 @@ import torch.nn.functional as F
 
 from medssl.losses.sinkhorn import sinkhorn_knopp
 from medssl.networks.heads import PerModalityPrototypes, SwAVPrototypes
-from medssl.utils.dist import PerRankState, all_reduce_sum, is_distributed
+from medssl.utils.dist import PerRankState, all_reduce_sum, get_rank, get_world_size, is_distributed
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SwAVLoss",
     "SwAVQueue",
+    "SwAVQueues",
     "SwAVPrototypes",
     "PerModalityPrototypes",
     "per_modality_swav_loss",
@@ -227,6 +236,151 @@ class SwAVQueue(PerRankState):
         return torch.stack(out)
 
 
+class SwAVQueues(nn.Module):
+    """This rank's SwAV queues (Caron et al. 2020, Sec. 4.1), the one owner of a method's queue.
+
+    One :class:`SwAVQueue` per prototype set: a single one (key ``""``) for shared prototypes, one per modality with
+    per-modality prototypes (Ghesu et al. 2022, Eq. 4). Read like a mapping name → :class:`SwAVQueue` (empty until
+    the first :meth:`start`). The FIFOs are plain attributes, not sub-modules or buffers: DistributedDataParallel
+    would broadcast rank 0's copy over every rank's own queue (see :class:`medssl.utils.dist.PerRankState`). This
+    class moves them with the module (``.to()``) and saves them as its extra state, tagged with the rank:
+    ``{"rank", "queue_length_per_rank", "queues": {name: FIFO state}}``. A checkpoint holds rank 0's queues; another
+    rank restarts its queue empty on load (with a warning) and refills it within L / (B · world size) steps.
+
+    Args:
+        n_assign_crops: the crops whose codes are predicted (one FIFO row block each).
+        feat_dim: embedding size D.
+        names: the prototype sets (``[""]``, or the modality codes).
+        length: the default global queue length L of :meth:`start` (3840 for 2D / 1920 for 3D, Ghesu et al.
+            Table I); 0 = none (then :meth:`start` needs one).
+    """
+
+    SHARED = ""  # the name of the single queue of shared prototypes
+
+    def __init__(self, n_assign_crops: int, feat_dim: int, names: Sequence[str] = (SHARED,), length: int = 0):
+        super().__init__()
+        if length < 0:
+            raise ValueError(f"SwAVQueues: length={length} must be >= 0")
+        self.n_assign_crops, self.feat_dim, self.length = int(n_assign_crops), int(feat_dim), int(length)
+        self.names = tuple(str(n) for n in names)
+        self._queues: dict[str, SwAVQueue] = {}
+        self._device = torch.device("cpu")  # where new FIFOs go: follows .to() / .cuda()
+
+    # ------------------------------------------------------------------ mapping name -> FIFO
+    def __getitem__(self, name: str) -> SwAVQueue:
+        return self._queues[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._queues)
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def get(self, name: str, default: SwAVQueue | None = None) -> SwAVQueue | None:
+        return self._queues.get(name, default)
+
+    def values(self):
+        return self._queues.values()
+
+    def items(self):
+        return self._queues.items()
+
+    # ------------------------------------------------------------------ life
+    @property
+    def length_per_rank(self) -> int:
+        return next(iter(self._queues.values())).length if self._queues else 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self._queues) and all(q.active for q in self._queues.values())
+
+    def start(self, length: int | None = None) -> int:
+        """Start the queues empty (every later :meth:`push` fills them) with global length ``length`` (default
+        :attr:`length`): ``length // world_size`` rows per rank and assignment crop. Returns the per-rank length."""
+        length = self.length if length is None else int(length)
+        world_size = get_world_size()
+        if length < world_size:
+            raise ValueError(
+                f"SwAVQueues: a queue of global length {length} cannot be split over {world_size} ranks (give the "
+                "method's queue_length or the SwAVQueueHandler's length)"
+            )
+        self._create(length // world_size)
+        for queue in self._queues.values():
+            queue.start()
+        return self.length_per_rank
+
+    def reset(self) -> None:
+        """Empty every queue (an active one stays active and refills)."""
+        for queue in self._queues.values():
+            queue.reset()
+
+    def _create(self, length_per_rank: int) -> None:
+        if self.length_per_rank != length_per_rank:
+            self._queues = {
+                name: SwAVQueue(self.n_assign_crops, length_per_rank, self.feat_dim).to(self._device)
+                for name in self.names
+            }
+
+    # ------------------------------------------------------------------ step
+    def full_scores(self, name: str, prototypes: nn.Module | torch.Tensor) -> torch.Tensor | None:
+        """The scores of queue ``name`` with the current prototypes (:meth:`SwAVQueue.scores`) once it is full,
+        else None (an inactive, filling or missing queue)."""
+        queue = self._queues.get(name)
+        return queue.scores(prototypes) if queue is not None and queue.is_full else None
+
+    def push(self, name: str, embeddings: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Push this step's assignment-crop embeddings into queue ``name`` (nothing while it is not started)."""
+        queue = self._queues.get(name)
+        if queue is not None:
+            queue.push(embeddings)
+
+    # ------------------------------------------------------------------ device and checkpoint
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self._device = fn(torch.empty(0, device=self._device)).device
+        for queue in self._queues.values():
+            queue._apply(fn, *args, **kwargs)
+        return module
+
+    def get_extra_state(self) -> dict:
+        return {
+            "rank": get_rank(),
+            "queue_length_per_rank": self.length_per_rank,
+            "queues": {name: q.get_extra_state() for name, q in self._queues.items()},
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        length = int(state.get("queue_length_per_rank", 0))
+        if not length:
+            self._queues = {}
+            return
+        self._create(length)
+        saved = state.get("queues", {})
+        if set(saved) != set(self._queues):
+            raise ValueError(f"SwAVQueues: the checkpoint holds queues {sorted(saved)}, this one {list(self.names)}")
+        for name, queue in self._queues.items():
+            queue.set_extra_state(saved[name])
+        if int(state.get("rank", 0)) != get_rank():
+            logger.warning(
+                f"SwAV: the checkpoint holds rank {state.get('rank')}'s queue; rank {get_rank()} restarts its queue "
+                "empty (it is used again once full)"
+            )
+            self.reset()
+
+    @staticmethod
+    def rename_legacy_state(attribute: str):
+        """A ``register_load_state_dict_pre_hook`` hook for the owning method: checkpoints written before the
+        queues had their own module kept this state as the method's ``_extra_state``; it moves to
+        ``<attribute>._extra_state``."""
+
+        def hook(module, state_dict, prefix, *args):
+            old, new = prefix + "_extra_state", f"{prefix}{attribute}._extra_state"
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+
+        return hook
+
+
 def cancel_prototype_grads(
     prototypes: nn.Module | Iterable[torch.Tensor], iteration: int, freeze_iters: int
 ) -> bool:
@@ -247,7 +401,7 @@ def per_modality_swav_loss(
     modalities: Sequence[str],
     prototypes: PerModalityPrototypes | Mapping[str, nn.Module],
     loss: SwAVLoss,
-    queues: Mapping[str, SwAVQueue] | None = None,
+    queues: SwAVQueues | Mapping[str, SwAVQueue] | None = None,
     keep_all_in_graph: bool = True,
     return_per_modality: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -265,8 +419,8 @@ def per_modality_swav_loss(
         modalities: the B samples' modality codes (the collated batch's "modality" list).
         prototypes: :class:`PerModalityPrototypes` (or a mapping modality → single-head prototype module).
         loss: the :class:`SwAVLoss` applied to each modality's sub-batch (its n_crops / crops_for_assign).
-        queues: optional modality → :class:`SwAVQueue`; a full queue's scores are used, then this step's
-            detached assignment-crop embeddings are pushed.
+        queues: optional :class:`SwAVQueues` (or a mapping modality → :class:`SwAVQueue`); a full queue's scores
+            are used, then this step's detached assignment-crop embeddings are pushed.
         keep_all_in_graph: add 0·ΣC_m for configured modalities absent from the whole global batch, so every
             prototype parameter is used at every step (DistributedDataParallel without find_unused_parameters).
             Their gradient is then zero (not None): momentum / weight decay still act on them.
