@@ -11,16 +11,25 @@ from .energy import (
     recombine_bands,
 )
 from .intensity import RandGammad, RandLinearIntensityd, RandRescaleFractiond
+from . import views as _views
 from .views import (
-    SEED002_CROP_COUNTS,
-    SEED002_CROP_SIZES,
-    SEED002_SCALE_RANGE,
+    MULTICROP_COUNTS,
+    MULTICROP_SCALE_RANGE,
+    MULTICROP_SIZES,
     MultiCropd,
     expand_crop_size,
-    seed002_augmentations,
-    seed002_multicrop,
+    multicrop_views,
+    seed002_augmentations,  # deprecated alias of swav_intensity_augmentations
+    seed002_multicrop,  # deprecated alias of multicrop_views
+    swav_intensity_augmentations,
     view_nuisance_augmentations,
 )
 from .labels import UNLABELLED, ClassLabeld
 from .utility import PlainTensord
 from .unimiss_views import ByDimensiond, unimiss_augmentations_2d, unimiss_augmentations_3d  # unimiss_views: by module path
+
+
+def __getattr__(name: str):
+    if name.startswith("SEED002_"):  # deprecated constants: medssl.transforms.views warns and gives the new one
+        return getattr(_views, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,7 +49,7 @@ def _check_prob(owner: str, name: str, value: float) -> float:
 class RandGammad(RandomizableTransform, MapTransform):
     """Gamma augmentation of Ghesu et al.: ``I' = ((I − min) / (max − min))^g · (max − min) + min`` with g = γ or 1/γ.
 
-    γ is drawn uniformly from ``gamma_range`` (seed: [1.8, 2.6]); with probability ``reciprocal_prob`` the exponent
+    γ is drawn uniformly from ``gamma_range`` (the paper's [1.8, 2.6]); with probability ``reciprocal_prob`` the exponent
     is g = 1/γ instead of γ. The intensity is normalised to [0, 1] by the image's own min and max, raised to g and
     mapped back, so min and max are fixed points and the output stays inside the input's range.
 
@@ -109,8 +109,8 @@ class RandGammad(RandomizableTransform, MapTransform):
 class RandLinearIntensityd(RandomizableTransform, MapTransform):
     """Linear intensity augmentation of Ghesu et al.: ``I' = a · I + b``, a ∈ a_range, |b| ≤ b_fraction · (max − min).
 
-    Per call one a ~ U(a_range) (seed: [0.9, 1.1]) and one u ~ U(−1, 1) are drawn; each image gets
-    ``b = u · b_fraction · (max(I) − min(I))`` with its own intensity range (seed: b_fraction = 0.2, "20 % of the
+    Per call one a ~ U(a_range) (the paper's [0.9, 1.1]) and one u ~ U(−1, 1) are drawn; each image gets
+    ``b = u · b_fraction · (max(I) − min(I))`` with its own intensity range (the paper's b_fraction = 0.2, "20 % of the
     intensity range"). The output is not clipped (it may leave the input range by up to 10 % + 20 %).
 
     Args:
@@ -180,7 +180,7 @@ class RandRescaleFractiond(RandomizableTransform, MapTransform):
     (``MultiCropd(..., scales=None)``, which pads images smaller than the crop) this reproduces the paper's list
     order "rescale ..., random crops last" literally.
 
-    This is NOT the default of :func:`medssl.transforms.views.seed002_multicrop`: how many pixels a crop of fixed
+    This is NOT the default of :func:`medssl.transforms.views.multicrop_views`: how many pixels a crop of fixed
     size covers would then depend on the image's native resolution (a 512² CT slice at s = 0.1 is 51² and a 224 crop
     is mostly padding, a 3000² radiograph is 300²). The default reads s as the fraction of the image that each crop
     covers (random-resized-crop style, resolution independent); see :class:`medssl.transforms.views.MultiCropd`.

@@ -43,7 +43,9 @@ fixes every crop and every augmentation of that item.
 
 from __future__ import annotations
 
+import functools
 import numbers
+import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,21 +62,56 @@ from .energy import EnergyBandAugmentd
 from .intensity import RandGammad, RandLinearIntensityd
 
 __all__ = [
-    "SEED002_CROP_COUNTS",
-    "SEED002_CROP_SIZES",
-    "SEED002_SCALE_RANGE",
+    "MULTICROP_COUNTS",
+    "MULTICROP_SIZES",
+    "MULTICROP_SCALE_RANGE",
     "expand_crop_size",
     "MultiCropd",
+    "multicrop_views",
+    "swav_intensity_augmentations",
+    "view_nuisance_augmentations",
     "seed002_augmentations",
     "seed002_multicrop",
-    "view_nuisance_augmentations",
 ]
 
-# Ghesu et al. 2022, Table I: crops [2, 6] / [1, 4]; sizes [224, 92] / [(224, 192), (112, 96)] = (in-plane, depth)
-SEED002_CROP_COUNTS: dict[int, tuple[int, ...]] = {2: (2, 6), 3: (1, 4)}
-SEED002_CROP_SIZES: dict[int, tuple[Any, ...]] = {2: (224, 92), 3: ((224, 224, 192), (112, 112, 96))}
-# Ghesu et al. 2022, set A: "rescale to a fraction s ∈ [0.1, 0.7] of the image size"
-SEED002_SCALE_RANGE: tuple[float, float] = (0.1, 0.7)
+# The multi-crop preset of Ghesu et al., "Self-supervised learning from 100 million medical images" (2022), Table I:
+# crops [2, 6] (2D) / [1, 4] (3D); sizes [224, 92] / [(224, 192), (112, 96)] = (in-plane, depth)
+MULTICROP_COUNTS: dict[int, tuple[int, ...]] = {2: (2, 6), 3: (1, 4)}
+MULTICROP_SIZES: dict[int, tuple[Any, ...]] = {2: (224, 92), 3: ((224, 224, 192), (112, 112, 96))}
+# the same paper, augmentation set A: "rescale to a fraction s ∈ [0.1, 0.7] of the image size"
+MULTICROP_SCALE_RANGE: tuple[float, float] = (0.1, 0.7)
+
+# the old names (a paper's number in an internal list) stay importable for existing configs; they warn when used
+_DEPRECATED_CONSTANTS = {
+    "SEED002_CROP_COUNTS": "MULTICROP_COUNTS",
+    "SEED002_CROP_SIZES": "MULTICROP_SIZES",
+    "SEED002_SCALE_RANGE": "MULTICROP_SCALE_RANGE",
+}
+
+
+def _deprecated_alias(function: Callable, old_name: str) -> Callable:
+    """``function`` under its old name ``old_name``, emitting a DeprecationWarning at each call."""
+
+    @functools.wraps(function)
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(
+            f"medssl.transforms.{old_name} is deprecated, use medssl.transforms.{function.__name__}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return function(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old_name
+    alias.__doc__ = f"Deprecated alias of :func:`{function.__name__}` (same arguments)."
+    return alias
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED_CONSTANTS:
+        new = _DEPRECATED_CONSTANTS[name]
+        warnings.warn(f"medssl.transforms.{name} is deprecated, use {new}", DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ScaleRange = tuple[float, float] | None
 
@@ -139,12 +176,12 @@ class MultiCropd(Randomizable, MapTransform):
             ones). ``size``: int (every axis), one int per spatial axis, or for 3D (in-plane, depth). A mapping
             ``{2: groups_2d, 3: groups_3d}`` (keys may be strings, as in JSON configs) picks the groups by the
             image's spatial dims, so one pipeline serves mixed 2D / 3D datasets.
-        scales: fraction range (low, high) of the image area / volume covered by each crop before resizing (seed
-            002: (0.1, 0.7)); ``None`` = plain random crops at native resolution, padded when the image is smaller.
-            One value for every group, a sequence with one value per group, or a mapping by spatial dims like
-            ``crops``.
-        augment: a callable on a sample dict (e.g. a MONAI ``Compose``; :func:`seed002_augmentations`) applied to
-            each crop separately: it receives the sample with ``keys`` replaced by the crop (``modality`` etc.
+        scales: fraction range (low, high) of the image area / volume covered by each crop before resizing (Ghesu
+            et al. 2022, Table I: (0.1, 0.7)); ``None`` = plain random crops at native resolution, padded when the
+            image is smaller. One value for every group, a sequence with one value per group, or a mapping by
+            spatial dims like ``crops``.
+        augment: a callable on a sample dict (e.g. a MONAI ``Compose``; :func:`swav_intensity_augmentations`) applied
+            to each crop separately: it receives the sample with ``keys`` replaced by the crop (``modality`` etc.
             available) and must return it with the crop's shape unchanged. Reseeded by ``set_random_state``.
         out_key: where the list of crops is written.
         keep_source: keep the full image under ``keys`` (default False: it is removed, since images of different
@@ -160,7 +197,7 @@ class MultiCropd(Randomizable, MapTransform):
         self,
         keys: KeysCollection = "image",
         crops: Sequence[tuple[int, Any]] | Mapping[Any, Sequence[tuple[int, Any]]] = ((2, 224), (6, 92)),
-        scales: Any = SEED002_SCALE_RANGE,
+        scales: Any = MULTICROP_SCALE_RANGE,
         augment: Callable[[dict], dict] | None = None,
         out_key: str = "crops",
         keep_source: bool = False,
@@ -370,7 +407,7 @@ class MultiCropd(Randomizable, MapTransform):
         return d
 
 
-def seed002_augmentations(
+def swav_intensity_augmentations(
     spatial_dims: int | Sequence[int] = 2,
     energy_reference: str | Path | Mapping | None = None,
     keys: KeysCollection = "image",
@@ -383,21 +420,23 @@ def seed002_augmentations(
     b_fraction: float = 0.2,
     energy_kwargs: Mapping[str, Any] | None = None,
 ) -> Compose:
-    """Ghesu et al.'s intensity augmentation set A, in the paper's order, as one ``Compose`` (the ``augment`` of crops):
+    """The intensity augmentation set A of Ghesu et al., "Self-supervised learning from 100 million medical images"
+    (2022, Sec. 2 and Table I; SwAV-style clustering at scale), in the paper's order, as one ``Compose`` (the
+    ``augment`` of crops):
 
     1. :class:`EnergyBandAugmentd` -- energy bands with per-band reference energies drawn within ±σ of the modality's
        mean (``energy_reference``: the JSON of ``tools/energy_reference.py`` or its dict; None = per-image fallback);
     2. :class:`RandGammad` -- γ ∈ [1.8, 2.6], applied as γ or 1/γ with equal chance (see its docstring);
     3. :class:`RandLinearIntensityd` -- a·I + b, a ∈ [0.9, 1.1], |b| ≤ 20 % of the intensity range.
 
-    The spatial items of set A (rescale to a fraction s, random crops) are :class:`MultiCropd`'s job. The seed gives
+    The spatial items of set A (rescale to a fraction s, random crops) are :class:`MultiCropd`'s job. The paper gives
     no application probabilities; ours are the defaults above (energy every time, as the paper's normalisation;
     gamma and linear half of the time). The set is the same for 2D and 3D (``spatial_dims`` is checked only).
     ``energy_kwargs`` go to :class:`EnergyBandAugmentd` (e.g. ``sample_range_sigma``, ``sigma_unit``).
     """
     for dim in (spatial_dims,) if isinstance(spatial_dims, numbers.Integral) else tuple(spatial_dims):
         if int(dim) not in (2, 3):
-            raise ValueError(f"seed002_augmentations: spatial_dims must be 2 and/or 3, got {spatial_dims!r}")
+            raise ValueError(f"swav_intensity_augmentations: spatial_dims must be 2 and/or 3, got {spatial_dims!r}")
     return Compose(
         [
             EnergyBandAugmentd(keys, reference=energy_reference, prob=energy_prob, **dict(energy_kwargs or {})),
@@ -437,20 +476,22 @@ def view_nuisance_augmentations(
     )
 
 
-def seed002_multicrop(
+def multicrop_views(
     spatial_dims: int | Sequence[int] = 2,
     sizes: Sequence[Any] | Mapping[Any, Sequence[Any]] | None = None,
     counts: Sequence[int] | Mapping[Any, Sequence[int]] | None = None,
-    scales: Any = SEED002_SCALE_RANGE,
+    scales: Any = MULTICROP_SCALE_RANGE,
     augment: Callable[[dict], dict] | None = None,
     energy_reference: str | Path | Mapping | None = None,
     keys: KeysCollection = "image",
     out_key: str = "crops",
     **kwargs: Any,
 ) -> MultiCropd:
-    """:class:`MultiCropd` with Ghesu et al.'s Table I crops: 2D 2 × 224 + 6 × 92; 3D 1 × (224, 224, 192) + 4 ×
-    (112, 112, 96) (X, Y in-plane, Z depth last), s ∈ [0.1, 0.7] for every crop, augmented by
-    :func:`seed002_augmentations` (with ``energy_reference``) unless ``augment`` is given.
+    """The multi-crop views of one image: a :class:`MultiCropd` whose defaults are the preset of Ghesu et al.,
+    "Self-supervised learning from 100 million medical images" (2022), Table I (SwAV-style clustering at scale):
+    2D 2 × 224 + 6 × 92; 3D 1 × (224, 224, 192) + 4 × (112, 112, 96) (X, Y in-plane, Z depth last), s ∈ [0.1, 0.7]
+    for every crop (:data:`MULTICROP_COUNTS`, :data:`MULTICROP_SIZES`, :data:`MULTICROP_SCALE_RANGE`), each crop
+    augmented by :func:`swav_intensity_augmentations` (with ``energy_reference``) unless ``augment`` is given.
 
     Args:
         spatial_dims: 2, 3, or both (e.g. ``(2, 3)`` for a mixed dataset: the crops follow each image's dims).
@@ -462,7 +503,7 @@ def seed002_multicrop(
     """
     dims = (int(spatial_dims),) if isinstance(spatial_dims, numbers.Integral) else tuple(int(d) for d in spatial_dims)
     if not dims or any(d not in (2, 3) for d in dims):
-        raise ValueError(f"seed002_multicrop: spatial_dims must be 2 and/or 3, got {spatial_dims!r}")
+        raise ValueError(f"multicrop_views: spatial_dims must be 2 and/or 3, got {spatial_dims!r}")
 
     def per_dim(value: Any, dim: int, default: Sequence[Any]) -> Sequence[Any]:
         if value is None:
@@ -471,18 +512,22 @@ def seed002_multicrop(
             found = {_dim_key(k): v for k, v in value.items()}
             return found.get(dim, default)
         if len(dims) > 1:
-            raise ValueError("seed002_multicrop: with several spatial_dims give sizes / counts as {dim: values}")
+            raise ValueError("multicrop_views: with several spatial_dims give sizes / counts as {dim: values}")
         return value
 
     plan = {}
     for dim in dims:
-        dim_sizes = per_dim(sizes, dim, SEED002_CROP_SIZES[dim])
-        dim_counts = per_dim(counts, dim, SEED002_CROP_COUNTS[dim])
+        dim_sizes = per_dim(sizes, dim, MULTICROP_SIZES[dim])
+        dim_counts = per_dim(counts, dim, MULTICROP_COUNTS[dim])
         if len(dim_sizes) != len(dim_counts):
             raise ValueError(
-                f"seed002_multicrop: {dim}D has {len(dim_counts)} crop counts but {len(dim_sizes)} crop sizes"
+                f"multicrop_views: {dim}D has {len(dim_counts)} crop counts but {len(dim_sizes)} crop sizes"
             )
         plan[dim] = [(int(c), s) for c, s in zip(dim_counts, dim_sizes)]
     if augment is None:
-        augment = seed002_augmentations(dims, energy_reference=energy_reference, keys=keys)
+        augment = swav_intensity_augmentations(dims, energy_reference=energy_reference, keys=keys)
     return MultiCropd(keys=keys, crops=plan, scales=scales, augment=augment, out_key=out_key, **kwargs)
+
+
+seed002_multicrop = _deprecated_alias(multicrop_views, "seed002_multicrop")
+seed002_augmentations = _deprecated_alias(swav_intensity_augmentations, "seed002_augmentations")
