@@ -236,16 +236,17 @@ class SwAVQueue(PerRankState):
         return torch.stack(out)
 
 
-class SwAVQueues(nn.Module):
+class SwAVQueues(PerRankState):
     """This rank's SwAV queues (Caron et al. 2020, Sec. 4.1), the one owner of a method's queue.
 
     One :class:`SwAVQueue` per prototype set: a single one (key ``""``) for shared prototypes, one per modality with
     per-modality prototypes (Ghesu et al. 2022, Eq. 4). Read like a mapping name → :class:`SwAVQueue` (empty until
-    the first :meth:`start`). The FIFOs are plain attributes, not sub-modules or buffers: DistributedDataParallel
-    would broadcast rank 0's copy over every rank's own queue (see :class:`medssl.utils.dist.PerRankState`). This
-    class moves them with the module (``.to()``) and saves them as its extra state, tagged with the rank:
-    ``{"rank", "queue_length_per_rank", "queues": {name: FIFO state}}``. A checkpoint holds rank 0's queues; another
-    rank restarts its queue empty on load (with a warning) and refills it within L / (B · world size) steps.
+    the first :meth:`start`). Per-rank state (:class:`medssl.utils.dist.PerRankState`): the FIFOs are plain
+    attributes, not sub-modules or buffers, since DistributedDataParallel would broadcast rank 0's copy over every
+    rank's own queue. This class moves them with the module (``.to()``) and saves them as its extra state, tagged
+    with the rank: ``{"rank", "queue_length_per_rank", "queues": {name: FIFO state}}``. A checkpoint holds rank 0's
+    queues; another rank restarts its queue empty on load (with a warning) and refills it within L / (B · world
+    size) steps.
 
     Args:
         n_assign_crops: the crops whose codes are predicted (one FIFO row block each).
