@@ -1,4 +1,5 @@
-"""Seed-002 backbones: MONAI ResNet-50 / ResNet-50w2 trunks with multi-level features, and the 3D dense network."""
+"""Backbones of Ghesu et al. 2022 (SwAV at scale): MONAI ResNet-50 / ResNet-50w2 trunks with multi-level features,
+and the 3D dense network."""
 
 from __future__ import annotations
 

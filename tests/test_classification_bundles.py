@@ -1,7 +1,7 @@
 """bundles/xray_classification and bundles/ct_volume_classification on the demo data: smoke train -> evaluate ->
 inference from scratch and from an encoder exported by ssl_swav_multimodal_pretrain (finetune and linear modes, the
-2D ResNet also slice-wise inside seed 000's hybrid 3D network), a 2-process torchrun run, and TorchScript export of
-the trained network. (The generic smoke / torchrun / verify_net_in_out / contract tests of every bundle are in
+2D ResNet also slice-wise inside the joint image-volume hybrid 3D network), a 2-process torchrun run, and TorchScript
+export of the trained network. (The generic smoke / torchrun / verify_net_in_out / contract tests of every bundle are in
 test_bundle_runs.py and test_bundle_contract.py.)"""
 
 from __future__ import annotations
@@ -175,8 +175,9 @@ def test_ct_scratch_train_evaluate_inference(demo_datalist, tmp_path):
 
 
 def test_ct_hybrid_with_slice_wise_pretrained_trunk_linear(demo_datalist, resnet_encoder, tmp_path, capfd):
-    """Seed 000's network (slice ResNet + deformable attention, head 640 -> 252 -> classes in full size) with the 2D
-    ResNet of ssl_swav_multimodal_pretrain as its slice trunk, frozen; then evaluated and exported to TorchScript."""
+    """The joint image-volume network (slice ResNet + deformable attention, head 640 -> 252 -> classes in full size)
+    with the 2D ResNet of ssl_swav_multimodal_pretrain as its slice trunk, frozen; then evaluated and exported to
+    TorchScript."""
     from monai.bundle import ckpt_export
 
     exported = torch.load(resnet_encoder, map_location="cpu", weights_only=True)

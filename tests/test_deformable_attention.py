@@ -1,4 +1,5 @@
-"""1-D deformable attention over slices (seed 000 Eq. 6–8) and the transformer f_inter."""
+"""1-D deformable attention over slices (joint image-volume SSL, Nguyen et al. 2023, Eq. 6–8) and the transformer
+f_inter."""
 
 from __future__ import annotations
 

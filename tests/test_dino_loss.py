@@ -221,7 +221,7 @@ REFERENCE_HEAD = {
 
 
 def test_dino_head_parameter_counts_and_reference_keys():
-    head = DINOHead(48)  # seed 001: 48 -> 2048 -> 2048 -> 256 -> 65536
+    head = DINOHead(48)  # UniMiSS: 48 -> 2048 -> 2048 -> 256 -> 65536
     assert sum(p.numel() for p in head.parameters()) == 21_664_000
     assert sum(p.numel() for p in head.parameters() if p.requires_grad) == 21_598_464
     assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == REFERENCE_HEAD

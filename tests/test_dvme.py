@@ -1,4 +1,5 @@
-"""DVME (seed 003): parameter count of the paper's configuration, shapes, attention map, input handling, gradients."""
+"""DVME (Truong et al. 2021): parameter count of the paper's configuration, shapes, attention map, input handling,
+gradients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Energy-band decomposition and the energy-based augmentation (seed 002, spec energy_bands.md)."""
+"""Energy-band decomposition and the energy-based augmentation (Ghesu et al. 2022)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""HybridVolumeEncoder (seed 000: f_intra + f_inter): shapes, slice fitting, [MASK], parameter count vs the paper."""
+"""HybridVolumeEncoder (Nguyen et al. 2023: f_intra + f_inter): shapes, slice fitting, [MASK], parameter count vs
+the paper."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from medssl.networks.hybrid_volume import (
     random_slice_mask,
 )
 
-PAPER_TOTAL = 31.16e6  # seed 000, reported parameter count (prototypes excluded)
+PAPER_TOTAL = 31.16e6  # Nguyen et al. 2023, reported parameter count (prototypes excluded)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,5 @@
-"""Seed 002 intensity augmentations (medssl.transforms.intensity): gamma, linear a·I + b, whole-image rescale."""
+"""Intensity augmentations of Ghesu et al. 2022 (medssl.transforms.intensity): gamma, linear a·I + b, whole-image
+rescale."""
 
 from __future__ import annotations
 

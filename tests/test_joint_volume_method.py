@@ -1,5 +1,6 @@
-"""Seed 000 stages 2 and 3 (medssl.methods.joint_volume): masked slice-embedding prediction with f_intra frozen, 3D
-cluster agreement through SwAV on the hybrid volume backbone, and the pretrained-checkpoint loader."""
+"""Joint image-volume SSL (Nguyen et al. 2023) stages 2 and 3 (medssl.methods.joint_volume): masked slice-embedding
+prediction with f_intra frozen, 3D cluster agreement through SwAV on the hybrid volume backbone, and the
+pretrained-checkpoint loader."""
 
 from __future__ import annotations
 

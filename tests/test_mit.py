@@ -1,4 +1,5 @@
-"""MiT (UniMiSS, seed 001): parameter counts against the reference, output shapes, path switching, SRA, resampling."""
+"""MiT (UniMiSS, Xie et al. 2022): parameter counts against the reference, output shapes, path switching, SRA,
+resampling."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""f_intra (seed 000): slice-wise 2D ResNet with multi-level features, chunking, checkpointing, 2D input."""
+"""f_intra (joint image-volume SSL, Nguyen et al. 2023): slice-wise 2D ResNet with multi-level features, chunking,
+checkpointing, 2D input."""
 
 from __future__ import annotations
 

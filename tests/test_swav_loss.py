@@ -1,4 +1,5 @@
-"""SwAV loss, queue, prototypes, per-modality clustering (seed 002 Eq. 4) and the ResNet-50 parameter count."""
+"""SwAV loss, queue, prototypes, per-modality clustering (Ghesu et al. 2022, Eq. 4) and the ResNet-50 parameter
+count."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """bundles/ssl_unimiss_pretrain beyond the generic bundle tests (test_bundle_runs.py runs its smoke, torchrun and
 verify_net_in_out): the smoke run alternates 2D and 3D batches with the volume-slice terms in the 3D steps, the
 teacher follows the student, the teacher's MiT loads into inference.json's network and embeds 2D and 3D inputs, and
-train.json holds seed 001's numbers."""
+train.json holds the UniMiSS paper's numbers."""
 
 from __future__ import annotations
 

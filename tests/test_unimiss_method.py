@@ -1,5 +1,5 @@
-"""UniMiSS (seed 001): the cross-dimensional self-distillation step, its volume-slice terms (Eq. 6), the gradient
-routing of the 2D / 3D phases, the EMA teacher, and the seed's 2D / 3D views."""
+"""UniMiSS (Xie et al. 2022): the cross-dimensional self-distillation step, its volume-slice terms (Eq. 6), the gradient
+routing of the 2D / 3D phases, the EMA teacher, and the paper's 2D / 3D views."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Multi-crop view generation (medssl.transforms.views): Table I crops for 2D and 3D, resized / padded crops,
-determinism through set_random_state and SeededDataset, collation, and the seed 002 augmentation set."""
+determinism through set_random_state and SeededDataset, collation, and Ghesu et al.'s augmentation set A."""
 
 from __future__ import annotations
 
