@@ -20,7 +20,7 @@ from .evaluation import (
     load_network_weights,
     predict_probabilities,
 )
-from .setup import as_float, cached_feature_items, no_pretrained, prepare_network, training_dataset
+from .setup import as_float, cached_feature_items, encoder_network, no_pretrained, prepare_network, training_dataset
 from .subsets import label_fraction_subset, stratum_of
 from .task import FINETUNE_MODES, SupervisedTask, check_finetune_mode, get_submodule
 
@@ -33,6 +33,7 @@ __all__ = [
     "stratum_of",
     "prepare_network",
     "training_dataset",
+    "encoder_network",
     "cached_feature_items",
     "as_float",
     "no_pretrained",

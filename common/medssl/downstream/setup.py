@@ -14,13 +14,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.data.bundle_datasets import with_defaults
 from medssl.data.pipeline import make_dataset
 from medssl.evaluation.cache import cached_embeddings, encoder_fingerprint
+from medssl.utils.imports import locate
 from medssl.weights import load_pretrained_encoder
+from medssl.weights.export import load_manifest, manifest_path_for
 
 from .task import check_finetune_mode, get_submodule
 
-__all__ = ["prepare_network", "training_dataset", "cached_feature_items", "as_float", "no_pretrained"]
+__all__ = ["prepare_network", "training_dataset", "cached_feature_items", "as_float", "no_pretrained", "encoder_network"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +151,10 @@ def cached_feature_items(
 
 
 def training_dataset(
-    items: Sequence[dict],
+    data: Sequence[Any],
     transform: Any,
     *,
+    defaults: Mapping[str, Any] | None = None,
     finetune_mode: str = "finetune",
     network: nn.Module | None = None,
     cache_features: bool = True,
@@ -175,12 +179,16 @@ def training_dataset(
       ``cache_dir`` keyed by weights + ``preprocessing`` + items, see :func:`cached_feature_items`) and the dataset
       holds ``{"features", "label", "case"}`` items: :class:`medssl.downstream.SupervisedTask` then runs only the
       head. Augmentation does not apply to cached features (the seeds' linear evaluations use none).
+
+    ``data`` is the item list (the bundle's ``train#dataset#data``, which MONAI Label sets); ``defaults`` fills the keys
+    its items lack (:func:`medssl.data.bundle_datasets.with_defaults`: the bundle's modality and dimension).
     """
     check_finetune_mode(finetune_mode)
+    items = with_defaults(data, defaults)
     if finetune_mode == "linear" and cache_features:
         if network is None or feature_transform is None:
             raise ValueError("training_dataset: linear mode with cached features needs network and feature_transform")
-        data = cached_feature_items(
+        features = cached_feature_items(
             network,
             items,
             feature_transform,
@@ -194,5 +202,25 @@ def training_dataset(
             label_key=label_key,
         )
         kwargs = {k: v for k, v in dataset_kwargs.items() if k in ("datalist_name",)}
-        return make_dataset(data, None, **kwargs)
+        return make_dataset(features, None, **kwargs)
     return make_dataset(items, transform, **dataset_kwargs)
+
+
+def encoder_network(model_path: str | os.PathLike | None = None, target: str = "medssl.networks.ResNetBackbone",
+                    **kwargs: Any) -> nn.Module:
+    """The network of an exported encoder (untrained; the weights are loaded by whoever asked for it: MONAI's
+    ``CheckpointLoader``, ``ckpt_export``).
+
+    When the manifest ``tools/export_encoder.py`` writes beside the weights (``<model_path stem>.json``) exists, the
+    backbone it names (``_target_`` + ``kwargs``: what the run trained, read from its config) is built and ``target`` /
+    ``kwargs`` are ignored, with a log line; otherwise ``target(**kwargs)`` (the bundle's default architecture). So a
+    pretraining bundle's ``inference.json`` and ``ckpt_export`` work on an encoder of any backbone size.
+    """
+    manifest_path = manifest_path_for(model_path) if model_path else None
+    if manifest_path is not None and manifest_path.is_file():
+        manifest = load_manifest(manifest_path)
+        spec = manifest["backbone"]
+        logger.info(f"network: {spec['_target_']} as {manifest_path} describes it (the config's network_def values "
+                    "are not used)")
+        return locate(spec["_target_"], str(manifest_path))(**dict(spec.get("kwargs") or {}))
+    return locate(target, "network_def")(**kwargs)

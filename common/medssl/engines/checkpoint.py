@@ -65,6 +65,8 @@ FINAL_CHECKPOINT_NAME = "checkpoint_final.pt"
 _PERIODIC_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 _TEMP_RE = re.compile(r"^\.checkpoint_.*\.tmp\.\d+$")
 _RESERVED = ("engine", "scaler", "sampler", "rng", "world_size", "format")
+#: what a fresh run does with the checkpoints already in its ckpt_dir (CheckpointHandler's ``existing_checkpoints``)
+EXISTING_CHECKPOINTS = ("refuse", "overwrite", "resume")
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -203,11 +205,15 @@ class CheckpointHandler:
         save_every_epochs: save at the end of every N epochs (None or 0 = not by epoch).
         keep_last: number of periodic checkpoints kept (older ones are deleted); None or 0 = keep all.
             ``checkpoint_final.pt`` is never deleted.
-        resume: False = fresh run (``ckpt_dir`` must hold no checkpoint: a FileExistsError says to pass
-            ``resume=True`` or use another directory, so runs are never mixed); True = resume from the latest
-            complete checkpoint in ``ckpt_dir``, or start fresh with a warning when there is none; a path = resume
-            from that file (it must exist). The strings "true" / "latest" and "false" / "" (command-line overrides)
-            mean True and False.
+        resume: False = fresh run (what happens to checkpoints already in ``ckpt_dir`` is ``existing_checkpoints``);
+            True = resume from the latest complete checkpoint in ``ckpt_dir``, or start fresh with a warning when
+            there is none; a path = resume from that file (it must exist). The strings "true" / "latest" and
+            "false" / "" (command-line overrides) mean True and False.
+        existing_checkpoints: what a fresh run (``resume`` False) does when ``ckpt_dir`` already holds checkpoints:
+            ``"refuse"`` (default: a FileExistsError says to pass ``resume=True`` or use another directory, so runs
+            are never mixed); ``"overwrite"`` (MONAI Label's convention: every ``/train/`` retrains into the same
+            folder; the old checkpoints are deleted with a warning naming them, and the new run starts from
+            iteration 0); ``"resume"`` (continue the latest one, as ``resume=True``).
         save_final: write ``checkpoint_final.pt`` at Events.COMPLETED when all ``max_epochs`` are done.
         strict: ``strict`` of ``nn.Module.load_state_dict`` for the modules in ``objects``.
 
@@ -228,7 +234,12 @@ class CheckpointHandler:
         resume: bool | str | Path = False,
         save_final: bool = True,
         strict: bool = True,
+        existing_checkpoints: str = "refuse",
     ) -> None:
+        if existing_checkpoints not in EXISTING_CHECKPOINTS:
+            raise ValueError(
+                f"CheckpointHandler: existing_checkpoints={existing_checkpoints!r} must be one of {EXISTING_CHECKPOINTS}"
+            )
         if save_every_iters is not None and save_every_iters < 1:
             raise ValueError(f"CheckpointHandler: save_every_iters={save_every_iters} must be >= 1 or None")
         if save_every_epochs is not None and save_every_epochs < 0:
@@ -245,6 +256,7 @@ class CheckpointHandler:
         self.resume = resume
         self.save_final = save_final
         self.strict = strict
+        self.existing_checkpoints = existing_checkpoints
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
         self._pending_save = False
@@ -303,7 +315,8 @@ class CheckpointHandler:
         if kind == "exists":
             raise FileExistsError(
                 f"CheckpointHandler: {self.ckpt_dir} already holds checkpoints of another run ({value}); pass "
-                "resume=True to continue it, or use an empty ckpt_dir"
+                "resume=True to continue it, existing_checkpoints='overwrite' to start again over it (MONAI Label's "
+                "retraining), or use an empty ckpt_dir"
             )
         if kind == "fresh":
             logger.warning(f"resume=True but {self.ckpt_dir} holds no checkpoint: starting a fresh run")
@@ -316,11 +329,21 @@ class CheckpointHandler:
             resume = False
         elif isinstance(resume, str) and resume.strip().lower() in ("true", "yes", "latest", "1"):
             resume = True
+        if (resume is False or resume is None) and self.existing_checkpoints == "resume":
+            resume = True
         if resume is False or resume is None:
-            existing = [p.name for _, p in list_checkpoints(self.ckpt_dir)]
+            existing = [p for _, p in list_checkpoints(self.ckpt_dir)]
             if (self.ckpt_dir / FINAL_CHECKPOINT_NAME).is_file():
-                existing.append(FINAL_CHECKPOINT_NAME)
-            return ("exists", ", ".join(existing[-3:])) if existing else ("none", None)
+                existing.append(self.ckpt_dir / FINAL_CHECKPOINT_NAME)
+            if existing and self.existing_checkpoints == "overwrite":
+                logger.warning(
+                    f"existing_checkpoints='overwrite': deleting the {len(existing)} checkpoint(s) of the previous run "
+                    f"in {self.ckpt_dir} ({', '.join(p.name for p in existing)}); this run starts from iteration 0"
+                )
+                for path in existing:
+                    path.unlink(missing_ok=True)
+                return ("none", None)
+            return ("exists", ", ".join(p.name for p in existing[-3:])) if existing else ("none", None)
         if resume is True:
             latest = find_latest_checkpoint(self.ckpt_dir)
             return ("path", str(latest)) if latest is not None else ("fresh", None)
