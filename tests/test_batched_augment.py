@@ -13,6 +13,7 @@ from medssl.data.samplers import item_seeds
 from medssl.transforms.batched import (
     BatchedMultiCrop,
     adjust_gamma,
+    energy_band_augment,
     gaussian_blur,
     gaussian_noise,
     linear_intensity,
@@ -266,3 +267,38 @@ def test_bad_inputs_raise():
         BatchedMultiCrop(crops=[(1, 8)], scales=(0.5, 1.5))
     with pytest.raises(ValueError):
         BatchedMultiCrop(crops=[(1, 8)], flip_prob=2.0)
+
+
+# ------------------------------------------------------------------------------------------------ energy bands
+def energy_transform(prob=1.0):
+    from medssl.transforms import EnergyBandAugmentd
+
+    return EnergyBandAugmentd(keys="image", prob=prob)
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 36), (1, 16, 12, 10)])
+def test_batched_energy_bands_equal_the_per_item_transform(shape):
+    x = torch.rand((3,) + shape, generator=torch.Generator().manual_seed(5)) * 2 - 0.5
+    seeds, modalities = [101, 202, 303], ["XR", "CT", "XR"]
+    batched_t, item_t = energy_transform(prob=0.7), energy_transform(prob=0.7)
+    out = energy_band_augment(x, batched_t, seeds, modalities)
+    changed = 0
+    for b in range(3):
+        item_t.set_random_state(seed=seeds[b])
+        expected = torch.as_tensor(item_t({"image": x[b], "modality": modalities[b]})["image"])
+        torch.testing.assert_close(out[b], expected, atol=2e-6, rtol=1e-5)
+        changed += int(not torch.allclose(expected, x[b], atol=1e-4))
+    assert changed >= 1
+
+
+def test_views_with_energy_bands_do_not_depend_on_the_batch():
+    t = BatchedMultiCrop(crops=[(1, 24), (2, 12)], energy=energy_transform())
+    x = images_2d(4, 1, (40, 40))
+    seeds = item_seeds(1, 0, np.arange(4))
+    full = t(x, seeds, ["XR", "MR", "CT", "XR"])
+    alone = t(x[1:2], seeds[1:2], ["MR"])
+    plain = BatchedMultiCrop(crops=[(1, 24), (2, 12)])(x, seeds)
+    for a, b, c in zip(full, alone, plain):
+        # the decomposition transforms the whole batch at once (matrix products): equal up to float rounding
+        torch.testing.assert_close(a[1:2], b, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(a, c, atol=1e-4)  # the energy bands did change the crops

@@ -5,6 +5,8 @@
     python tools/benchmark.py step [--bundle DIR] [--config train.json] [--override auto] [--dataset-dir D]
         [--datalist F] [--iters 20] [--warmup 2] [--num-workers 0] [--trainer-id train#trainer] [--threads N]
     python tools/benchmark.py mit [--variant small] [--batch-2d 2] [--batch-3d 1] [--size-2d 224] [--size-3d 96,96,16]
+    python tools/benchmark.py loader [--bundle DIR] [--config train.json] [--dataset-dir D] [--datalist F]
+        [--repeat 4] [--batch-size 32] [--num-workers 0,2] [--working-size 128] [--threads 1] [--cache-dir C]
     python tools/benchmark.py all [any option of energy and step]    (step part: --num-workers 0,2 by default)
 
 energy — the energy-band decomposition of Ghesu et al. (``medssl.transforms.energy_bands``) against a straightforward
@@ -26,12 +28,27 @@ step — where a training step of a bundle goes: builds the bundle's training wo
     ``--override auto`` = the bundle's ``configs/demo.json`` if it has one, else its ``configs/smoke.json``, else none
     (``--override none`` for the plain ``config``; several files as ``--override a.json,b.json``).
 
+loader — items per second of a pretraining bundle's data path with its full ``config`` (no override: Table I's crops),
+    today's per-item path against the new one, side by side for each ``num_workers`` (0 and 2 by default), on the
+    2D training items of the datalist repeated ``repeat`` times (one epoch = the repeated list, so worker start-up
+    is amortised; it is counted). Today: the bundle's ``train#preprocessing`` per item in the DataLoader workers
+    (decode, preset, ``MultiCropd`` with set A on each crop), ``make_dataset`` over the items. New: the deterministic
+    front plus a resize to ``working_size`` cached on disk (``make_dataset(cache_dir=...)``, filled once before the
+    measurement, the fill time printed), the workers only load cached items, and the crops and the gamma / linear
+    augmentations are made on each collated batch in the main process by
+    ``medssl.transforms.batched.BatchedMultiCrop`` (the bundle's crop sizes, counts and scale range, its set A
+    transforms' parameters; energy bands by ``energy_band_augment``: one decomposition per crop index for the
+    batch). Two rows per ``num_workers``: set A in full, and set A without the energy bands (both paths without them). Batches are drawn by the bundle's ``ModalityBatchSampler`` (batch size and
+    parts of the config unless ``batch_size`` is given). Torch threads in the main process: ``threads`` (1 by
+    default, as a DataLoader worker has). Prints a table with the ratio new / today.
+
 Exit status 0 when the benchmarks ran (a missed speed goal is reported, not an error).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import tempfile
@@ -488,6 +505,172 @@ def mit(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# loader
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _epoch_items_per_second(dataset: Any, sampler: Any, num_workers: int, on_batch: Callable | None = None) -> float:
+    """Items per second of one epoch through ``DataLoader(dataset, batch_sampler=sampler)`` (worker start-up
+    included), ``on_batch`` applied to each batch in the main process."""
+    from monai.data import DataLoader
+
+    sampler.set_epoch(0)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=int(num_workers))
+    started = time.perf_counter()
+    count = 0
+    for batch in loader:
+        if on_batch is not None:
+            batch = on_batch(batch)
+        count += len(batch["modality"]) if isinstance(batch, dict) and "modality" in batch else 1
+    return count / (time.perf_counter() - started)
+
+
+def loader(
+    bundle: str | None = None,
+    config: str = "train.json",
+    dataset_dir: str | None = None,
+    datalist: str | None = None,
+    repeat: int = 4,
+    batch_size: int | None = None,
+    num_workers: Any = (0, 2),
+    working_size: int = 128,
+    threads: int | None = 1,
+    cache_dir: str | None = None,
+) -> dict:
+    """Items/s of a bundle's data path, today's per-item path vs cache + batched augmentation (see the module doc).
+
+    Args:
+        bundle: a pretraining bundle with ``train#items``, ``train#preprocessing`` and ``train#multicrop`` (default:
+            bundles/ssl_swav_multimodal_pretrain).
+        config: its full training config (no override files: the configuration measured is the config's own).
+        dataset_dir: dataset folder; default: the demo dataset built in a temporary folder.
+        datalist: datalist file; default ``dataset_dir/datalist.json``.
+        repeat: times the training items are repeated in one epoch.
+        batch_size: items per batch; default the config's ``batch_size``.
+        num_workers: DataLoader workers, one or several (``0,2``); each is measured for both paths.
+        working_size: side of the cached working-size images of the new path (longest side resized, padded).
+        threads: ``torch.set_num_threads`` of the main process (None: torch's choice).
+        cache_dir: the new path's cache folder (default: a temporary folder, filled by this run).
+
+    Returns:
+        ``{"bundle", "items", "batch_size", "working_size", "cache_fill_s", "rows": [{"num_workers", "variant",
+        "today", "new", "ratio"}, ...]}`` (items/s; also printed as a table).
+    """
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from medssl.data import ModalityBatchSampler
+    from medssl.data.pipeline import loading_transforms, make_dataset
+    from medssl.transforms import ClassLabeld, EnergyBandAugmentd, PlainTensord, RandGammad, RandLinearIntensityd
+    from medssl.transforms.batched import BatchedMultiCrop
+
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    bundle_path = Path(bundle).resolve() if bundle is not None else default_bundle()
+    config_path = resolve_configs(bundle_path, config, "none")[0]
+    _ensure_import_paths(bundle_path)
+    worker_counts = [int(w) for w in _as_list(num_workers)] or [0]
+
+    with tempfile.TemporaryDirectory(prefix="medssl_loader_", ignore_cleanup_errors=True) as tmp:
+        tmp_path = Path(tmp)
+        if dataset_dir is None:
+            from medssl.data.demo import build_demo_dataset
+
+            built = Path(build_demo_dataset(tmp_path / "demo", learn=False))
+            data_dir = built.parent
+        else:
+            built = None
+            data_dir = Path(dataset_dir).resolve()
+        datalist_path = Path(datalist).resolve() if datalist else (built or data_dir / "datalist.json")
+
+        parser = ConfigParser()
+        parser.read_config(str(config_path))
+        parser["bundle_root"] = str(bundle_path)
+        parser["dataset_dir"] = str(data_dir)
+        parser["datalist"] = str(datalist_path)
+        parser["dims"] = [2]
+        items = [it for it in parser.get_parsed_content("train#items") if int(it.get("dim", 2)) == 2]
+        if not items:
+            raise ValueError(f"{datalist_path}: no 2D training item")
+        repeated = [dict(it) for _ in range(int(repeat)) for it in items]
+        per_item = parser.get_parsed_content("train#preprocessing")
+        multicrop = parser.get_parsed_content("train#multicrop")
+        size = int(batch_size) if batch_size is not None else int(parser.get_parsed_content("batch_size"))
+        parts = int(parser.get_parsed_content("modality_parts")) if "modality_parts" in parser else 1
+        channels = int(parser.get_parsed_content("in_channels")) if "in_channels" in parser else 1
+        groups = [(count, crop) for count, crop, _ in multicrop.groups_for(2)]
+        scales = [scale for _, _, scale in multicrop.groups_for(2)]
+        set_a = list(getattr(multicrop.augment, "transforms", []))
+        energy_t = next((t for t in set_a if isinstance(t, EnergyBandAugmentd)), None)
+        gamma_t = next((t for t in set_a if isinstance(t, RandGammad)), None)
+        linear_t = next((t for t in set_a if isinstance(t, RandLinearIntensityd)), None)
+        augment_kwargs = dict(
+            crops=groups, scales=scales,
+            gamma_prob=gamma_t.prob if gamma_t else 0.0,
+            gamma_range=gamma_t.gamma_range if gamma_t else (1.0, 1.0),
+            gamma_reciprocal_prob=gamma_t.reciprocal_prob if gamma_t else 0.0,
+            linear_prob=linear_t.prob if linear_t else 0.0,
+            a_range=linear_t.a_range if linear_t else (1.0, 1.0),
+            b_fraction=linear_t.b_fraction if linear_t else 0.0,
+        )
+        batched = {
+            True: BatchedMultiCrop(**augment_kwargs, energy=copy.deepcopy(energy_t)),
+            False: BatchedMultiCrop(**augment_kwargs),
+        }
+        without_energy = Compose([t for t in set_a if t is not energy_t])
+
+        def batched_views(with_energy: bool) -> Callable:
+            def views(batch: dict) -> dict:
+                return {**batch, "crops": batched[with_energy](batch["image"], batch["seed"], batch["modality"])}
+
+            return views
+
+        cache = Path(cache_dir) if cache_dir else tmp_path / "cache"
+        front = Compose(loading_transforms(channels=channels, working_size=int(working_size))
+                        + [ClassLabeld(keys="label"), PlainTensord(keys="image")])
+        new_ds = make_dataset(repeated, front, cache_dir=cache, seed_key="seed")
+        started = time.perf_counter()
+        for index in range(len(items)):  # fill the cache once (the repeats are the same entries)
+            new_ds[index]
+        fill_s = time.perf_counter() - started
+        today_full = make_dataset(repeated, per_item)
+        original_augment = multicrop.augment
+
+        def sampler() -> Any:
+            return ModalityBatchSampler([it["modality"] for it in repeated], size, parts=parts, seed=0)
+
+        print(
+            f"== data path throughput: bundle {bundle_path.name}, {config_path.name} (crops "
+            f"{' + '.join(f'{c}x{s}' for c, s in groups)}, scale {scales[0]}); {len(items)} 2D items x {repeat} = "
+            f"{len(repeated)} per epoch, batch {size} ({parts} modality parts); working size {working_size}; "
+            f"cache filled in {fill_s:.1f} s ({len(items)} items); main-process torch threads {_torch_threads()}",
+            flush=True,
+        )
+        rows = []
+        for workers in worker_counts:
+            for variant, with_energy in (("set A", True), ("set A without energy bands", False)):
+                multicrop.augment = original_augment if with_energy else without_energy
+                try:
+                    today = _epoch_items_per_second(today_full, sampler(), workers)
+                finally:
+                    multicrop.augment = original_augment
+                new = _epoch_items_per_second(new_ds, sampler(), workers, batched_views(with_energy))
+                rows.append({"num_workers": workers, "variant": variant, "today": today, "new": new,
+                             "ratio": new / today})
+                print(f"  num_workers {workers}, {variant}: today {today:.1f} items/s, new {new:.1f} items/s, "
+                      f"ratio {new / today:.2f}x", flush=True)
+        print()
+        print("| num_workers | augmentations | today (items/s) | new: cache + batched (items/s) | new / today |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['new']:.1f} | "
+                  f"{row['ratio']:.2f}x |")
+    return {"bundle": str(bundle_path), "items": len(repeated), "batch_size": size, "working_size": int(working_size),
+            "cache_fill_s": fill_s, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # all
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -527,7 +710,7 @@ def all_benchmarks(
     return {"energy": energy_result, "step": step_result}
 
 
-COMMANDS = {"energy": energy, "step": step, "mit": mit, "all": all_benchmarks}
+COMMANDS = {"energy": energy, "step": step, "mit": mit, "loader": loader, "all": all_benchmarks}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -10,7 +10,8 @@ training and tests, the GPU otherwise).
 Randomness: every per-sample parameter is drawn from that item's seed alone -- the ``seed`` of its
 :class:`medssl.data.samplers.SampleKey` (a pure function of the run seed, epoch and dataset index; the pipeline puts it
 in the sample with ``make_dataset(..., seed_key="seed")``). Item i therefore gets the same crops and augmentations
-whether it is alone or in a batch, at any position, with any number of ranks / workers, and after a resume. Each
+whether it is alone or in a batch, at any position, with any number of ranks / workers, and after a resume -- bit
+for bit without energy bands, up to float rounding with them (their decomposition transforms the batch at once). Each
 item draws a fixed number of values per crop from ``numpy.random.RandomState(seed)`` (whatever the probabilities, so
 changing one probability does not shift the other draws); Gaussian noise is drawn on the batch's device from a
 ``torch.Generator`` seeded per item and crop (same values on one device type; CPU and CUDA generators differ).
@@ -39,8 +40,14 @@ on statistics over many draws; the values differ, the streams being different):
 * noise (MONAI ``RandGaussianNoised(sample_std=True)``): with ``noise_prob``, std ~ U(0, ``noise_std``), N(0, std²)
   per voxel.
 
-Order per crop: crop + flip, gamma, linear, blur, noise. The energy-band augmentation of Ghesu et al.'s set A is not
-part of this module (it stays per crop: :class:`medssl.transforms.energy.EnergyBandAugmentd`).
+* energy bands (optional, ``energy=`` an :class:`medssl.transforms.energy.EnergyBandAugmentd`):
+  :func:`energy_band_augment` -- the transform's decomposition of the whole batch at once (each sample a channel of
+  one :func:`~medssl.transforms.energy.energy_bands` call), its band energies per sample, and per sample its own
+  draw (``prob``, the truncated-normal z per band, the modality's reference) from a seed drawn from the item's
+  stream, so the parameters follow the transform's configuration exactly. σ is in voxels (the batch is plain
+  tensors; the per-item transform's ``sigma_unit="relative"`` is the same for 2D crops and isotropic volumes).
+
+Order per crop: crop + flip, energy bands, gamma, linear (Ghesu et al.'s set A order), blur, noise.
 """
 
 from __future__ import annotations
@@ -55,10 +62,11 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers.convutils import gaussian_1d
 
+from .energy import EnergyBandAugmentd, energy_bands
 from .views import MULTICROP_SCALE_RANGE, expand_crop_size
 
 __all__ = ["ViewParams", "BatchedMultiCrop", "resized_crops", "adjust_gamma", "linear_intensity", "gaussian_blur",
-           "gaussian_noise"]
+           "gaussian_noise", "energy_band_augment"]
 
 
 @dataclass
@@ -67,7 +75,8 @@ class ViewParams:
 
     ``start``/``region`` (B, D) in source voxels (floats); ``flip`` (B, D) bool; ``gamma`` (B,) the exponent (1.0 =
     not applied); ``scale`` / ``offset_fraction`` (B,) of the linear transform (1.0 / 0.0 = not applied);
-    ``blur_sigma`` (B, D) in voxels (0 = no blur); ``noise_std`` (B,) (0 = no noise); ``noise_seed`` (B,) int.
+    ``blur_sigma`` (B, D) in voxels (0 = no blur); ``noise_std`` (B,) (0 = no noise); ``noise_seed`` and
+    ``energy_seed`` (B,) ints (the seeds of the noise and of the energy-band transform's draw).
     """
 
     size: tuple[int, ...]
@@ -80,11 +89,12 @@ class ViewParams:
     blur_sigma: np.ndarray
     noise_std: np.ndarray
     noise_seed: np.ndarray
+    energy_seed: np.ndarray
 
     @staticmethod
     def stack(items: Sequence[ViewParams]) -> ViewParams:
         fields = ("start", "region", "flip", "gamma", "scale", "offset_fraction", "blur_sigma", "noise_std",
-                  "noise_seed")
+                  "noise_seed", "energy_seed")
         return ViewParams(items[0].size, **{f: np.concatenate([getattr(it, f) for it in items]) for f in fields})
 
 
@@ -195,6 +205,39 @@ def gaussian_blur(images: torch.Tensor, sigma: Any, truncated: float = 4.0, max_
     return out
 
 
+def energy_band_augment(
+    images: torch.Tensor, transform: EnergyBandAugmentd, seeds: Any, modalities: Sequence[Any] | None = None,
+    spacing: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """:class:`EnergyBandAugmentd` on every sample of ``images`` ``(B, C, *spatial)``: one :func:`energy_bands` call
+    for the batch (samples x channels as channels), band energies per sample (over its channels and voxels, as the
+    transform measures a whole image), and per sample the transform's draw after ``set_random_state(seeds[b])``
+    (whether to apply, z per band; ``modalities[b]`` picks the reference), recombined with its factors. Equal to the
+    per-item transform called on each sample with the same seed, up to float rounding (tested: the energies are
+    float64 standard deviations either way, summed in another order). The transform's random state is left at the
+    last sample's draw."""
+    batch, channels = images.shape[:2]
+    spatial = tuple(images.shape[2:])
+    bands = energy_bands(images.reshape((batch * channels,) + spatial), sigmas=transform.sigmas, spacing=spacing,
+                         mode=transform.mode, truncate=transform.truncate)
+    flat = bands.reshape(bands.shape[0], batch, -1)
+    if flat.device.type == "cpu":  # numpy's float64-accumulated std reads float32 without a float64 copy: 4x faster
+        energies = flat.detach().numpy().std(axis=2, dtype=np.float64)  # (n_bands, B)
+    else:
+        energies = flat.to(torch.float64).std(dim=2, correction=0).cpu().numpy()
+    magnitude = flat[0].abs().amax(dim=1).to(torch.float64).cpu().numpy()  # the residual's largest |value|
+    weights = np.ones((bands.shape[0], batch), dtype=np.float64)
+    for b, seed in enumerate(np.asarray(seeds).reshape(-1)):
+        transform.set_random_state(seed=int(seed) & 0xFFFFFFFF)
+        transform.randomize(None)
+        if transform._do_transform:
+            modality = None if modalities is None else modalities[b]
+            weights[:, b] = transform.scale_factors(energies[:, b], modality, float(magnitude[b]))
+    w = torch.as_tensor(weights, dtype=bands.dtype, device=bands.device).reshape(bands.shape[0], batch, 1)
+    out = (flat * w).sum(dim=0).reshape(images.shape)
+    return out.to(images.dtype)
+
+
 def gaussian_noise(images: torch.Tensor, std: Any, seeds: Any) -> torch.Tensor:
     """``I + N(0, std[b]²)`` per voxel, sample b's noise drawn on the images' device from ``seeds[b]`` (skipped where
     ``std[b]`` is 0)."""
@@ -243,6 +286,8 @@ class BatchedMultiCrop:
         blur_prob, blur_sigma: Gaussian blur probability and σ range (voxels, drawn per axis).
         noise_prob, noise_std: Gaussian noise probability and the upper bound of its std.
         mode: ``grid_sample`` interpolation ("bilinear" = trilinear in 3D, or "nearest").
+        energy: an :class:`EnergyBandAugmentd` applied to every crop after the crop (set A's first step; None: none);
+            ``__call__`` then takes the items' ``modalities`` for its references.
     """
 
     def __init__(
@@ -263,6 +308,7 @@ class BatchedMultiCrop:
         noise_prob: float = 0.0,
         noise_std: float = 0.08,
         mode: str = "bilinear",
+        energy: EnergyBandAugmentd | None = None,
     ) -> None:
         self.groups = [(int(count), size) for count, size in crops]
         if not self.groups or any(count < 1 for count, _ in self.groups):
@@ -292,6 +338,7 @@ class BatchedMultiCrop:
         self.noise_prob = _check_prob("noise_prob", noise_prob)
         self.noise_std = float(noise_std)
         self.mode = mode
+        self.energy = energy
 
     @property
     def n_crops(self) -> int:
@@ -317,6 +364,7 @@ class BatchedMultiCrop:
         b_sig = rng.uniform(size=3)[:dims]
         n_do, n_std = rng.uniform(size=2)
         noise_seed = int(rng.randint(0, 2**31 - 1))
+        energy_seed = int(rng.randint(0, 2**31 - 1))
         if scale is None:
             region = c.copy()
         else:
@@ -346,7 +394,7 @@ class BatchedMultiCrop:
             else np.zeros(dims)
         std = self.noise_std * n_std if n_do < self.noise_prob else 0.0
         return {"start": start, "region": region, "flip": flip, "gamma": gamma, "scale": a, "offset_fraction": offset,
-                "blur_sigma": sigma, "noise_std": std, "noise_seed": noise_seed}
+                "blur_sigma": sigma, "noise_std": std, "noise_seed": noise_seed, "energy_seed": energy_seed}
 
     def draw(self, seeds: Sequence[int], spatial_shape: Sequence[int]) -> list[ViewParams]:
         """The parameters of every crop (one :class:`ViewParams` per crop, in output order) for items with these
@@ -365,10 +413,13 @@ class BatchedMultiCrop:
         return views
 
     # -------------------------------------------------------------------------------------------- application
-    def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """One crop index for the whole batch: crop + flip, gamma, linear, blur, noise (each skipped when no item
-        of the batch uses it)."""
+    def apply(self, images: torch.Tensor, params: ViewParams, modalities: Sequence[Any] | None = None
+              ) -> torch.Tensor:
+        """One crop index for the whole batch: crop + flip, energy bands, gamma, linear, blur, noise (each skipped
+        when no item of the batch uses it)."""
         out = resized_crops(images, params.start, params.region, params.size, params.flip, mode=self.mode)
+        if self.energy is not None:
+            out = energy_band_augment(out, self.energy, params.energy_seed, modalities)
         if np.any(params.gamma != 1.0):
             out = adjust_gamma(out, params.gamma)
         if np.any(params.scale != 1.0) or np.any(params.offset_fraction != 0.0):
@@ -379,8 +430,10 @@ class BatchedMultiCrop:
             out = gaussian_noise(out, params.noise_std, params.noise_seed)
         return out
 
-    def __call__(self, images: torch.Tensor, seeds: Any) -> list[torch.Tensor]:
-        """``(B, C, *spatial)`` images and their B seeds (a sequence, numpy array or tensor) -> the list of crops."""
+    def __call__(self, images: torch.Tensor, seeds: Any, modalities: Sequence[Any] | None = None
+                 ) -> list[torch.Tensor]:
+        """``(B, C, *spatial)`` images and their B seeds (a sequence, numpy array or tensor) -> the list of crops;
+        ``modalities`` (B codes) for the energy-band references."""
         if isinstance(seeds, torch.Tensor):
             seeds = seeds.detach().cpu().numpy()
         seeds = np.asarray(seeds).reshape(-1)
@@ -392,4 +445,4 @@ class BatchedMultiCrop:
         data = images.as_subclass(torch.Tensor) if type(images) is not torch.Tensor else images
         if not data.is_floating_point():
             data = data.float()
-        return [self.apply(data, params) for params in self.draw(seeds, data.shape[2:])]
+        return [self.apply(data, params, modalities) for params in self.draw(seeds, data.shape[2:])]
