@@ -302,3 +302,21 @@ def test_views_with_energy_bands_do_not_depend_on_the_batch():
         # the decomposition transforms the whole batch at once (matrix products): equal up to float rounding
         torch.testing.assert_close(a[1:2], b, atol=1e-6, rtol=1e-6)
         assert not torch.allclose(a, c, atol=1e-4)  # the energy bands did change the crops
+
+
+def test_collate_makes_the_views_in_the_workers_as_on_the_batch():
+    import pickle
+
+    from monai.data import DataLoader
+
+    from medssl.transforms.batched import BatchedViewsCollate
+
+    x = images_2d(6, 1, (24, 24))
+    items = [{"image": x[i], "seed": int(s), "modality": "XR"} for i, s in enumerate(item_seeds(0, 0, np.arange(6)))]
+    augment = BatchedMultiCrop(crops=[(1, 16), (2, 8)], flip_prob=0.5)
+    collate = pickle.loads(pickle.dumps(BatchedViewsCollate(augment)))
+    batches = list(DataLoader(items, batch_size=3, num_workers=0, collate_fn=collate))
+    assert "image" not in batches[0] and len(batches[0]["crops"]) == 3
+    expected = augment(x[3:], [it["seed"] for it in items[3:]])
+    for a, b in zip(batches[1]["crops"], expected):
+        assert torch.equal(a, b)

@@ -34,13 +34,14 @@ loader — items per second of a pretraining bundle's data path with its full ``
     is amortised; it is counted). Today: the bundle's ``train#preprocessing`` per item in the DataLoader workers
     (decode, preset, ``MultiCropd`` with set A on each crop), ``make_dataset`` over the items. New: the deterministic
     front plus a resize to ``working_size`` cached on disk (``make_dataset(cache_dir=...)``, filled once before the
-    measurement, the fill time printed), the workers only load cached items, and the crops and the gamma / linear
-    augmentations are made on each collated batch in the main process by
-    ``medssl.transforms.batched.BatchedMultiCrop`` (the bundle's crop sizes, counts and scale range, its set A
-    transforms' parameters; energy bands by ``energy_band_augment``: one decomposition per crop index for the
-    batch). Two rows per ``num_workers``: set A in full, and set A without the energy bands (both paths without them). Batches are drawn by the bundle's ``ModalityBatchSampler`` (batch size and
-    parts of the config unless ``batch_size`` is given). Torch threads in the main process: ``threads`` (1 by
-    default, as a DataLoader worker has). Prints a table with the ratio new / today.
+    measurement, the fill time printed); the workers load cached items and make the crops and set A on each
+    collated batch with ``medssl.transforms.batched.BatchedMultiCrop`` (``BatchedViewsCollate`` as the
+    ``collate_fn``, the CPU-training arrangement; in the main process with ``num_workers`` 0), configured from the
+    bundle's crop sizes, counts and scale range and its set A transforms (energy bands by ``energy_band_augment``:
+    one decomposition per crop index for the batch). Two rows per ``num_workers``: set A in full, and set A
+    without the energy bands (both paths without them). Batches are drawn by a ``ModalityBatchSampler`` (the
+    config's batch size and parts unless ``batch_size`` is given). Torch threads in the main process: ``threads``
+    (1 by default, as in a DataLoader worker). Prints a table with the ratio new / today.
 
 Exit status 0 when the benchmarks ran (a missed speed goal is reported, not an error).
 """
@@ -509,18 +510,17 @@ def mit(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _epoch_items_per_second(dataset: Any, sampler: Any, num_workers: int, on_batch: Callable | None = None) -> float:
-    """Items per second of one epoch through ``DataLoader(dataset, batch_sampler=sampler)`` (worker start-up
-    included), ``on_batch`` applied to each batch in the main process."""
+def _epoch_items_per_second(dataset: Any, sampler: Any, num_workers: int, collate_fn: Callable | None = None) -> float:
+    """Items per second of one epoch through ``DataLoader(dataset, batch_sampler=sampler, collate_fn=...)`` (worker
+    start-up included)."""
     from monai.data import DataLoader
 
     sampler.set_epoch(0)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=int(num_workers))
+    kwargs = {} if collate_fn is None else {"collate_fn": collate_fn}
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=int(num_workers), **kwargs)
     started = time.perf_counter()
     count = 0
     for batch in loader:
-        if on_batch is not None:
-            batch = on_batch(batch)
         count += len(batch["modality"]) if isinstance(batch, dict) and "modality" in batch else 1
     return count / (time.perf_counter() - started)
 
@@ -563,7 +563,7 @@ def loader(
     from medssl.data import ModalityBatchSampler
     from medssl.data.pipeline import loading_transforms, make_dataset
     from medssl.transforms import ClassLabeld, EnergyBandAugmentd, PlainTensord, RandGammad, RandLinearIntensityd
-    from medssl.transforms.batched import BatchedMultiCrop
+    from medssl.transforms.batched import BatchedMultiCrop, BatchedViewsCollate
 
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -620,12 +620,6 @@ def loader(
         }
         without_energy = Compose([t for t in set_a if t is not energy_t])
 
-        def batched_views(with_energy: bool) -> Callable:
-            def views(batch: dict) -> dict:
-                return {**batch, "crops": batched[with_energy](batch["image"], batch["seed"], batch["modality"])}
-
-            return views
-
         cache = Path(cache_dir) if cache_dir else tmp_path / "cache"
         front = Compose(loading_transforms(channels=channels, working_size=int(working_size))
                         + [ClassLabeld(keys="label"), PlainTensord(keys="image")])
@@ -655,7 +649,8 @@ def loader(
                     today = _epoch_items_per_second(today_full, sampler(), workers)
                 finally:
                     multicrop.augment = original_augment
-                new = _epoch_items_per_second(new_ds, sampler(), workers, batched_views(with_energy))
+                new = _epoch_items_per_second(new_ds, sampler(), workers, collate_fn=BatchedViewsCollate(
+                    batched[with_energy]))
                 rows.append({"num_workers": workers, "variant": variant, "today": today, "new": new,
                              "ratio": new / today})
                 print(f"  num_workers {workers}, {variant}: today {today:.1f} items/s, new {new:.1f} items/s, "

@@ -60,13 +60,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import list_data_collate
 from monai.networks.layers.convutils import gaussian_1d
 
 from .energy import EnergyBandAugmentd, energy_bands
 from .views import MULTICROP_SCALE_RANGE, expand_crop_size
 
 __all__ = ["ViewParams", "BatchedMultiCrop", "resized_crops", "adjust_gamma", "linear_intensity", "gaussian_blur",
-           "gaussian_noise", "energy_band_augment"]
+           "gaussian_noise", "energy_band_augment", "BatchedViewsCollate"]
 
 
 @dataclass
@@ -446,3 +447,28 @@ class BatchedMultiCrop:
         if not data.is_floating_point():
             data = data.float()
         return [self.apply(data, params, modalities) for params in self.draw(seeds, data.shape[2:])]
+
+
+class BatchedViewsCollate:
+    """A DataLoader ``collate_fn`` for CPU training: MONAI's ``list_data_collate``, then ``augment`` (a
+    :class:`BatchedMultiCrop`) on the collated ``image_key`` with the items' ``seed_key`` and ``modality_key``; the
+    crops go to ``out_key`` and the working-size images are dropped (``keep_source=False``). The batch's views are
+    then made in the DataLoader workers, one batch per worker at a time; on a GPU apply ``augment`` to the batch on
+    the device instead. Picklable (worker processes)."""
+
+    def __init__(self, augment: BatchedMultiCrop, image_key: str = "image", seed_key: str = "seed",
+                 modality_key: str = "modality", out_key: str = "crops", keep_source: bool = False) -> None:
+        self.augment = augment
+        self.image_key, self.seed_key, self.modality_key, self.out_key = image_key, seed_key, modality_key, out_key
+        self.keep_source = bool(keep_source)
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        batch = list_data_collate(items)
+        images = batch[self.image_key]
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"BatchedViewsCollate: '{self.image_key}' did not collate into a tensor: items of one "
+                            "batch need one shape (loading_transforms(working_size=...))")
+        batch[self.out_key] = self.augment(images, batch[self.seed_key], batch.get(self.modality_key))
+        if not self.keep_source:
+            batch.pop(self.image_key)
+        return batch
