@@ -151,10 +151,19 @@ def _minmax(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def adjust_gamma(images: torch.Tensor, gamma: Any) -> torch.Tensor:
     """``((I − min) / (range + 1e-7)) ** gamma[b] · range + min`` per sample (min / range over the sample); a sample
     with ``gamma[b] == 1`` is returned exactly as it is (the formula would round it)."""
-    low, high = _minmax(images)
+    gamma = np.asarray(gamma, dtype=np.float64).reshape(-1)
+    applied = np.flatnonzero(gamma != 1.0)  # the others stay exactly as they are (the formula would round them)
+    if len(applied) == 0:
+        return images
+    part = images if len(applied) == len(gamma) else images[torch.as_tensor(applied, device=images.device)]
+    low, high = _minmax(part)
     value_range = high - low
-    out = ((images - low) / (value_range + 1e-7)) ** _per_sample(gamma, images) * value_range + low
-    return torch.where(_per_sample(np.asarray(gamma) != 1.0, images) > 0, out, images)  # 1.0: exactly unchanged
+    result = ((part - low) / (value_range + 1e-7)) ** _per_sample(gamma[applied], part) * value_range + low
+    if len(applied) == len(gamma):
+        return result
+    out = images.clone()
+    out[torch.as_tensor(applied, device=images.device)] = result
+    return out
 
 
 def linear_intensity(images: torch.Tensor, scale: Any, offset_fraction: Any) -> torch.Tensor:
