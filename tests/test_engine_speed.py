@@ -193,3 +193,63 @@ def test_compile_backbone_with_the_real_compiler_matches_eager():
     assert compile_backbone(module, backend="eager") is True
     torch.testing.assert_close(module(x), expected)
     assert list(module.state_dict()) == ["0.weight", "0.bias"]
+
+
+# ------------------------------------------------------------------------------------------------ views on the device
+def seeded_views_loader(num_workers: int, n: int = 8, batch_size: int = 4):
+    from monai.data import DataLoader
+    from monai.transforms import Compose
+
+    from medssl.data.pipeline import make_dataset
+    from medssl.data.samplers import DistributedBatchSampler
+    from medssl.transforms.batched import SampleSeedd
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"image": torch.rand(1, 32, 32, generator=g), "modality": "XR"} for _ in range(n)]
+    dataset = make_dataset(items, Compose([SampleSeedd()]))
+    sampler = DistributedBatchSampler(n, batch_size, shuffle=True, seed=3, drop_last=True)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+
+
+class CropsMethod(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.seen: list[list[torch.Tensor]] = []
+
+    def forward(self, batch):
+        self.seen.append([c.clone() for c in batch["crops"]])
+        return {"loss": sum(self.backbone(c).pow(2).mean() for c in batch["crops"])}
+
+
+def test_augment_on_device_trains_and_its_views_do_not_depend_on_workers():
+    from medssl.engines.trainer import AugmentOnDevice
+    from medssl.transforms.batched import BatchedMultiCrop, BatchedViewsCollate
+
+    augment = BatchedMultiCrop(crops=[(2, 16), (2, 8)], flip_prob=0.5)
+    seen = []
+    for workers in (0, 2):
+        method = CropsMethod()
+        engine = SSLTrainer("cpu", 1, seeded_views_loader(workers), method,
+                            torch.optim.SGD(method.parameters(), lr=0.1), prepare_batch=AugmentOnDevice(augment))
+        engine.run()
+        assert engine.state.iteration == 2 and [c.shape[-1] for c in method.seen[0]] == [16, 16, 8, 8]
+        seen.append(method.seen)
+    for a, b in zip(seen[0], seen[1]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # the same views as made in the DataLoader workers by the collate function (CPU training)
+    loader = seeded_views_loader(0)
+    loader.collate_fn = BatchedViewsCollate(augment)
+    loader.batch_sampler.set_epoch(0)
+    first = next(iter(loader))
+    assert all(torch.equal(x, y) for x, y in zip(first["crops"], seen[0][0]))
+
+
+def test_sample_seed_is_a_function_of_the_sample_key():
+    from medssl.data.samplers import SampleKey
+
+    dataset = seeded_views_loader(0).dataset
+    a = [dataset[SampleKey(i, 50 + i)]["seed"] for i in range(4)]
+    assert a == [dataset[SampleKey(i, 50 + i)]["seed"] for i in range(4)]
+    assert a != [dataset[SampleKey(i, 60 + i)]["seed"] for i in range(4)]

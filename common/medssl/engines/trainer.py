@@ -61,6 +61,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 
 from medssl.bundle.params import as_bool
+from medssl.transforms.batched import BatchedMultiCrop
 from medssl.utils.dist import all_reduce_sum, get_world_size, is_distributed
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "to_channels_last",
     "has_conv2d",
     "compile_backbone",
+    "AugmentOnDevice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,6 +143,28 @@ def default_prepare_batch(batchdata: Any, device: torch.device | str, non_blocki
     """The default ``prepare_batch`` of :class:`SSLTrainer`: the whole collated batch on ``device``
     (:func:`to_device`); the method's ``training_step`` receives it as is."""
     return to_device(batchdata, device, non_blocking)
+
+
+class AugmentOnDevice:
+    """A ``prepare_batch`` that makes the views on the training device: the batch moved by :func:`to_device`, then
+    ``augment`` (a :class:`medssl.transforms.batched.BatchedMultiCrop`) on ``batch[image_key]`` (working-size images,
+    ``loading_transforms(working_size=...)``) with ``batch[seed_key]`` (``SampleSeedd`` / ``make_dataset(seed_key=)``)
+    and ``batch[modality_key]``; the list of crops goes to ``out_key`` (the ``"crops"`` the methods read) and the
+    images are dropped unless ``keep_source``. Runs outside autocast (float32 views)."""
+
+    def __init__(self, augment: BatchedMultiCrop, image_key: str = "image", seed_key: str = "seed",
+                 modality_key: str = "modality", out_key: str = "crops", keep_source: bool = False) -> None:
+        self.augment = augment
+        self.image_key, self.seed_key, self.modality_key, self.out_key = image_key, seed_key, modality_key, out_key
+        self.keep_source = bool(keep_source)
+
+    def __call__(self, batchdata: Any, device: torch.device | str, non_blocking: bool = False, **kwargs) -> Any:
+        batch = dict(to_device(batchdata, device, non_blocking))
+        with torch.no_grad():
+            batch[self.out_key] = self.augment(batch[self.image_key], batch[self.seed_key], batch.get(self.modality_key))
+        if not self.keep_source:
+            batch.pop(self.image_key)
+        return batch
 
 
 def output_is_finite(output: Any, key: str = "loss") -> bool:

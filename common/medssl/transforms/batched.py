@@ -62,12 +62,13 @@ import torch
 import torch.nn.functional as F
 from monai.data import list_data_collate
 from monai.networks.layers.convutils import gaussian_1d
+from monai.transforms import Randomizable, Transform
 
 from .energy import EnergyBandAugmentd, energy_bands
 from .views import MULTICROP_SCALE_RANGE, expand_crop_size
 
 __all__ = ["ViewParams", "BatchedMultiCrop", "resized_crops", "adjust_gamma", "linear_intensity", "gaussian_blur",
-           "gaussian_noise", "energy_band_augment", "BatchedViewsCollate"]
+           "gaussian_noise", "energy_band_augment", "BatchedViewsCollate", "SampleSeedd"]
 
 
 @dataclass
@@ -481,3 +482,26 @@ class BatchedViewsCollate:
         if not self.keep_source:
             batch.pop(self.image_key)
         return batch
+
+
+class SampleSeedd(Randomizable, Transform):
+    """Put a seed for the batched augmentations in the sample (``data[key]``, an int in [0, 2**31)), drawn from this
+    transform's ``self.R``.
+
+    Placed after the deterministic front of a pipeline wrapped in :class:`medssl.data.samplers.SeededDataset`
+    (every bundle's ``make_dataset``), the seed is a pure function of the item's ``SampleKey`` seed (the dataset
+    reseeds the pipeline's random transforms from it), so :class:`BatchedMultiCrop` gets per-item seeds with the
+    usual contract (any batch, ranks, workers, resume) without a change to the dataset. Random itself, it also marks
+    the end of what a ``CacheDataset`` / ``PersistentDataset`` caches.
+    """
+
+    def __init__(self, key: str = "seed") -> None:
+        self.key = key
+        self.seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        self.seed = int(self.R.randint(0, 2**31 - 1))
+
+    def __call__(self, data: Any) -> dict:
+        self.randomize()
+        return {**dict(data), self.key: self.seed}
