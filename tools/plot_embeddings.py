@@ -79,8 +79,13 @@ def plot_embeddings(
     spec = parse_encoder_specs([{"name": path.stem, "path": str(path), **({"embed_fn": embed_fn} if embed_fn else {})}],
                                "--encoder")[0]
     module = build_encoder(spec)
+    # plain tensors (track_meta=False): the readers' metadata of grey and RGB files differs in shape, and collating it
+    # failed on mixed-channel datalists ("stack expects each tensor to be equal size", [2] vs [3]); the channel count
+    # of the images themselves is made uniform by loading_transforms
     transform = monai.transforms.Compose(
-        loading_transforms(channels=channels) + [monai.transforms.Resized(keys="image", spatial_size=spatial)]
+        loading_transforms(channels=channels)
+        + [monai.transforms.Resized(keys="image", spatial_size=spatial),
+           monai.transforms.EnsureTyped(keys="image", track_meta=False)]
     )
     record = {"manifest_preprocessing": preprocessing, "channels": channels, "spatial_size": spatial,
               "embed_fn": embed_fn, "tool": "plot_embeddings"}

@@ -320,6 +320,9 @@ class ValidationHandler:
             self._save(network, epoch, metrics)
         record = {"epoch": epoch, "iteration": int(engine.state.iteration) if engine is not None else None}
         record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()})
+        if engine is not None:  # TrainingLogHandler writes them to TensorBoard and the curves figure
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            engine.state.metrics.update({f"val_{k}": float(v) for k, v in numeric.items()})
         record["best"] = improved
         self.history.append(record)
         if is_main_process():

@@ -7,8 +7,10 @@
 * :class:`TerminateOnNanHandler` — stops the run at the first non-finite loss, naming the epoch, the iteration and
   the last good checkpoint; :class:`medssl.engines.CheckpointHandler` never saves a step whose loss is not finite.
 * :class:`TrainingLogHandler` — one JSON line per iteration in ``<output_dir>/train_log.jsonl``, a console line
-  every ``print_every`` iterations (epoch, iteration, loss, lr, it/s, ETA) and TensorBoard scalars through MONAI's
-  ``TensorBoardStatsHandler``; rank 0 only.
+  every ``print_every`` iterations (epoch, iteration, loss, lr, it/s, ETA) or, on an interactive terminal, ignite's
+  tqdm progress bar; TensorBoard scalars through MONAI's ``TensorBoardStatsHandler`` (the step outputs) and of the
+  epoch metrics (kNN accuracy, validation metrics: ``metrics_log.jsonl`` too); at the end a PNG of the loss, kNN and
+  validation curves; rank 0 only.
 * :class:`PublishModelHandler` — at the end of a run, copies the model file a bundle wrote (the best, else the
   final) to where a consumer loads it (MONAI Label: ``<bundle_root>/models/model.pt``).
 * :class:`EmbeddingWriter` — on an evaluator (the pretraining bundles' ``inference.json``), one ``.npy`` embedding
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +40,7 @@ from medssl.utils.dist import is_main_process
 
 __all__ = [
     "cosine_schedule_value", "CosineScheduleHandler", "TerminateOnNanHandler", "TrainingLogHandler",
-    "PublishModelHandler", "EmbeddingWriter",
+    "PublishModelHandler", "EmbeddingWriter", "plot_training_curves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -270,9 +273,20 @@ class TrainingLogHandler:
 
         epoch 3/100 iter 1234/50000 (2.5%) loss 4.1234 align 0.5000 lr 3.00e-04 | 12.3 it/s eta 1:06:02
 
-    A plain logger line (not a tqdm bar): readable both on a terminal and in the log files of long, detached runs.
+    ``progress_bar``: ``"auto"`` (default) shows ignite's tqdm ``ProgressBar`` (epoch progress, loss, elapsed time
+    and ETA) instead of these lines when stdout is an interactive terminal, and keeps the plain logger lines
+    otherwise (log files of detached runs, CI); True / False force it. The end-of-epoch summary is logged either way.
+
     With ``tensorboard=True`` MONAI's ``TensorBoardStatsHandler`` writes the same scalars every ``log_every``
     iterations to ``tensorboard_dir`` (default ``<output_dir>/tensorboard``).
+
+    Epoch metrics: at each epoch end, after every other handler (kNN monitor, validation: this handler registers
+    its epoch-end step when the run starts, so it runs last), the numeric ``engine.state.metrics`` of the trainer
+    and of each engine in ``metric_sources`` (e.g. a MONAI ``SupervisedEvaluator`` run by ``ValidationHandler``)
+    are written as TensorBoard scalars ``metrics/<name>`` and as one JSON line in ``<output_dir>/metrics_log.jsonl``.
+    ``curves`` (default True): at the end of the run ``<output_dir>/curves.png`` plots the loss per iteration (from
+    ``train_log.jsonl``, so a resumed run is plotted whole) and each epoch metric (from ``metrics_log.jsonl``);
+    skipped with a warning when matplotlib is missing.
     """
 
     def __init__(
@@ -283,7 +297,14 @@ class TrainingLogHandler:
         print_every: int = 10,
         tensorboard: bool = True,
         tensorboard_dir: str | Path | None = None,
+        progress_bar: bool | str = "auto",
+        metric_sources: Sequence[Any] | None = None,
+        curves: bool = True,
+        metrics_filename: str = "metrics_log.jsonl",
+        curves_filename: str = "curves.png",
     ) -> None:
+        if progress_bar not in ("auto", True, False):
+            raise ValueError(f"TrainingLogHandler: progress_bar={progress_bar!r} must be 'auto', True or False")
         if log_every < 1 or print_every < 1:
             raise ValueError(f"TrainingLogHandler: log_every={log_every}, print_every={print_every} must be >= 1")
         self.output_dir = Path(output_dir)
@@ -296,6 +317,20 @@ class TrainingLogHandler:
         self._tb_handler = None
         self._rate_mark: tuple[float, int] | None = None
         self._epoch_losses: list[float] = []
+        self.progress_bar = progress_bar
+        self.metric_sources = list(metric_sources or [])
+        self.curves = curves
+        self.metrics_path = self.output_dir / metrics_filename
+        self.curves_path = self.output_dir / curves_filename
+        self._bar = None
+        self._metric_writer = None
+        self._late_attached = False
+
+    def uses_progress_bar(self) -> bool:
+        """Whether the tqdm bar replaces the console lines (``"auto"``: stdout is an interactive terminal)."""
+        if self.progress_bar == "auto":
+            return bool(getattr(sys.stdout, "isatty", lambda: False)())
+        return bool(self.progress_bar)
 
     def attach(self, engine: Engine) -> None:
         if not is_main_process():
@@ -303,7 +338,11 @@ class TrainingLogHandler:
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
-        engine.add_event_handler(Events.COMPLETED, self._close)
+        if self.uses_progress_bar():
+            from ignite.handlers import ProgressBar
+
+            self._bar = ProgressBar(persist=False, desc="train")
+            self._bar.attach(engine, output_transform=self._bar_values)
         if self.tensorboard:
             from monai.handlers import TensorBoardStatsHandler
 
@@ -320,6 +359,14 @@ class TrainingLogHandler:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._rate_mark = (time.perf_counter(), engine.state.iteration)
         self._epoch_losses = []
+        if not self._late_attached:  # registered now, after every handler: they have set their metrics by then
+            self._late_attached = True
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_metrics)
+            engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _bar_values(self, output: Any) -> dict[str, float]:
+        loss = self.last_record.get("loss")
+        return {"loss": loss} if isinstance(loss, float) else {}
 
     def _record(self, engine: Engine) -> dict[str, Any]:
         record: dict[str, Any] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
@@ -356,7 +403,7 @@ class TrainingLogHandler:
             line = dict(record, time=round(time.time(), 3))
             self._file.write(json.dumps(_nonfinite_as_text(line)) + "\n")
             self._file.flush()
-        if iteration % self.print_every == 0:
+        if iteration % self.print_every == 0 and self._bar is None:
             logger.info(self._console_line(engine, record))
 
     def _console_line(self, engine: Engine, record: Mapping[str, Any]) -> str:
@@ -388,15 +435,110 @@ class TrainingLogHandler:
             )
         self._epoch_losses = []
 
+    def epoch_metrics(self, engine: Engine) -> dict[str, float]:
+        """The finite numeric metrics of the trainer and of ``metric_sources`` now (trainer's names win)."""
+        found: dict[str, float] = {}
+        for source in [*self.metric_sources, engine]:
+            state = getattr(source, "state", None)
+            for key, value in (getattr(state, "metrics", None) or {}).items():
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = value.item()
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    found[str(key)] = float(value)
+        return found
+
+    def _on_epoch_metrics(self, engine: Engine) -> None:
+        metrics = self.epoch_metrics(engine)
+        if not metrics:
+            return
+        record = {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration), **metrics}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            if self._metric_writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._metric_writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
+            for key, value in metrics.items():
+                self._metric_writer.add_scalar(f"metrics/{key}", value, int(engine.state.iteration))
+            self._metric_writer.flush()
+
+    def _on_completed(self, engine: Engine) -> None:
+        self._close(engine)
+        if self.curves:
+            try:
+                plot_training_curves(self.path, self.metrics_path, self.curves_path)
+            except ImportError:
+                logger.warning(f"no {self.curves_path.name}: matplotlib is not installed")
+            except Exception as e:  # noqa: BLE001 - a figure never fails a finished run
+                logger.warning(f"no {self.curves_path.name}: {type(e).__name__}: {e}")
+
     def _close(self, engine: Engine | None = None) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._tb_handler is not None:
             self._tb_handler.close()
+        if self._metric_writer is not None:
+            self._metric_writer.close()
+            self._metric_writer = None
 
     def _tensorboard_scalars(self, output: Any) -> dict[str, float]:
         return {k: v for k, v in self.last_record.items() if k not in ("epoch", "iteration")}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a killed writer
+                continue
+    return records
+
+
+def plot_training_curves(train_log: str | Path, metrics_log: str | Path | None, out: str | Path) -> Path | None:
+    """A PNG of a run's curves: the loss per iteration (``train_log.jsonl``; the last line of an iteration wins,
+    as after a resume) and, one panel each, the kNN accuracies and the other epoch metrics (``metrics_log.jsonl``).
+    Returns ``out``, or None when the log holds no loss. Needs matplotlib (ImportError otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses: dict[int, float] = {}
+    for rec in _read_jsonl(Path(train_log)):
+        value = rec.get("loss")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            losses[int(rec["iteration"])] = float(value)
+    if not losses:
+        return None
+    epochs: dict[int, dict[str, Any]] = {}
+    for rec in _read_jsonl(Path(metrics_log)) if metrics_log is not None else []:
+        epochs[int(rec["epoch"])] = rec
+    names = sorted({k for rec in epochs.values() for k in rec if k not in ("epoch", "iteration")})
+    groups = [("kNN accuracy", [n for n in names if n.startswith("knn")]),
+              ("validation", [n for n in names if not n.startswith("knn")])]
+    groups = [(title, group) for title, group in groups if group]
+    fig, axes = plt.subplots(1, 1 + len(groups), figsize=(5 * (1 + len(groups)), 3.6), squeeze=False)
+    its = sorted(losses)
+    axes[0][0].plot(its, [losses[i] for i in its], lw=1)
+    axes[0][0].set(title="training loss", xlabel="iteration", ylabel="loss")
+    for ax, (title, group) in zip(axes[0][1:], groups):
+        for name in group:
+            points = sorted((e, rec[name]) for e, rec in epochs.items() if isinstance(rec.get(name), (int, float)))
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name)
+        ax.set(title=title, xlabel="epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    logger.info(f"training curves: {out}")
+    return out
 
 
 def _nonfinite_as_text(record: Mapping[str, Any]) -> dict[str, Any]:
