@@ -253,3 +253,22 @@ def test_sample_seed_is_a_function_of_the_sample_key():
     a = [dataset[SampleKey(i, 50 + i)]["seed"] for i in range(4)]
     assert a == [dataset[SampleKey(i, 50 + i)]["seed"] for i in range(4)]
     assert a != [dataset[SampleKey(i, 60 + i)]["seed"] for i in range(4)]
+
+
+def test_compiled_forward_is_used_in_training_mode_only(monkeypatch):
+    calls = []
+
+    def recording_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(1)
+            return fn(*args, **kw)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    module = nn.Linear(3, 2)
+    assert compile_backbone(module)
+    module(torch.randn(1, 3))
+    module.eval()
+    module(torch.randn(4, 3))
+    assert len(calls) == 1

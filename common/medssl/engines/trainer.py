@@ -31,8 +31,8 @@ Speed switches (issue #12), all off on CPU by default:
   kernels; values are unchanged, only the strides). A method without 2D convolutions is left as it is.
 - ``compile`` (default False): the method's ``backbone`` (the method itself when it has none) runs through
   ``torch.compile``; its parameters and ``state_dict`` keys stay those of the eager module (checkpoints are
-  interchangeable). When ``torch.compile`` raises, or the compiled forward fails on its first call, one warning
-  line is logged and the backbone runs eagerly from then on.
+  interchangeable); eval-mode calls (monitors) run eagerly. When ``torch.compile`` raises, or the compiled forward
+  fails on its first call, one warning line is logged and the backbone runs eagerly from then on.
 
 Boolean arguments accept the command-line spellings of :func:`medssl.bundle.as_bool` (``"true"``, ``"off"``...).
 
@@ -299,6 +299,8 @@ def compile_backbone(module: nn.Module, **compile_kwargs: Any) -> bool:
     Returns False (and logs one warning line) when ``torch.compile`` raises; the module then stays eager. A compiled
     forward that raises on a call (compilation is lazy: most failures show at the first batch) logs one warning line,
     and that call and every later one run the eager forward. Returns True when the compiled forward is installed.
+    Only training-mode calls are compiled: in eval mode (kNN monitors, feature extraction, other batch shapes) the
+    eager forward runs, so those passes do not trigger recompilations.
     """
     eager_forward = module.forward
     try:
@@ -310,7 +312,7 @@ def compile_backbone(module: nn.Module, **compile_kwargs: Any) -> bool:
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         nonlocal failed
-        if not failed:
+        if not failed and module.training:
             try:
                 return compiled_forward(*args, **kwargs)
             except Exception as err:  # noqa: BLE001
