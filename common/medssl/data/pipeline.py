@@ -209,8 +209,16 @@ def _file_digest(path: Path) -> str:
     return _CONTENT_DIGESTS[memo_key]
 
 
+def _looks_like_path(value: Any) -> bool:
+    """A path object, or a string with a folder separator (a bare word such as a modality code "CT" is a value, even
+    when the working folder happens to hold a file of that name)."""
+    if isinstance(value, os.PathLike):
+        return True
+    return isinstance(value, str) and bool(value) and (os.sep in value or "/" in value)
+
+
 def _content_value(value: Any) -> Any:
-    if isinstance(value, (str, os.PathLike)) and str(value) and os.path.exists(value):
+    if _looks_like_path(value) and os.path.exists(value):
         return {"sha256": _file_digest(Path(value))}
     if isinstance(value, Mapping):
         return {str(k): _content_value(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
@@ -222,8 +230,8 @@ def _content_value(value: Any) -> Any:
 
 
 def item_fingerprint(item: Any) -> bytes:
-    """The cache key of a datalist item: a SHA-256 (hex, as bytes) of the item with every existing path replaced by
-    the SHA-256 of its content, other values as they are (modality, dim, label...)."""
+    """The cache key of a datalist item: a SHA-256 (hex, as bytes) of the item with every existing path (a value with
+    a folder separator) replaced by the SHA-256 of its content, other values as they are (modality, dim, label...)."""
     text = json.dumps(_content_value(item), sort_keys=True, default=repr)
     return hashlib.sha256(text.encode("utf-8")).hexdigest().encode("utf-8")
 

@@ -161,7 +161,8 @@ class AugmentOnDevice:
     def __call__(self, batchdata: Any, device: torch.device | str, non_blocking: bool = False, **kwargs) -> Any:
         batch = dict(to_device(batchdata, device, non_blocking))
         with torch.no_grad():
-            batch[self.out_key] = self.augment(batch[self.image_key], batch[self.seed_key], batch.get(self.modality_key))
+            images, seeds = batch[self.image_key], batch[self.seed_key]
+            batch[self.out_key] = self.augment(images, seeds, batch.get(self.modality_key))
         if not self.keep_source:
             batch.pop(self.image_key)
         return batch
@@ -264,7 +265,8 @@ def has_conv2d(module: nn.Module) -> bool:
 
 def to_channels_last(data: Any) -> Any:
     """``data`` with every 4-D floating tensor in ``torch.channels_last`` memory format (same values, NHWC strides),
-    recursing into dicts, lists and tuples like :func:`to_device`; other tensors and objects are returned as they are."""
+    recursing into dicts, lists and tuples like :func:`to_device`; other tensors and objects are returned as they
+    are."""
     if isinstance(data, torch.Tensor):
         if data.ndim == 4 and data.is_floating_point():
             return data.contiguous(memory_format=torch.channels_last)
@@ -364,7 +366,8 @@ class SSLTrainer(Trainer):
         ddp_kwargs: more keyword arguments for ``DistributedDataParallel``.
 
     Attributes read by handlers: ``method``, ``network``, ``optimizer``, ``scaler``, ``data_loader``, ``amp``,
-    ``amp_dtype``, ``channels_last``, ``compiled``; ``engine.state.optimizer_stepped`` (whether the last iteration stepped the optimiser).
+    ``amp_dtype``, ``channels_last``, ``compiled``; ``engine.state.optimizer_stepped`` (whether the last iteration
+    stepped the optimiser).
     """
 
     def __init__(

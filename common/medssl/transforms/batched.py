@@ -7,14 +7,15 @@ working-size images ``(B, C, *spatial)`` (2D ``(H, W)`` or 3D ``(X, Y, Z)``, dep
 per crop index for the whole batch and per-sample parameters as tensors, so it runs where the batch is (CPU for CPU
 training and tests, the GPU otherwise).
 
-Randomness: every per-sample parameter is drawn from that item's seed alone -- the ``seed`` of its
-:class:`medssl.data.samplers.SampleKey` (a pure function of the run seed, epoch and dataset index; the pipeline puts it
-in the sample with ``make_dataset(..., seed_key="seed")``). Item i therefore gets the same crops and augmentations
-whether it is alone or in a batch, at any position, with any number of ranks / workers, and after a resume -- bit
-for bit without energy bands, up to float rounding with them (their decomposition transforms the batch at once). Each
-item draws a fixed number of values per crop from ``numpy.random.RandomState(seed)`` (whatever the probabilities, so
-changing one probability does not shift the other draws); Gaussian noise is drawn on the batch's device from a
-``torch.Generator`` seeded per item and crop (same values on one device type; CPU and CUDA generators differ).
+Randomness: every per-sample parameter is drawn from that item's seed alone -- derived from its
+:class:`medssl.data.samplers.SampleKey` seed (a pure function of the run seed, epoch and dataset index), put in the
+sample by :class:`SampleSeedd` after the deterministic front, or by ``make_dataset(..., seed_key="seed")``. Item i
+therefore gets the same crops and augmentations whether it is alone or in a batch, at any position, with any number
+of ranks / workers, and after a resume -- bit for bit without energy bands, up to float rounding with them (their
+decomposition transforms the batch at once). Each item draws a fixed number of values per crop from
+``numpy.random.RandomState(seed)`` (whatever the probabilities, so changing one probability does not shift the other
+draws); Gaussian noise is drawn on the batch's device from a ``torch.Generator`` seeded per item and crop (same
+values on one device type; CPU and CUDA generators differ).
 
 Distributions (the same as the per-item transforms' with the same arguments, checked by tests/test_batched_augment.py
 on statistics over many draws; the values differ, the streams being different):
@@ -411,6 +412,8 @@ class BatchedMultiCrop:
         """The parameters of every crop (one :class:`ViewParams` per crop, in output order) for items with these
         ``seeds`` (uint32, e.g. their ``SampleKey`` seeds) and images of ``spatial_shape``."""
         shape = tuple(int(v) for v in spatial_shape)
+        if self.ratio is not None and len(shape) != 2:
+            raise ValueError(f"BatchedMultiCrop: ratio applies to 2D images only; got images of shape {shape}")
         sizes = self.crop_sizes(len(shape))
         scales = [s for (count, _), s in zip(self.groups, self.scales) for _ in range(count)]
         per_item = []
