@@ -90,8 +90,8 @@ MONAI_LABEL_TRAIN = textwrap.dedent('''
     if os.path.exists(model):
         handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": model, "load_dict": {"model": "$@network"},
                             "strict": False})
-    monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=os.path.join(bundle, "configs", "metadata.json"),
-                     config_file=configs, **{
+    monai.bundle.run(run_id="run", init_id=None, final_id=None, config_file=configs,
+                     meta_file=os.path.join(bundle, "configs", "metadata.json"), **{
         "bundle_root": bundle, "train#trainer#max_epochs": 1, "train#dataset#data": data["train"],
         "validate#dataset#data": data["val"], "device": "cpu", "train#handlers": handlers,
         "output_dir": run_dir, "ckpt_dir": run_dir + "/ckpt",

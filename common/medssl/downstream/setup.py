@@ -23,7 +23,9 @@ from medssl.weights.export import load_manifest, manifest_path_for
 
 from .task import check_finetune_mode, get_submodule
 
-__all__ = ["prepare_network", "training_dataset", "cached_feature_items", "as_float", "no_pretrained", "encoder_network"]
+__all__ = [
+    "prepare_network", "training_dataset", "cached_feature_items", "as_float", "no_pretrained", "encoder_network",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -238,7 +238,8 @@ class CheckpointHandler:
     ) -> None:
         if existing_checkpoints not in EXISTING_CHECKPOINTS:
             raise ValueError(
-                f"CheckpointHandler: existing_checkpoints={existing_checkpoints!r} must be one of {EXISTING_CHECKPOINTS}"
+                f"CheckpointHandler: existing_checkpoints={existing_checkpoints!r} must be one of "
+                f"{EXISTING_CHECKPOINTS}"
             )
         if save_every_iters is not None and save_every_iters < 1:
             raise ValueError(f"CheckpointHandler: save_every_iters={save_every_iters} must be >= 1 or None")

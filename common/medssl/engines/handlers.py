@@ -325,6 +325,7 @@ class TrainingLogHandler:
         self._bar = None
         self._metric_writer = None
         self._late_attached = False
+        self._seen: dict[tuple[int, Any], Any] = {}
 
     def uses_progress_bar(self) -> bool:
         """Whether the tqdm bar replaces the console lines (``"auto"``: stdout is an interactive terminal)."""
@@ -435,12 +436,17 @@ class TrainingLogHandler:
             )
         self._epoch_losses = []
 
-    def epoch_metrics(self, engine: Engine) -> dict[str, float]:
-        """The finite numeric metrics of the trainer and of ``metric_sources`` now (trainer's names win)."""
+    def epoch_metrics(self, engine: Engine, fresh_only: bool = False) -> dict[str, float]:
+        """The finite numeric metrics of the trainer and of ``metric_sources`` now (trainer's names win).
+        ``fresh_only``: only those set since the last call (a kNN monitor that runs every few epochs leaves its last
+        value in ``engine.state.metrics``; it is not logged again)."""
         found: dict[str, float] = {}
-        for source in [*self.metric_sources, engine]:
+        for index, source in enumerate([*self.metric_sources, engine]):
             state = getattr(source, "state", None)
             for key, value in (getattr(state, "metrics", None) or {}).items():
+                if fresh_only and self._seen.get((index, key)) is value:
+                    continue
+                self._seen[(index, key)] = value
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     value = value.item()
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -448,7 +454,7 @@ class TrainingLogHandler:
         return found
 
     def _on_epoch_metrics(self, engine: Engine) -> None:
-        metrics = self.epoch_metrics(engine)
+        metrics = self.epoch_metrics(engine, fresh_only=True)
         if not metrics:
             return
         record = {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration), **metrics}
