@@ -97,3 +97,23 @@ def test_progress_bar_on_a_terminal_log_lines_otherwise(tmp_path, monkeypatch, c
         assert "train: [" not in err
         assert len(lines) == 4 and "eta" in lines[-1]
     assert any("epoch 1/1 done: mean loss" in r.getMessage() for r in caplog.records)
+
+
+def test_tensorboard_holds_loss_knn_and_health_scalars_side_by_side(tmp_path):
+    """A pretraining run's TensorBoard folder: the step scalars, the kNN accuracy (metrics/) and the health
+    diagnostics HealthMonitorHandler writes (health/)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from medssl.evaluation import HealthMonitorHandler
+
+    import test_health
+
+    torch.manual_seed(0)
+    handlers = [TrainingLogHandler(tmp_path, progress_bar=False, curves=False), FakeKNN(),
+                HealthMonitorHandler(output_dir=tmp_path)]
+    method = test_health._method("swav", test_health.RandomConvBackbone())
+    test_health._train(method, test_health._batches(3, modalities=("CT",)), handlers)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "metrics/knn_acc", "health/eff_rank", "health/emb_std_sqrt_d"} <= tags, tags
