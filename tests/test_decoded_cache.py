@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 from medssl.data import SampleKey, load_items
 from medssl.data import pipeline as pipeline_mod
 from medssl.data.pipeline import item_fingerprint, loading_transforms, make_dataset, transform_fingerprint
 from medssl.transforms import ClassLabeld, MultiCropd, PlainTensord
+
+from conftest import BUNDLES
 
 
 def items_2d(demo_datalist, n=6):
@@ -105,3 +108,16 @@ def test_default_is_unchanged(demo_datalist):
     ds = make_dataset(items_2d(demo_datalist, 2), crop_pipeline())
     assert type(ds.dataset.dataset).__name__ == "Dataset"
     assert np.all([("seed" not in ds[SampleKey(i, 3)]) for i in range(2)])
+
+
+@pytest.mark.parametrize("bundle", ["ssl_swav_multimodal_pretrain", "ssl_unimiss_pretrain"])
+def test_the_bundles_cache_dir_key_reaches_the_training_dataset(bundle, demo_datalist, tmp_path):
+    root = BUNDLES / bundle
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "train.json"), str(root / "configs" / "smoke.json")])
+    assert parser["cache_dir"] is None  # off unless asked
+    parser.update({"bundle_root": str(root), "dataset_dir": str(demo_datalist.parent), "datalist": str(demo_datalist),
+                   "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "run")})
+    dataset = parser.get_parsed_content("train#dataset")
+    dataset[SampleKey(0, 7)]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1

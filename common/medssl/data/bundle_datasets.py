@@ -77,12 +77,15 @@ def bundle_dataset(
     max_bad_items: int = 10,
     datalist_name: str | None = None,
     index_key: str | None = None,
+    cache_dir: str | Path | None = None,
 ):
-    """:func:`medssl.data.make_dataset` (seeded, robust to unreadable files, optionally cached) over ``data`` with
-    ``defaults`` filled in; ``.data`` of the result is that item list."""
+    """:func:`medssl.data.make_dataset` (seeded, robust to unreadable files, optionally cached in memory with
+    ``cache_rate`` or on disk in ``cache_dir``) over ``data`` with ``defaults`` filled in; ``.data`` of the result is
+    that item list."""
     return make_dataset(
         with_defaults(data, defaults), transform, cache_rate=cache_rate, cache_num_workers=cache_num_workers,
         on_bad_item=on_bad_item, max_bad_items=max_bad_items, datalist_name=datalist_name, index_key=index_key,
+        cache_dir=cache_dir,
     )
 
 
