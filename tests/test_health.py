@@ -87,6 +87,35 @@ def test_per_modality_assignments_use_each_modality_prototypes():
     assert out["groups"] == ["CT", "CT", "XR", "CT"]
 
 
+def test_prediction_probs_are_the_tempered_softmax_of_each_rows_own_prototypes():
+    prototypes = PerModalityPrototypes(["CT", "XR"], feat_dim=4, n_prototypes=3)
+    with torch.no_grad():
+        prototypes["CT"].heads[0].weight.copy_(torch.eye(4)[:3])
+        prototypes["XR"].heads[0].weight.copy_(torch.eye(4)[[3, 2, 1]])
+    z = torch.eye(4)[[0, 3, 3]]
+    out = prototype_assignments(z, prototypes, ["CT", "XR", "CT"], temperature=0.1)
+    expected = torch.softmax(torch.tensor([[1.0, 0, 0], [1, 0, 0], [0, 0, 0]]) / 0.1, dim=1)
+    assert torch.allclose(out["prediction_probs"], expected)
+    assert "prediction_probs" not in prototype_assignments(z, prototypes, ["CT", "XR", "CT"])
+
+
+def test_uniform_predictions_are_reported_collapsed_even_with_spread_embeddings():
+    """SwAV's trivial solution: the embeddings still spread, but every prediction is uniform (loss = ln K)."""
+    handler = HealthMonitorHandler()
+    z = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    for _ in range(3):
+        handler.update({"embeddings": z, "assignments": torch.arange(64) % 8, "n_prototypes": 8,
+                        "prediction_probs": torch.full((64, 8), 1 / 8)})
+    record = handler.compute()
+    assert record["emb_std_sqrt_d"] > 0.3 and record["prediction_entropy"] == pytest.approx(1.0)
+    assert record["verdict"] == "collapsed" and "uniform prototype predictions" in record["reasons"][0]
+    assert "prediction entropy 1.00" in health_line(dict(record, epoch=1, at="epoch"))
+    handler = HealthMonitorHandler()
+    sharp = torch.nn.functional.one_hot(torch.arange(64) % 8, 8).float() * 0.9 + 0.1 / 8
+    handler.update({"embeddings": z, "assignments": torch.arange(64) % 8, "n_prototypes": 8, "prediction_probs": sharp})
+    assert handler.compute()["verdict"] == "ok"
+
+
 def test_verdict_thresholds():
     healthy = {"emb_std_sqrt_d": 0.8, "eff_rank": 40.0, "n_rows": 512, "dim": 128, "usage_entropy": 0.9}
     assert collapse_verdict(healthy) == ("ok", [])
@@ -103,6 +132,9 @@ def test_verdict_thresholds():
     assert collapse_verdict(teacher)[0] == "ok"
     assert collapse_verdict(dict(teacher, teacher_entropy=0.999))[0] == "collapsed"  # uniform teacher output
     assert collapse_verdict(dict(teacher, teacher_mean_entropy=0.05))[0] == "collapsed"  # one dimension for all
+    assert collapse_verdict(dict(healthy, prediction_entropy=0.8))[0] == "ok"
+    verdict, reasons = collapse_verdict(dict(healthy, prediction_entropy=0.995))  # SwAV loss at ln K
+    assert verdict == "collapsed" and reasons[0].startswith("uniform prototype predictions")
     assert collapse_verdict({"emb_std_sqrt_d": float("nan")})[0] == "ok"  # missing numbers are not judged
     verdict, reasons = collapse_verdict({"emb_std_sqrt_d": 0.01, "eff_rank": 1.0, "n_rows": 4, "dim": 128})
     assert verdict == "n/a" and "only 4 rows" in reasons[0]
@@ -199,6 +231,7 @@ def test_constant_encoder_is_reported_collapsed_and_a_random_one_is_not(name, tm
         assert 0.0 <= record["teacher_entropy"] <= 1.0 and record["teacher_dim"] == 32
     else:
         assert record["protos_used"] >= 2 and record["assigned_rows"] == 3 * 16
+        assert 0.0 < record["prediction_entropy"] <= 1.0
         if name == "swav_per_modality":
             assert set(record["prototype_usage"]) == {"CT", "XR"} and record["n_prototypes"] == 20
 

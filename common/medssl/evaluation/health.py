@@ -19,6 +19,10 @@ the loss may still look reasonable. These numbers show it within the first epoch
   log min(K, N) (1 = the N rows spread over as many prototypes as they can; 0 = all in one) and the number of
   prototypes in use. The hard assignments are used, not the Sinkhorn codes: the codes are equipartitioned by
   construction, so their mean is uniform even for a collapsed encoder;
+* **prediction entropy** (SwAV / DeepCluster-v2): the mean entropy of each row's prediction softmax(z · Cᵀ / τ),
+  normalised by log K. Near 1 the predictions are uniform and the swapped / cluster loss sits at ln K: the codes
+  carry no information a view can predict (SwAV's trivial solution; it happens with small one-modality batches
+  under strong per-view intensity changes, ``ssl_swav_multimodal_pretrain`` docs "Does it learn?");
 * **teacher entropy** (:func:`distribution_entropy`, DINO / UniMiSS): the mean entropy of the centred, sharpened
   teacher distribution P_t of each row, normalised by log K, and the entropy of the batch-mean P_t
   (``teacher_mean_entropy``), each averaged over the steps. DINO (Caron et al. 2021, Sec. 5.3) names the two
@@ -62,6 +66,7 @@ __all__ = [
     "COLLAPSED_STD_SQRT_D",
     "COLLAPSED_EFFECTIVE_RANK",
     "COLLAPSED_TEACHER_ENTROPY",
+    "COLLAPSED_PREDICTION_ENTROPY",
     "WARNING_STD_SQRT_D",
     "WARNING_USAGE_ENTROPY",
     "MIN_ROWS",
@@ -76,6 +81,9 @@ COLLAPSED_EFFECTIVE_RANK = 2.0
 """Collapsed below: effective rank (the rows lie along fewer than two directions)."""
 COLLAPSED_TEACHER_ENTROPY = 0.99
 """Collapsed above: mean per-row teacher entropy / log K (a uniform teacher output; DINO's centring-only collapse)."""
+COLLAPSED_PREDICTION_ENTROPY = 0.99
+"""Collapsed above: mean per-row prototype prediction entropy / log K (uniform predictions: the SwAV / DeepCluster-v2
+loss at ln K)."""
 WARNING_STD_SQRT_D = 0.3
 """Warning below: embedding std·√D (the rows crowd into a small part of the sphere)."""
 WARNING_USAGE_ENTROPY = 0.3
@@ -179,7 +187,8 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
     :data:`COLLAPSED_EFFECTIVE_RANK` (2), both from at least :data:`MIN_ROWS` rows and D >= 2 (a rank is not judged
     for rows without spread: the shape of a negligible spread says nothing); one prototype takes every
     row (of a modality, with per-modality prototypes) of at least :data:`MIN_USAGE_ROWS` rows; ``teacher_entropy`` >
-    :data:`COLLAPSED_TEACHER_ENTROPY` (0.99, uniform teacher output); exp(``teacher_mean_entropy`` · log K) < 2 (one
+    :data:`COLLAPSED_TEACHER_ENTROPY` (0.99, uniform teacher output); ``prediction_entropy`` >
+    :data:`COLLAPSED_PREDICTION_ENTROPY` (0.99, uniform prototype predictions); exp(``teacher_mean_entropy`` · log K) < 2 (one
     teacher output dimension for every row). Warning when: ``emb_std_sqrt_d`` < :data:`WARNING_STD_SQRT_D` (0.3) or
     ``usage_entropy`` < :data:`WARNING_USAGE_ENTROPY` (0.3). Missing or NaN numbers are not judged; ``"n/a"`` when
     nothing could be judged (fewer than :data:`MIN_ROWS` embedding rows and no teacher)."""
@@ -213,11 +222,17 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
         collapsed.append(f"uniform teacher output (entropy {teacher:.3f} > {COLLAPSED_TEACHER_ENTROPY})")
     if teacher_mean is not None and k and math.exp(teacher_mean * math.log(k)) < 2.0:
         collapsed.append("one teacher output dimension for every row")
+    prediction = num("prediction_entropy")
+    if prediction is not None and prediction > COLLAPSED_PREDICTION_ENTROPY:
+        collapsed.append(
+            f"uniform prototype predictions (entropy {prediction:.3f} > {COLLAPSED_PREDICTION_ENTROPY}): the loss sits at"
+            " ln K"
+        )
     if collapsed:
         return "collapsed", collapsed + warning
     if warning:
         return "warning", warning
-    teacher_judged = teacher is not None or teacher_mean is not None
+    teacher_judged = teacher is not None or teacher_mean is not None or prediction is not None
     if std is not None and not judged and not teacher_judged:
         return "n/a", [f"only {int(rows)} rows since the last report, {MIN_ROWS} needed to judge"]
     return "ok", []
@@ -235,6 +250,8 @@ def health_line(record: Mapping[str, Any]) -> str:
             f"prototypes used {record['protos_used']}/{record['n_prototypes']} "
             f"(usage entropy {_fmt(record.get('usage_entropy'))})"
         )
+    if "prediction_entropy" in record:
+        parts.append(f"prediction entropy {_fmt(record['prediction_entropy'])}")
     if "teacher_entropy" in record:
         parts.append(
             f"teacher entropy {_fmt(record['teacher_entropy'])} (batch mean {_fmt(record.get('teacher_mean_entropy'))})"
@@ -262,7 +279,8 @@ class HealthMonitorHandler:
 
     Every method's ``training_step`` returns, under ``key`` (``"health"``), a dict of detached tensors (no extra
     forward pass): ``"embeddings"`` (N, D); for the clustering methods ``"assignments"`` (N,) with
-    ``"n_prototypes"`` (and ``"groups"``, the modality of each row, with per-modality prototypes); for DINO-style
+    ``"n_prototypes"`` (and ``"groups"``, the modality of each row, with per-modality prototypes) and
+    ``"prediction_probs"`` (N, K) (pooled as the mean per-row entropy); for DINO-style
     teachers ``"teacher_probs"`` (N, K), ``"center"`` (1, K) and ``"teacher_temp"``. The handler pools the
     within-step deviations of the embeddings (the last ``max_rows`` of them for the rank; see the module docstring),
     the assignment histograms and the per-step teacher entropies, and at Events.EPOCH_COMPLETED (and every
@@ -333,6 +351,8 @@ class HealthMonitorHandler:
         self._rows = 0
         self._counts: dict[str, torch.Tensor] = {}
         self._teacher_steps = 0
+        self._prediction_steps = 0
+        self._prediction_entropy_sum = 0.0
         self._teacher_entropy_sum = 0.0
         self._teacher_mean_entropy_sum = 0.0
         self._teacher_dim = 0
@@ -371,6 +391,11 @@ class HealthMonitorHandler:
                 for group in sorted(set(names)):
                     rows = torch.tensor([i for i, g in enumerate(names) if g == group])
                     self._add_counts(group, assignments[rows], k)
+        predictions = health.get("prediction_probs")
+        if isinstance(predictions, torch.Tensor) and predictions.dim() == 2 and predictions.shape[0]:
+            if predictions.shape[1] >= 2:
+                self._prediction_entropy_sum += distribution_entropy(predictions.detach().float())
+                self._prediction_steps += 1
         probs = health.get("teacher_probs")
         if isinstance(probs, torch.Tensor) and probs.dim() == 2 and probs.shape[0] and probs.shape[1] >= 2:
             p = probs.detach().float()
@@ -422,6 +447,8 @@ class HealthMonitorHandler:
                 assigned_rows=rows,
                 prototype_usage=usage,
             )
+        if self._prediction_steps:
+            record["prediction_entropy"] = self._prediction_entropy_sum / self._prediction_steps
         if self._teacher_steps:
             record.update(
                 teacher_dim=self._teacher_dim,
@@ -514,7 +541,7 @@ class HealthMonitorHandler:
             self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
         step = int(record["iteration"])
         for name in (
-            "emb_std_sqrt_d", "eff_rank", "usage_entropy", "protos_used", "teacher_entropy",
+            "emb_std_sqrt_d", "eff_rank", "usage_entropy", "protos_used", "prediction_entropy", "teacher_entropy",
             "teacher_mean_entropy", "center_entropy",
         ):
             value = record.get(name)

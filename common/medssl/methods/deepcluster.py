@@ -196,7 +196,7 @@ class DeepClusterV2(SSLMethod):
         assigned = float((targets[0] != IGNORE_INDEX).float().mean()) if batch_size else 0.0
         # detached diagnostics of crop 0 (one row per item; first head) for medssl.evaluation.HealthMonitorHandler
         first = embeddings[:batch_size].detach()
-        health = {"embeddings": first, **prototype_assignments(first, self.prototypes)}
+        health = {"embeddings": first, **prototype_assignments(first, self.prototypes, temperature=self.loss.temperature)}
         return {"loss": loss, "assigned": assigned, "health": health}
 
     @torch.no_grad()

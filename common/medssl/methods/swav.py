@@ -180,7 +180,7 @@ class SwAV(SSLMethod):
             self.queues.push(SwAVQueues.SHARED, [z.detach() for z in assign])
 
         first = embeddings[:batch_size].detach()  # diagnostics for medssl.evaluation.HealthMonitorHandler
-        health = {"embeddings": first, **prototype_assignments(first, self.prototypes, modalities)}
+        health = {"embeddings": first, **prototype_assignments(first, self.prototypes, modalities, temperature=self.temperature)}
         if self.classifier is None:
             return {"loss": self.alpha * loss_ss, "loss_ss": loss_ss.detach(), "health": health}
         # 4. hybrid: supervised term on the assignment crops' backbone features of the labelled items

@@ -155,28 +155,40 @@ class PerModalityPrototypes(nn.Module):
 
 @torch.no_grad()
 def prototype_assignments(
-    embeddings: torch.Tensor, prototypes: Any, groups: Sequence[str] | None = None
+    embeddings: torch.Tensor, prototypes: Any, groups: Sequence[str] | None = None, temperature: float | None = None
 ) -> dict[str, Any]:
     """The ``"assignments"`` part of a method's ``"health"`` output: each row's argmax prototype (no gradient).
 
     ``prototypes``: a :class:`medssl.networks.heads.SwAVPrototypes` (several heads: the first one) or, with
     ``groups`` (one modality code per row), a :class:`~medssl.networks.heads.PerModalityPrototypes` (each row scored
-    against its own modality's prototypes). Returns ``{"assignments": (N,) long, "n_prototypes": K, "groups": ...}``.
+    against its own modality's prototypes). Returns ``{"assignments": (N,) long, "n_prototypes": K, "groups": ...}``;
+    with ``temperature`` τ also ``"prediction_probs"`` (N, K), softmax(z · Cᵀ / τ) of each row: the predictions the
+    swapped / cluster loss trains, uniform when that loss sits at ln K.
     """
     embeddings = embeddings.detach()
     index = torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
     if groups is None:
         scores = prototypes(embeddings)
         scores = scores[0] if isinstance(scores, (list, tuple)) else scores
-        return {"assignments": scores.argmax(dim=1), "n_prototypes": int(scores.shape[1])}
+        out = {"assignments": scores.argmax(dim=1), "n_prototypes": int(scores.shape[1])}
+        if temperature is not None:
+            out["prediction_probs"] = torch.softmax(scores.float() / temperature, dim=1)
+        return out
     groups = [str(g) for g in groups]
     if len(groups) != embeddings.shape[0]:
         raise ValueError(f"prototype_assignments: {len(groups)} groups for {embeddings.shape[0]} rows")
     k = 0
+    probs: torch.Tensor | None = None
     for group in sorted(set(groups)):
         rows = torch.tensor([i for i, g in enumerate(groups) if g == group], device=embeddings.device)
         scores = prototypes[group](embeddings.index_select(0, rows))
         scores = scores[0] if isinstance(scores, (list, tuple)) else scores
         index[rows] = scores.argmax(dim=1)
         k = int(scores.shape[1])
-    return {"assignments": index, "n_prototypes": k, "groups": groups}
+        if temperature is not None:
+            probs = embeddings.new_zeros((embeddings.shape[0], k), dtype=torch.float32) if probs is None else probs
+            probs[rows] = torch.softmax(scores.float() / temperature, dim=1)
+    out = {"assignments": index, "n_prototypes": k, "groups": groups}
+    if probs is not None:
+        out["prediction_probs"] = probs
+    return out
