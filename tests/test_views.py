@@ -10,15 +10,16 @@ from monai.data import Dataset, MetaTensor, list_data_collate
 from monai.transforms import Compose, MapTransform, RandomizableTransform
 from torch.utils.data import default_collate
 
+import medssl.transforms as transforms
 from medssl.data.samplers import SampleKey, SeededDataset
 from medssl.transforms.energy import EnergyBandAugmentd
 from medssl.transforms.intensity import RandGammad, RandLinearIntensityd
 from medssl.transforms.views import (
-    SEED002_SCALE_RANGE,
+    MULTICROP_SCALE_RANGE,
     MultiCropd,
     expand_crop_size,
-    seed002_augmentations,
-    seed002_multicrop,
+    swav_intensity_augmentations,
+    multicrop_views,
 )
 
 
@@ -57,18 +58,18 @@ def sample(image, modality="XR"):
 
 # ------------------------------------------------------------------------------------------------ configuration
 def test_table1_defaults_and_size_reading():
-    groups_2d = seed002_multicrop(2).groups_for(2)
+    groups_2d = multicrop_views(2).groups_for(2)
     assert [(c, s) for c, s, _ in groups_2d] == [(2, (224, 224)), (6, (92, 92))]
-    groups_3d = seed002_multicrop(3).groups_for(3)
+    groups_3d = multicrop_views(3).groups_for(3)
     # (224, 192) / (112, 96) = (in-plane, depth): X, Y in-plane, depth Z last
     assert [(c, s) for c, s, _ in groups_3d] == [(1, (224, 224, 192)), (4, (112, 112, 96))]
-    assert all(scale == SEED002_SCALE_RANGE == (0.1, 0.7) for _, _, scale in groups_2d + groups_3d)
+    assert all(scale == MULTICROP_SCALE_RANGE == (0.1, 0.7) for _, _, scale in groups_2d + groups_3d)
     assert expand_crop_size((224, 192), 3) == (224, 224, 192)
     assert expand_crop_size((20, 30), 2) == (20, 30) and expand_crop_size(7, 3) == (7, 7, 7)
     with pytest.raises(ValueError, match="does not fit a 2D image"):
         expand_crop_size((1, 2, 3), 2)
     with pytest.raises(ValueError, match="no crops configured for 2D"):
-        seed002_multicrop(3, sizes=[(8, 4), (4, 2)])(sample(image2d()))
+        multicrop_views(3, sizes=[(8, 4), (4, 2)])(sample(image2d()))
     with pytest.raises(ValueError, match="count"):
         MultiCropd(crops=((0, 8),))
     with pytest.raises(ValueError, match="scales"):
@@ -78,7 +79,7 @@ def test_table1_defaults_and_size_reading():
 
 
 def test_full_size_2d_table1_crops():
-    transform = seed002_multicrop(2, augment=Compose([]))
+    transform = multicrop_views(2, augment=Compose([]))
     transform.set_random_state(0)
     out = transform(sample(image2d((1, 300, 260))))
     assert "image" not in out and out["modality"] == "XR"
@@ -87,7 +88,7 @@ def test_full_size_2d_table1_crops():
 
 # ------------------------------------------------------------------------------------------------ shapes, regions
 def test_2d_and_3d_shapes_counts_and_mixed_dims():
-    transform = seed002_multicrop((2, 3), sizes={2: [16, 8], 3: [(12, 6), (8, 4)]}, augment=Compose([]))
+    transform = multicrop_views((2, 3), sizes={2: [16, 8], 3: [(12, 6), (8, 4)]}, augment=Compose([]))
     transform.set_random_state(1)
     out2 = transform(sample(image2d((1, 40, 36))))
     assert [tuple(c.shape) for c in out2["crops"]] == [(1, 16, 16)] * 2 + [(1, 8, 8)] * 6
@@ -162,7 +163,7 @@ def test_pad_when_image_smaller_than_crop():
 # ------------------------------------------------------------------------------------------------ determinism
 def test_same_seed_same_crops_different_seed_different():
     def run(seed):
-        transform = seed002_multicrop(2, sizes=[12, 6], counts=[2, 3])
+        transform = multicrop_views(2, sizes=[12, 6], counts=[2, 3])
         transform.set_random_state(seed)
         return transform(sample(image2d()))["crops"]
 
@@ -187,7 +188,7 @@ def test_set_random_state_reseeds_the_inner_augmentation():
 def test_seeded_dataset_fixes_crops_and_augmentations():
     images = [image2d((1, 30, 26), seed=i) for i in range(3)]
     data = [sample(img) for img in images]
-    pipeline = Compose([seed002_multicrop(2, sizes=[12, 6], counts=[2, 2])])
+    pipeline = Compose([multicrop_views(2, sizes=[12, 6], counts=[2, 2])])
     dataset = SeededDataset(Dataset(data, transform=pipeline))
     first = dataset[SampleKey(0, 7)]["crops"]
     dataset[SampleKey(1, 3)]  # another item in between must not matter
@@ -201,7 +202,7 @@ def test_seeded_dataset_fixes_crops_and_augmentations():
 # ------------------------------------------------------------------------------------------------ batching, errors
 @pytest.mark.parametrize("collate", [default_collate, list_data_collate])
 def test_collation_gives_one_batch_tensor_per_crop_index(collate):
-    transform = seed002_multicrop(2, sizes=[10, 6], counts=[2, 3], augment=Compose([]))
+    transform = multicrop_views(2, sizes=[10, 6], counts=[2, 3], augment=Compose([]))
     batch = collate([transform(sample(image2d((1, 25 + i, 21), seed=i))) for i in range(4)])
     assert isinstance(batch["crops"], list) and len(batch["crops"]) == 5
     assert [tuple(t.shape) for t in batch["crops"]] == [(4, 1, 10, 10)] * 2 + [(4, 1, 6, 6)] * 3
@@ -217,8 +218,8 @@ def test_augment_that_changes_the_shape_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------ augmentation set A
-def test_seed002_augmentation_set_order_and_modality_reaches_energy_bands():
-    compose = seed002_augmentations(2)
+def test_set_a_augmentation_order_and_modality_reaches_energy_bands():
+    compose = swav_intensity_augmentations(2)
     assert [type(t) for t in compose.transforms] == [EnergyBandAugmentd, RandGammad, RandLinearIntensityd]
     gamma, linear = compose.transforms[1], compose.transforms[2]
     assert gamma.gamma_range == (1.8, 2.6) and linear.a_range == (0.9, 1.1) and linear.b_fraction == 0.2
@@ -237,10 +238,10 @@ def test_seed002_augmentation_set_order_and_modality_reaches_energy_bands():
         np.testing.assert_allclose(crop.numpy(), expected.numpy(), atol=1e-6)
         assert not torch.allclose(crop, raw, atol=1e-3)
     with pytest.raises(ValueError, match="spatial_dims"):
-        seed002_augmentations(4)
+        swav_intensity_augmentations(4)
 
 
-def test_full_seed002_pipeline_on_a_volume_with_reference_file(tmp_path):
+def test_full_table_i_pipeline_on_a_volume_with_reference_file(tmp_path):
     import json
 
     path = tmp_path / "ref.json"
@@ -256,7 +257,7 @@ def test_full_seed002_pipeline_on_a_volume_with_reference_file(tmp_path):
     )
     spacing = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0], dtype=torch.float64))
     volume = MetaTensor(torch.rand(1, 24, 24, 10), affine=spacing)
-    transform = seed002_multicrop(3, sizes=[(12, 6), (8, 4)], energy_reference=str(path))
+    transform = multicrop_views(3, sizes=[(12, 6), (8, 4)], energy_reference=str(path))
     transform.set_random_state(3)
     crops = transform(sample(volume, "CT"))["crops"]
     assert [tuple(c.shape) for c in crops] == [(1, 12, 12, 6)] + [(1, 8, 8, 4)] * 4
@@ -266,11 +267,11 @@ def test_full_seed002_pipeline_on_a_volume_with_reference_file(tmp_path):
 @pytest.mark.gpu
 def test_cuda_crops_and_augmentations_stay_on_the_device():
     image = MetaTensor(torch.rand(1, 40, 36, device="cuda"))
-    transform = seed002_multicrop(2, sizes=[16, 8], counts=[2, 2])
+    transform = multicrop_views(2, sizes=[16, 8], counts=[2, 2])
     transform.set_random_state(0)
     crops = transform(sample(image))["crops"]
     assert all(c.is_cuda and c.shape[1:] in ((16, 16), (8, 8)) for c in crops)
-    cpu = seed002_multicrop(2, sizes=[16, 8], counts=[2, 2]).set_random_state(0)(sample(image.cpu()))["crops"]
+    cpu = multicrop_views(2, sizes=[16, 8], counts=[2, 2]).set_random_state(0)(sample(image.cpu()))["crops"]
     for a, b in zip(crops, cpu):
         np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), atol=1e-4)
 
@@ -296,3 +297,13 @@ def test_view_nuisance_augmentations_flip_blur_noise_and_reproducible():
     assert tuple(volume.shape) == (1, 8, 8, 4)
     with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
         view_nuisance_augmentations(1)
+
+
+def test_the_old_paper_numbered_names_still_work_and_warn():
+    with pytest.warns(DeprecationWarning, match="multicrop_views"):
+        old = transforms.seed002_multicrop(2)
+    assert old.groups_for(2) == multicrop_views(2).groups_for(2)
+    with pytest.warns(DeprecationWarning, match="swav_intensity_augmentations"):
+        transforms.seed002_augmentations(2)
+    with pytest.warns(DeprecationWarning):
+        assert transforms.SEED002_SCALE_RANGE == MULTICROP_SCALE_RANGE
