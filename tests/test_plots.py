@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import medssl.evaluation.plots as plots_module
 from medssl.evaluation.plots import (
     EmbeddingPanel,
     plot_attention_map,
@@ -104,6 +105,18 @@ def test_attention_map_png_and_shape_check(tmp_path):
     with pytest.raises(ValueError, match=r"\(2, 2\)"):
         plot_attention_map(m, ["a", "b"], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_attention_map_colour_bar_states_its_range(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots_module, "save_figure", lambda fig, out_path: figures.append(fig) or out_path)
+    m = np.array([[0.6, 0.4], [0.3, 0.7]])
+    plot_attention_map(m, ["a", "b"], tmp_path / "own.png")
+    plot_attention_map(m, ["a", "b"], tmp_path / "fixed.png", fixed_scale=True)
+    labels = [fig.axes[-1].get_ylabel() for fig in figures]  # the colour bar's axis
+    assert labels == ["share of attention (this map's range 0.300-0.700)", "share of attention (fixed scale 0-1)"]
+    assert figures[1].axes[0].images[0].get_clim() == (0.0, 1.0)
+    assert figures[0].axes[0].images[0].get_clim() == (0.3, 0.7)
 
 
 def test_plot_embeddings_tool(demo_datalist, tmp_path):

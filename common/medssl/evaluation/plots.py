@@ -207,11 +207,18 @@ def plot_embedding(
 
 
 def plot_attention_map(
-    matrix: Any, names: Sequence[str], out_path: str | Path, *, title: str = "encoder-to-encoder attention"
+    matrix: Any,
+    names: Sequence[str],
+    out_path: str | Path,
+    *,
+    title: str = "encoder-to-encoder attention",
+    fixed_scale: bool = False,
 ) -> Path:
     """Heat map of an (E, E) attention map: row i = the query encoder, column j = the key encoder; entry [i, j] the
     share of attention encoder i's tokens put on encoder j's (DVME's ``last_attention_map``). The colour scale spans
-    the matrix's own range (so small differences show); the values are printed in the cells."""
+    the matrix's own range (so small differences show), and the colour bar's label states that range, so two maps are
+    not compared by colour alone; ``fixed_scale=True``: the scale is 0-1 for every map. The values are printed in
+    the cells."""
     from matplotlib.figure import Figure
 
     m = _as_numpy(matrix, dtype=np.float64)
@@ -221,7 +228,7 @@ def plot_attention_map(
     size = 1.2 + 1.1 * len(names)
     fig = Figure(figsize=(size + 1.2, size))
     ax = fig.subplots()
-    low, high = float(m.min()), float(m.max())
+    low, high = (0.0, 1.0) if fixed_scale else (float(m.min()), float(m.max()))
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5  # a flat map: one colour, values still printed
     image = ax.imshow(m, cmap="viridis", vmin=low, vmax=high)
@@ -234,6 +241,8 @@ def plot_attention_map(
         for j in range(m.shape[1]):
             ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=8,
                     color="black" if m[i, j] > threshold else "white")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    scale = "fixed scale 0-1" if fixed_scale else f"this map's range {float(m.min()):.3f}-{float(m.max()):.3f}"
+    bar.set_label(f"share of attention ({scale})", fontsize=8)
     ax.set_title(title, fontsize=10)
     return save_figure(fig, out_path)
