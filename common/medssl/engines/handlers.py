@@ -75,6 +75,8 @@ def _is_optimizer(target: Any) -> bool:
     )
 
 
+# Ours, not ignite's CosineAnnealingScheduler + warm-up wrapper: any attribute (lr, EMA momentum, weight decay, a
+# temperature) as a pure function of the iteration, so a resumed run gets the same values with no scheduler state.
 class CosineScheduleHandler:
     """Cosine schedule with linear warm-up, applied before every iteration (Events.ITERATION_STARTED, for the step
     about to run) and at Events.STARTED (so the value is right before the first step, also after a resume).
@@ -211,6 +213,7 @@ class CosineScheduleHandler:
         engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration_started)
 
 
+# Ours, not ignite's TerminateOnNan: names the last good checkpoint and the step, and stops every rank at the same one.
 class TerminateOnNanHandler:
     """Stop training at the first iteration whose loss (``output_key`` of ``engine.state.output``) is NaN or Inf.
 

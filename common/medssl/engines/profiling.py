@@ -98,6 +98,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+# Ours, not ignite's BasicTimeProfiler: data wait vs compute per step with CUDA synchronisation, and items/s.
 class StepTimeProfiler:
     """Per-iteration data wait vs compute of a training engine (see the module docstring for the definitions).
 

@@ -72,6 +72,8 @@ def ema_update_(teacher_params: list[torch.Tensor], student_params: list[torch.T
     torch._foreach_add_(teacher_params, students, alpha=1.0 - momentum)
 
 
+# Ours, not ignite's EMAHandler: updates only after steps that moved the optimiser (gradient accumulation), with the
+# reference's cosine momentum as a pure function of the step (exact resume); parameters only, as DINO / UniMiSS.
 class EMATeacherHandler:
     """Teacher = exponential moving average of the student, updated after every optimiser step.
 

@@ -61,6 +61,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+# Ours, not monai.apps.utils.check_hash: that compares a file with a known hash; manifests need the digest itself.
 def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes (streamed)."""
     digest = hashlib.sha256()
