@@ -46,6 +46,7 @@ MONAI (C, X, Y, Z) volume, inferior → superior), embedding channels.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -280,7 +281,12 @@ class DeformableTransformerLayer(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int = 640, ffn_dim: int = 720, dropout: float = 0.1, num_slices: int = 64, **attention_kwargs
+        self,
+        embed_dim: int = 640,
+        ffn_dim: int = 720,
+        dropout: float = 0.1,
+        num_slices: int = 64,
+        **attention_kwargs: Any,
     ) -> None:
         super().__init__()
         self.attention = DeformableSliceAttention(embed_dim=embed_dim, num_slices=num_slices, **attention_kwargs)
@@ -303,12 +309,13 @@ class DeformableSliceTransformer(nn.Module):
         embed_dim: D (640).
         num_slices: F (64): size of the relative position bias tables (and of the learned positional encoding).
         num_layers: transformer layers (4, seed appendix).
-        num_heads, head_dim, offset_groups, downsample, offset_kernel_size, offset_scale, attention_dropout:
-            see :class:`DeformableSliceAttention` (6 heads of 64, 6 groups, r = 4, k = 6, s = 2).
         ffn_dim: FFN hidden width (720, the authors' code).
         dropout: dropout after the positional encoding, in the FFN and on each sub-layer's output (0.1).
         positional_encoding: "sinusoidal" (default: no parameters, any number of slices), "learned"
             (F × D parameters, at most F slices) or "none".
+        **attention_kwargs: passed once, by keyword, to every layer's :class:`DeformableSliceAttention`:
+            num_heads, head_dim, offset_groups, downsample, offset_kernel_size, offset_scale, attention_dropout,
+            use_position_bias (its defaults: 6 heads of 64, 6 groups, r = 4, k = 6, s = 2, no attention dropout).
 
     Input (B, F, D) slice embeddings (slices along the volume's last, depth axis); output (B, F, D) contextualised
     slice embeddings. :func:`volume_embedding` of the output is the volume embedding Z.
@@ -320,16 +327,10 @@ class DeformableSliceTransformer(nn.Module):
         embed_dim: int = 640,
         num_slices: int = 64,
         num_layers: int = 4,
-        num_heads: int = 6,
-        head_dim: int = 64,
-        offset_groups: int = 6,
-        downsample: int = 4,
-        offset_kernel_size: int = 6,
-        offset_scale: float = 2.0,
         ffn_dim: int = 720,
         dropout: float = 0.1,
-        attention_dropout: float = 0.0,
         positional_encoding: str = "sinusoidal",
+        **attention_kwargs: Any,
     ) -> None:
         super().__init__()
         if positional_encoding not in ("sinusoidal", "learned", "none"):
@@ -348,17 +349,7 @@ class DeformableSliceTransformer(nn.Module):
         self.input_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             DeformableTransformerLayer(
-                embed_dim=embed_dim,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                num_slices=num_slices,
-                num_heads=num_heads,
-                head_dim=head_dim,
-                offset_groups=offset_groups,
-                downsample=downsample,
-                offset_kernel_size=offset_kernel_size,
-                offset_scale=offset_scale,
-                attention_dropout=attention_dropout,
+                embed_dim=embed_dim, ffn_dim=ffn_dim, dropout=dropout, num_slices=num_slices, **attention_kwargs
             )
             for _ in range(num_layers)
         )

@@ -133,10 +133,11 @@ class HybridVolumeEncoder(nn.Module):
         feature_levels: L last trunk levels in the multi-level slice feature (5 → 5888-d).
         layers, block_inplanes, backbone_kwargs: the ResNet trunk (ResNet-50 by default).
         chunk_size, checkpoint: slice chunking / activation checkpointing of f_intra (see :class:`SliceEncoder`).
-        num_layers, num_heads, head_dim, offset_groups, downsample, offset_kernel_size, offset_scale, ffn_dim,
-        dropout, attention_dropout, positional_encoding: f_inter (see :class:`DeformableSliceTransformer`;
-            4 layers, 6 heads × 64, 6 groups, r = 4, k = 6, s = 2, FFN 720, dropout 0.1, sinusoidal positions).
         fit_slices: crop (centred) / zero-pad volumes whose depth is not F; False: use every slice as given.
+        **transformer_kwargs: passed once, by keyword, to f_inter (:class:`DeformableSliceTransformer`, which gets
+            ``embed_dim`` and ``num_slices`` from here): num_layers, num_heads, head_dim, offset_groups, downsample,
+            offset_kernel_size, offset_scale, ffn_dim, dropout, attention_dropout, positional_encoding (its defaults:
+            4 layers, 6 heads × 64, 6 groups, r = 4, k = 6, s = 2, FFN 720, dropout 0.1, sinusoidal positions).
 
     Sub-modules: ``slice_encoder`` (f_intra; its ``backbone`` is the ResNet trunk), ``slice_transformer`` (f_inter),
     ``mask_embedding`` (the learnable [MASK] of stage 2, (D,)).
@@ -153,18 +154,8 @@ class HybridVolumeEncoder(nn.Module):
         backbone_kwargs: dict | None = None,
         chunk_size: int | None = 64,
         checkpoint: bool = False,
-        num_layers: int = 4,
-        num_heads: int = 6,
-        head_dim: int = 64,
-        offset_groups: int = 6,
-        downsample: int = 4,
-        offset_kernel_size: int = 6,
-        offset_scale: float = 2.0,
-        ffn_dim: int = 720,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        positional_encoding: str = "sinusoidal",
         fit_slices: bool = True,
+        **transformer_kwargs: Any,
     ) -> None:
         super().__init__()
         self.num_slices = num_slices
@@ -181,19 +172,7 @@ class HybridVolumeEncoder(nn.Module):
             backbone_kwargs=backbone_kwargs,
         )
         self.slice_transformer = DeformableSliceTransformer(
-            embed_dim=embed_dim,
-            num_slices=num_slices,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            head_dim=head_dim,
-            offset_groups=offset_groups,
-            downsample=downsample,
-            offset_kernel_size=offset_kernel_size,
-            offset_scale=offset_scale,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            attention_dropout=attention_dropout,
-            positional_encoding=positional_encoding,
+            embed_dim=embed_dim, num_slices=num_slices, **transformer_kwargs
         )
         self.mask_embedding = nn.Parameter(torch.zeros(embed_dim))
         nn.init.trunc_normal_(self.mask_embedding, std=0.02)
