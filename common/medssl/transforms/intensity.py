@@ -46,7 +46,38 @@ def _check_prob(owner: str, name: str, value: float) -> float:
     return value
 
 
-class RandGammad(RandomizableTransform, MapTransform):
+class _RandIntensityd(RandomizableTransform, MapTransform):
+    """What the transforms of this module share: ``keys`` / ``prob`` / ``allow_missing_keys`` set up and checked, the
+    (low, high) range of the drawn value checked and stored as ``range_name``, and a ``__call__`` that draws once
+    (``randomize``) and, when applied, replaces each present key's image by ``transform_key(key, image)``."""
+
+    def __init__(
+        self,
+        owner: str,
+        keys: KeysCollection,
+        prob: float,
+        allow_missing_keys: bool,
+        range_name: str,
+        value_range: Sequence[float],
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, _check_prob(owner, "prob", prob))
+        setattr(self, range_name, _check_range(range_name, owner, value_range))
+
+    def transform_key(self, key: Hashable, image: Any) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self.transform_key(key, d[key])
+        return d
+
+
+class RandGammad(_RandIntensityd):
     """Gamma augmentation of Ghesu et al.: ``I' = ((I − min) / (max − min))^g · (max − min) + min`` with g = γ or 1/γ.
 
     γ is drawn uniformly from ``gamma_range`` (the paper's [1.8, 2.6]); with probability ``reciprocal_prob`` the exponent
@@ -80,9 +111,7 @@ class RandGammad(RandomizableTransform, MapTransform):
         prob: float = 1.0,
         allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, _check_prob("RandGammad", "prob", prob))
-        self.gamma_range = _check_range("gamma_range", "RandGammad", gamma_range)
+        super().__init__("RandGammad", keys, prob, allow_missing_keys, "gamma_range", gamma_range)
         self.reciprocal_prob = _check_prob("RandGammad", "reciprocal_prob", reciprocal_prob)
         self.exponent = 1.0
         self._adjust = AdjustContrast(gamma=1.0)
@@ -94,19 +123,11 @@ class RandGammad(RandomizableTransform, MapTransform):
         use_reciprocal = bool(self.R.uniform() < self.reciprocal_prob)
         self.exponent = (1.0 / gamma if use_reciprocal else gamma) if self._do_transform else 1.0
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            image = d[key]
-            out = self._adjust(image, gamma=self.exponent)
-            d[key] = convert_to_dst_type(out, dst=image)[0]
-        return d
+    def transform_key(self, key: Hashable, image: Any) -> Any:
+        return convert_to_dst_type(self._adjust(image, gamma=self.exponent), dst=image)[0]
 
 
-class RandLinearIntensityd(RandomizableTransform, MapTransform):
+class RandLinearIntensityd(_RandIntensityd):
     """Linear intensity augmentation of Ghesu et al.: ``I' = a · I + b``, a ∈ a_range, |b| ≤ b_fraction · (max − min).
 
     Per call one a ~ U(a_range) (the paper's [0.9, 1.1]) and one u ~ U(−1, 1) are drawn; each image gets
@@ -133,9 +154,7 @@ class RandLinearIntensityd(RandomizableTransform, MapTransform):
         prob: float = 1.0,
         allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, _check_prob("RandLinearIntensityd", "prob", prob))
-        self.a_range = _check_range("a_range", "RandLinearIntensityd", a_range)
+        super().__init__("RandLinearIntensityd", keys, prob, allow_missing_keys, "a_range", a_range)
         self.b_fraction = float(b_fraction)
         if not np.isfinite(self.b_fraction) or self.b_fraction < 0:
             raise ValueError(f"RandLinearIntensityd: b_fraction must be a finite number >= 0, got {b_fraction!r}")
@@ -160,17 +179,11 @@ class RandLinearIntensityd(RandomizableTransform, MapTransform):
         value_range = work.max() - work.min()
         return (work * self.scale + value_range * self.offset_fraction).astype(work.dtype, copy=False)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            d[key] = self.apply(d[key])
-        return d
+    def transform_key(self, key: Hashable, image: Any) -> Any:
+        return self.apply(image)
 
 
-class RandRescaleFractiond(RandomizableTransform, MapTransform):
+class RandRescaleFractiond(_RandIntensityd):
     """Literal reading of Ghesu et al.'s "rescale to a fraction s ∈ [0.1, 0.7] of the image size": resample the WHOLE
     image so that every spatial side n becomes ``max(min_size, round(s · n))``.
 
@@ -209,9 +222,7 @@ class RandRescaleFractiond(RandomizableTransform, MapTransform):
         prob: float = 1.0,
         allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, _check_prob("RandRescaleFractiond", "prob", prob))
-        self.scale_range = _check_range("scale_range", "RandRescaleFractiond", scale_range)
+        super().__init__("RandRescaleFractiond", keys, prob, allow_missing_keys, "scale_range", scale_range)
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         if int(min_size) < 1:
             raise ValueError(f"RandRescaleFractiond: min_size must be >= 1, got {min_size}")
@@ -228,18 +239,12 @@ class RandRescaleFractiond(RandomizableTransform, MapTransform):
         """Spatial size after rescaling by the current s: ``max(min_size, round(s · n))`` per axis."""
         return tuple(max(self.min_size, int(round(self.fraction * int(n)))) for n in spatial_shape)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        for key, mode in self.key_iterator(d, self.mode):
-            image = d[key]
-            if image.ndim not in (3, 4):
-                raise ValueError(
-                    f"RandRescaleFractiond: '{key}' has shape {tuple(image.shape)}; expected (C, H, W) or (C, X, Y, Z)"
-                )
-            resize = Resize(spatial_size=self.rescaled_size(image.shape[1:]), mode=mode)
-            out = resize(image)  # a tensor (MetaTensor: affine updated); numpy input comes back as numpy
-            d[key] = out.numpy() if isinstance(image, np.ndarray) else out
-        return d
+    def transform_key(self, key: Hashable, image: Any) -> Any:
+        if image.ndim not in (3, 4):
+            raise ValueError(
+                f"RandRescaleFractiond: '{key}' has shape {tuple(image.shape)}; expected (C, H, W) or (C, X, Y, Z)"
+            )
+        mode = self.mode[list(self.keys).index(key)]  # the mode given for this key (one per key, in keys' order)
+        resize = Resize(spatial_size=self.rescaled_size(image.shape[1:]), mode=mode)
+        out = resize(image)  # a tensor (MetaTensor: affine updated); numpy input comes back as numpy
+        return out.numpy() if isinstance(image, np.ndarray) else out
