@@ -6,6 +6,7 @@ Images are channels-first: 2D (C, H, W), 3D (C, X, Y, Z) with the depth axis las
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -152,6 +153,14 @@ def cached_feature_items(
     return out
 
 
+#: The keyword-only options of :func:`cached_feature_items`, which :func:`training_dataset` passes through to it.
+_FEATURE_OPTIONS = tuple(
+    name
+    for name, parameter in inspect.signature(cached_feature_items).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
 def training_dataset(
     data: Sequence[Any],
     transform: Any,
@@ -161,15 +170,7 @@ def training_dataset(
     network: nn.Module | None = None,
     cache_features: bool = True,
     feature_transform: Any = None,
-    encoder_prefix: str = "encoder",
-    cache_dir: str | os.PathLike | None = None,
-    encoder_id: str = "encoder",
-    preprocessing: Mapping | None = None,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    num_workers: int = 0,
-    label_key: str = "label",
-    **dataset_kwargs: Any,
+    **kwargs: Any,
 ):
     """The training dataset of a classification bundle (:func:`medssl.data.pipeline.make_dataset`: seeded and
     robust to unreadable files).
@@ -184,25 +185,20 @@ def training_dataset(
 
     ``data`` is the item list (the bundle's ``train#dataset#data``, which MONAI Label sets); ``defaults`` fills the keys
     its items lack (:func:`medssl.data.bundle_datasets.with_defaults`: the bundle's modality and dimension).
+
+    ``kwargs``: the keyword-only options of :func:`cached_feature_items` (``encoder_prefix``, ``cache_dir``,
+    ``encoder_id``, ``preprocessing``, ``batch_size``, ``device``, ``num_workers``, ``label_key``, ...) go to it
+    (cached-feature linear mode only); the others go to :func:`medssl.data.pipeline.make_dataset` (``cache_rate``,
+    ``on_bad_item``, ..., and ``datalist_name``, the only one kept for the cached features).
     """
     check_finetune_mode(finetune_mode)
     items = with_defaults(data, defaults)
+    feature_options = {name: kwargs.pop(name) for name in _FEATURE_OPTIONS if name in kwargs}
+    dataset_kwargs = kwargs
     if finetune_mode == "linear" and cache_features:
         if network is None or feature_transform is None:
             raise ValueError("training_dataset: linear mode with cached features needs network and feature_transform")
-        features = cached_feature_items(
-            network,
-            items,
-            feature_transform,
-            encoder_prefix=encoder_prefix,
-            cache_dir=cache_dir,
-            encoder_id=encoder_id,
-            preprocessing=preprocessing,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            label_key=label_key,
-        )
+        features = cached_feature_items(network, items, feature_transform, **feature_options)
         kwargs = {k: v for k, v in dataset_kwargs.items() if k in ("datalist_name",)}
         return make_dataset(features, None, **kwargs)
     return make_dataset(items, transform, **dataset_kwargs)
