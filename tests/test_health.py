@@ -125,6 +125,9 @@ def test_verdict_thresholds():
     assert collapse_verdict(dict(healthy, eff_rank=1.3, n_rows=4))[0] == "n/a"  # too few rows to judge a rank
     assert collapse_verdict(dict(healthy, emb_std_sqrt_d=0.2))[0] == "warning"
     assert collapse_verdict(dict(healthy, usage_entropy=0.1))[0] == "warning"
+    assert collapse_verdict(dict(healthy, rank_bound=128))[0] == "ok"  # 40 of 128 directions
+    verdict, reasons = collapse_verdict(dict(healthy, eff_rank=5.5, rank_bound=64))  # one direction per modality
+    assert verdict == "warning" and reasons == ["effective rank 5.5 of 64: few directions used (dimensional collapse)"]
     usage = {"XR": {"used": 1, "n_prototypes": 30, "rows": 64}, "CT": {"used": 9, "n_prototypes": 30, "rows": 64}}
     verdict, reasons = collapse_verdict(dict(healthy, prototype_usage=usage))
     assert verdict == "collapsed" and reasons == ["one prototype takes all 64 rows of XR"]

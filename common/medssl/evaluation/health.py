@@ -69,6 +69,7 @@ __all__ = [
     "COLLAPSED_PREDICTION_ENTROPY",
     "WARNING_STD_SQRT_D",
     "WARNING_USAGE_ENTROPY",
+    "WARNING_RANK_FRACTION",
     "MIN_ROWS",
     "MIN_USAGE_ROWS",
 ]
@@ -88,6 +89,9 @@ WARNING_STD_SQRT_D = 0.3
 """Warning below: embedding std·√D (the rows crowd into a small part of the sphere)."""
 WARNING_USAGE_ENTROPY = 0.3
 """Warning below: prototype usage entropy (a few prototypes take most rows)."""
+WARNING_RANK_FRACTION = 0.1
+"""Warning below: effective rank / its bound min(D, rows) (the rows spread along few directions: dimensional
+collapse, e.g. one direction per modality)."""
 RANK_RMS_TOL = 1e-4
 """Directions of the within-step deviations (of unit-norm rows) with an RMS extent at most this are float round-off,
 not spread, and do not count in the effective rank."""
@@ -190,7 +194,8 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
     :data:`COLLAPSED_TEACHER_ENTROPY` (0.99, uniform teacher output); ``prediction_entropy`` >
     :data:`COLLAPSED_PREDICTION_ENTROPY` (0.99, uniform prototype predictions); exp(``teacher_mean_entropy`` · log K) < 2 (one
     teacher output dimension for every row). Warning when: ``emb_std_sqrt_d`` < :data:`WARNING_STD_SQRT_D` (0.3) or
-    ``usage_entropy`` < :data:`WARNING_USAGE_ENTROPY` (0.3). Missing or NaN numbers are not judged; ``"n/a"`` when
+    ``usage_entropy`` < :data:`WARNING_USAGE_ENTROPY` (0.3) or ``eff_rank`` < :data:`WARNING_RANK_FRACTION` (0.1) ×
+    ``rank_bound``. Missing or NaN numbers are not judged; ``"n/a"`` when
     nothing could be judged (fewer than :data:`MIN_ROWS` embedding rows and no teacher)."""
     collapsed: list[str] = []
     warning: list[str] = []
@@ -208,6 +213,10 @@ def collapse_verdict(stats: Mapping[str, Any]) -> tuple[str, list[str]]:
     spread = std is None or std >= COLLAPSED_STD_SQRT_D
     if judged and spread and rank is not None and rank < COLLAPSED_EFFECTIVE_RANK:
         collapsed.append(f"effective rank {rank:.2f} < {COLLAPSED_EFFECTIVE_RANK:g}")
+    bound = num("rank_bound")
+    few_directions = bound and COLLAPSED_EFFECTIVE_RANK <= (rank or 0.0) < WARNING_RANK_FRACTION * bound
+    if judged and spread and rank is not None and few_directions:
+        warning.append(f"effective rank {rank:.1f} of {bound:g}: few directions used (dimensional collapse)")
     usage = stats.get("prototype_usage")
     if isinstance(usage, Mapping):
         for group, u in usage.items():
