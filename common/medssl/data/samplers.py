@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -244,21 +244,14 @@ class VolumeGroupedBatchSampler(DistributedBatchSampler):
     volume) together: the groups are shuffled, then the items inside each group, and the concatenation is cut into
     global batches. With an LRU-limited volume cache (``VolumeSliceDataset`` with ``cache_rate < 1``) each volume is
     then read about once per epoch (with ``num_workers=W`` DataLoader workers, consecutive batches go to different
-    workers, so a volume spanning several batches is read by up to W workers). ``group_ids[i]`` = group of item i.
+    workers, so a volume spanning several batches is read by up to W workers). ``group_ids[i]`` = group of item i;
+    the other arguments (``batch_size``, ``shuffle``, ``seed``, ``drop_last``, ``rank``, ``world_size``) are
+    :class:`DistributedBatchSampler`'s, passed through as given.
     """
 
-    def __init__(
-        self,
-        group_ids: Sequence[int],
-        batch_size: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ) -> None:
+    def __init__(self, group_ids: Sequence[int], *args: Any, **kwargs: Any) -> None:
         self.group_ids = np.asarray(group_ids, dtype=np.int64)
-        super().__init__(len(self.group_ids), batch_size, shuffle, seed, drop_last, rank, world_size)
+        super().__init__(len(self.group_ids), *args, **kwargs)
         groups, inverse = np.unique(self.group_ids, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         self._members = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(groups)))[:-1])

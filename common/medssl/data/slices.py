@@ -370,16 +370,10 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
 
 
 def make_slice_batch_sampler(
-    dataset: VolumeSliceDataset,
-    batch_size: int,
-    shuffle: bool = True,
-    seed: int = 0,
-    drop_last: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-    group_by_volume: bool | None = None,
+    dataset: VolumeSliceDataset, *args: Any, group_by_volume: bool | None = None, **kwargs: Any
 ) -> DistributedBatchSampler:
-    """The batch sampler to use with a :class:`VolumeSliceDataset`.
+    """The batch sampler to use with a :class:`VolumeSliceDataset`; ``args`` / ``kwargs`` (``batch_size``,
+    ``shuffle``, ``seed``, ``drop_last``, ``rank``, ``world_size``) go to the sampler as given.
 
     ``group_by_volume`` (default: ``dataset.lru_limited``, i.e. some volumes are not in the CacheDataset):
     a :class:`~medssl.data.samplers.VolumeGroupedBatchSampler` — volumes in random order, the slices of a volume
@@ -390,5 +384,5 @@ def make_slice_batch_sampler(
     if group_by_volume is None:
         group_by_volume = dataset.lru_limited
     if group_by_volume:
-        return VolumeGroupedBatchSampler(dataset.volume_ids, batch_size, shuffle, seed, drop_last, rank, world_size)
-    return DistributedBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size)
+        return VolumeGroupedBatchSampler(dataset.volume_ids, *args, **kwargs)
+    return DistributedBatchSampler(len(dataset), *args, **kwargs)
