@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -72,8 +73,46 @@ MIT_VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
 }
 
 
-class MiTEncoder(nn.Module):
-    """The pyramid encoder: switchable patch embedding, 4 transformer stages, the SSL token. See :class:`MiT`."""
+def _position_embeddings(spatial_dims: Sequence[int], pos_grids: dict[int, list[Grid]], dims: Sequence[int]):
+    """One learnable (1, 1 + cells, dim) position embedding per stage and path (SSL token first), zero-initialised."""
+    return nn.ModuleDict(
+        {
+            _key(d): nn.ParameterList(
+                nn.Parameter(torch.zeros(1, 1 + math.prod(grid), dim)) for grid, dim in zip(pos_grids[d], dims)
+            )
+            for d in spatial_dims
+        }
+    )
+
+
+class _MiTStages(nn.Module):
+    """What the encoder and the decoder share: a stage's token sequence (SSL token + the map's cells) gets the stage's
+    position embedding (resampled to the map's grid) and dropout, then goes through the stage's blocks."""
+
+    def __init__(
+        self, dims: Sequence[int], depths: Sequence[int], sr_ratios: Sequence[int], pos_grids: dict[int, list[Grid]]
+    ) -> None:
+        super().__init__()
+        self.dims, self.depths, self.sr_ratios = tuple(dims), tuple(depths), tuple(sr_ratios)
+        self.pos_grids = pos_grids
+
+    def _run_stage(self, i: int, token: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """(tokens (B, 1 + cells, C) after stage ``i``'s blocks, the grid) for the (B, 1, C) token and (B, C, *grid)
+        map entering stage ``i``."""
+        d = feature.dim() - 2
+        grid = tuple(feature.shape[2:])
+        tokens = torch.cat((token, _tokens(feature)), dim=1)
+        tokens = self.pos_drop(
+            tokens + resample_position_embedding(self.pos_embed[_key(d)][i], self.pos_grids[d][i], grid)
+        )
+        for block in self.stages[i]:
+            tokens = block(tokens, grid)
+        return tokens, grid
+
+
+class MiTEncoder(_MiTStages):
+    """The pyramid encoder: switchable patch embedding, 4 transformer stages, the SSL token. See :class:`MiT`.
+    ``block_kwargs`` (``mlp_ratio``, ``attn_drop``, ``attention``) go to every :class:`TransformerBlock`."""
 
     def __init__(
         self,
@@ -84,17 +123,13 @@ class MiTEncoder(nn.Module):
         depths: Sequence[int],
         num_heads: Sequence[int],
         sr_ratios: Sequence[int],
-        stem_channels: int,
         pos_grids: dict[int, list[Grid]],
-        mlp_ratio: float,
+        stem_channels: int,
         drop_rate: float,
-        attn_drop_rate: float,
         drop_path_rates: Sequence[float],
-        attention: str,
+        **block_kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.dims, self.depths, self.sr_ratios = tuple(dims), tuple(depths), tuple(sr_ratios)
-        self.pos_grids = pos_grids
+        super().__init__(dims, depths, sr_ratios, pos_grids)
         in_channels = {2: in_channels_2d, 3: in_channels_3d}
         stem_stride = {2: 2, 3: (2, 2, 1)}  # the 3D stem keeps the depth axis (last)
         self.stem = nn.ModuleDict(
@@ -107,14 +142,7 @@ class MiTEncoder(nn.Module):
                 for d in spatial_dims
             }
         )
-        self.pos_embed = nn.ModuleDict(
-            {
-                _key(d): nn.ParameterList(
-                    nn.Parameter(torch.zeros(1, 1 + math.prod(grid), dim)) for grid, dim in zip(pos_grids[d], dims)
-                )
-                for d in spatial_dims
-            }
-        )
+        self.pos_embed = _position_embeddings(spatial_dims, pos_grids, dims)
         self.ssl_token = nn.Parameter(torch.zeros(1, 1, dims[0]))
         # the SSL token of stage s + 1 is a linear map of stage s's output token
         self.ssl_token_proj = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
@@ -122,29 +150,22 @@ class MiTEncoder(nn.Module):
         rates = iter(drop_path_rates)
         self.stages = _transformer_stages(
             dims, num_heads, sr_ratios, depths, rates, qkv_bias=True, norm_eps=1e-6, spatial_dims=spatial_dims,
-            mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate, attention=attention,
+            drop=drop_rate, **block_kwargs,
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"stem", "encoder1".."encoder4": maps (B, C, *grid), "encoder_tokens": (B, 1 + N4, C4),
         "encoder_token": (B, C4)}`` for a 2D ``(B, C, H, W)`` or 3D ``(B, C, X, Y, Z)`` (depth last) input."""
-        d = x.dim() - 2
-        key = _key(d)
+        key = _key(x.dim() - 2)
         out: dict[str, torch.Tensor] = {}
         feature = self.stem[key](x)
         out["stem"] = feature
         token = self.ssl_token.expand(x.shape[0], -1, -1)
-        for i, blocks in enumerate(self.stages):
+        for i in range(len(self.stages)):
             feature = self.patch_embed[key][i](feature)
-            grid = tuple(feature.shape[2:])
             if i > 0:
                 token = self.ssl_token_proj[i - 1](token)
-            tokens = torch.cat((token, _tokens(feature)), dim=1)
-            tokens = self.pos_drop(
-                tokens + resample_position_embedding(self.pos_embed[key][i], self.pos_grids[d][i], grid)
-            )
-            for block in blocks:
-                tokens = block(tokens, grid)
+            tokens, grid = self._run_stage(i, token, feature)
             token, feature = tokens[:, :1], _feature_map(tokens[:, 1:], grid)
             out[f"encoder{i + 1}"] = feature
         out["encoder_tokens"] = tokens
@@ -152,8 +173,9 @@ class MiTEncoder(nn.Module):
         return out
 
 
-class MiTDecoder(nn.Module):
-    """The symmetric decoder: ConvTranspose up-sampling, encoder skips, transformer stages, SSL token, final norm."""
+class MiTDecoder(_MiTStages):
+    """The symmetric decoder: ConvTranspose up-sampling, encoder skips, transformer stages, SSL token, final norm.
+    ``block_kwargs`` (``mlp_ratio``, ``attn_drop``, ``attention``) go to every :class:`TransformerBlock`."""
 
     def __init__(
         self,
@@ -164,15 +186,11 @@ class MiTDecoder(nn.Module):
         num_heads: Sequence[int],
         sr_ratios: Sequence[int],
         pos_grids: dict[int, list[Grid]],
-        mlp_ratio: float,
         drop_rate: float,
-        attn_drop_rate: float,
         drop_path_rates: Sequence[float],
-        attention: str,
+        **block_kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.dims, self.depths, self.sr_ratios = tuple(dims), tuple(depths), tuple(sr_ratios)
-        self.pos_grids = pos_grids
+        super().__init__(dims, depths, sr_ratios, pos_grids)
         widths = [encoder_dim, *dims]
         convs = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
         self.upsample = nn.ModuleDict(
@@ -183,20 +201,13 @@ class MiTDecoder(nn.Module):
                 for d in spatial_dims
             }
         )
-        self.pos_embed = nn.ModuleDict(
-            {
-                _key(d): nn.ParameterList(
-                    nn.Parameter(torch.zeros(1, 1 + math.prod(grid), dim)) for grid, dim in zip(pos_grids[d], dims)
-                )
-                for d in spatial_dims
-            }
-        )
+        self.pos_embed = _position_embeddings(spatial_dims, pos_grids, dims)
         self.ssl_token_proj = nn.ModuleList(nn.Linear(widths[i], widths[i + 1]) for i in range(len(dims)))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = iter(drop_path_rates)
         self.stages = _transformer_stages(
             dims, num_heads, sr_ratios, depths, rates, qkv_bias=False, norm_eps=1e-5, spatial_dims=spatial_dims,
-            mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate, attention=attention,
+            drop=drop_rate, **block_kwargs,
         )
         self.norm = nn.LayerNorm(dims[-1])
 
@@ -204,12 +215,11 @@ class MiTDecoder(nn.Module):
         """``{"decoder1".."decoder3": maps (B, C, *grid) (the last one after the final LayerNorm),
         "decoder_token": (B, C)}`` from the encoder's outputs (its last tokens and its maps as skips)."""
         feature = encoded["encoder4"]
-        d = feature.dim() - 2
-        key = _key(d)
+        key = _key(feature.dim() - 2)
         token = encoded["encoder_token"].unsqueeze(1)
         n_stages = len(self.stages)
         out: dict[str, torch.Tensor] = {}
-        for i, blocks in enumerate(self.stages):
+        for i in range(n_stages):
             feature = self.upsample[key][i](feature)
             skip = encoded[f"encoder{n_stages - i}"]
             if feature.shape != skip.shape:
@@ -218,14 +228,8 @@ class MiTDecoder(nn.Module):
                     f"skip {tuple(skip.shape)}; with the decoder, 2D inputs need H, W multiples of 32 and 3D inputs "
                     "X, Y multiples of 32 and Z (depth) a multiple of 16"
                 )
-            grid = tuple(feature.shape[2:])
             token = self.ssl_token_proj[i](token)
-            tokens = torch.cat((token, _tokens(feature + skip)), dim=1)
-            tokens = self.pos_drop(
-                tokens + resample_position_embedding(self.pos_embed[key][i], self.pos_grids[d][i], grid)
-            )
-            for block in blocks:
-                tokens = block(tokens, grid)
+            tokens, grid = self._run_stage(i, token, feature + skip)
             if i == n_stages - 1:
                 tokens = self.norm(tokens)
             token, feature = tokens[:, :1], _feature_map(tokens[:, 1:], grid)
@@ -328,6 +332,7 @@ class MiT(nn.Module):
         n_blocks = sum(depths) + (sum(decoder_depths) if decoder else 0)
         # stochastic-depth rate rising linearly 0 -> drop_path_rate over the blocks (python floats: meta-device safe)
         rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+        block_kwargs = {"mlp_ratio": mlp_ratio, "attn_drop": attn_drop_rate, "attention": attention}
         self.encoder = MiTEncoder(
             self.paths,
             in_channels_2d,
@@ -336,13 +341,11 @@ class MiT(nn.Module):
             depths,
             num_heads,
             sr_ratios,
-            stem_channels,
             {d: encoder_grids[d] for d in self.paths},
-            mlp_ratio,
+            stem_channels,
             drop_rate,
-            attn_drop_rate,
             rates[: sum(depths)],
-            attention,
+            **block_kwargs,
         )
         self.decoder: MiTDecoder | None = None
         if decoder:
@@ -356,11 +359,9 @@ class MiT(nn.Module):
                 decoder_num_heads,
                 decoder_sr_ratios,
                 decoder_grids,
-                mlp_ratio,
                 drop_rate,
-                attn_drop_rate,
                 rates[sum(depths) :],
-                attention,
+                **block_kwargs,
             )
         self.feature_dim = int(decoder_dims[-1]) if decoder else int(dims[-1])
         self.feature_channels: dict[str, int] = {"stem": stem_channels}

@@ -6,6 +6,7 @@ The architecture and its reference numbers are described in :mod:`medssl.network
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -153,7 +154,11 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block, shared by the 2D and 3D paths: x + SRA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm block, shared by the 2D and 3D paths: x + SRA(LN(x)), then x + MLP(LN(x)).
+
+    ``drop`` is the MLP's dropout and the attention's ``proj_drop``; ``attention_kwargs`` (``attn_drop``,
+    ``attention``) go to :class:`SpatialReductionAttention` as given.
+    """
 
     def __init__(
         self,
@@ -165,14 +170,13 @@ class TransformerBlock(nn.Module):
         spatial_dims: Sequence[int],
         mlp_ratio: float = 4.0,
         drop: float = 0.0,
-        attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        attention: str = "sdpa",
+        **attention_kwargs: Any,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = SpatialReductionAttention(
-            dim, num_heads, sr_ratio, qkv_bias, spatial_dims, attn_drop=attn_drop, proj_drop=drop, attention=attention
+            dim, num_heads, sr_ratio, qkv_bias, spatial_dims, proj_drop=drop, **attention_kwargs
         )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
