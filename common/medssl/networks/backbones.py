@@ -58,6 +58,18 @@ class _MultiLevelFeatures:
     return_levels: tuple[str, ...]
     normalize_levels: bool
 
+    def _set_return_levels(
+        self, return_levels: int | str | Sequence[str] | None, normalize_levels: bool, owner: str
+    ) -> None:
+        """Resolve ``return_levels`` against ``level_names`` (set before) and set ``normalize_levels`` and
+        ``feature_dim``: the summed widths of the returned levels, or the pooled feature's width when none."""
+        self.return_levels = _resolve_levels(return_levels, self.level_names, owner)
+        self.normalize_levels = normalize_levels
+        if self.return_levels:
+            self.feature_dim = sum(self.level_dims[name] for name in self.return_levels)
+        else:
+            self.feature_dim = self.level_dims["pool"]
+
     def _stages(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -171,12 +183,7 @@ class ResNetBackbone(_MultiLevelFeatures, ResNet):
         self.level_names = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
         self.level_dims = {"stem": planes[0], "pool": planes[3] * expansion}
         self.level_dims.update({f"layer{i + 1}": p * expansion for i, p in enumerate(planes)})
-        self.return_levels = _resolve_levels(return_levels, self.level_names, "ResNetBackbone")
-        self.normalize_levels = normalize_levels
-        if self.return_levels:
-            self.feature_dim = sum(self.level_dims[name] for name in self.return_levels)
-        else:
-            self.feature_dim = self.level_dims["pool"]
+        self._set_return_levels(return_levels, normalize_levels, "ResNetBackbone")
 
     def _stages(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         x = self.act(self.bn1(self.conv1(x)))
@@ -332,12 +339,7 @@ class DenseNet3D(_MultiLevelFeatures, nn.Module):
                 self.transitions.append(nn.Sequential(unit(channels, channels, 1), _Downsample(factors)))
         self.head = nn.Identity() if out_dim is None else unit(channels, out_dim // 2, 1)
         self.level_dims["pool"] = 2 * channels if out_dim is None else out_dim
-        self.return_levels = _resolve_levels(return_levels, self.level_names, "DenseNet3D")
-        self.normalize_levels = normalize_levels
-        if self.return_levels:
-            self.feature_dim = sum(self.level_dims[name] for name in self.return_levels)
-        else:
-            self.feature_dim = self.level_dims["pool"]
+        self._set_return_levels(return_levels, normalize_levels, "DenseNet3D")
 
     def _stages(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         x = self.stem(x)
