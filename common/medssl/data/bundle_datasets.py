@@ -71,22 +71,13 @@ def bundle_dataset(
     data: Sequence[Any],
     transform: Any = None,
     defaults: Mapping[str, Any] | None = None,
-    cache_rate: float = 0.0,
-    cache_num_workers: int = 0,
-    on_bad_item: str = "raise",
-    max_bad_items: int = 10,
-    datalist_name: str | None = None,
-    index_key: str | None = None,
-    cache_dir: str | Path | None = None,
+    **dataset_kwargs: Any,
 ):
     """:func:`medssl.data.make_dataset` (seeded, robust to unreadable files, optionally cached in memory with
     ``cache_rate`` or on disk in ``cache_dir``) over ``data`` with ``defaults`` filled in; ``.data`` of the result is
-    that item list."""
-    return make_dataset(
-        with_defaults(data, defaults), transform, cache_rate=cache_rate, cache_num_workers=cache_num_workers,
-        on_bad_item=on_bad_item, max_bad_items=max_bad_items, datalist_name=datalist_name, index_key=index_key,
-        cache_dir=cache_dir,
-    )
+    that item list. ``dataset_kwargs`` (``cache_rate``, ``cache_num_workers``, ``on_bad_item``, ``max_bad_items``,
+    ``datalist_name``, ``index_key``, ``cache_dir``) go to :func:`~medssl.data.make_dataset` as given."""
+    return make_dataset(with_defaults(data, defaults), transform, **dataset_kwargs)
 
 
 def bundle_slice_dataset(

@@ -20,6 +20,7 @@ from .evaluation import (
     load_network_weights,
     predict_probabilities,
 )
+from .evaluation import __all__ as _EVALUATION_NAMES
 from .setup import as_float, cached_feature_items, encoder_network, no_pretrained, prepare_network, training_dataset
 from .subsets import label_fraction_subset, stratum_of
 from .task import FINETUNE_MODES, SupervisedTask, check_finetune_mode, get_submodule
@@ -37,13 +38,5 @@ __all__ = [
     "cached_feature_items",
     "as_float",
     "no_pretrained",
-    "Predictions",
-    "add_case_ids",
-    "predict_probabilities",
-    "classification_case_rows",
-    "evaluate_classification",
-    "ClassificationValidator",
-    "ValidationHandler",
-    "ClassProbabilityWriter",
-    "load_network_weights",
+    *_EVALUATION_NAMES,  # Predictions, evaluate_classification, ClassificationValidator, ... (evaluation.__all__)
 ]
