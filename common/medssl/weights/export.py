@@ -75,6 +75,15 @@ def _listing(names: list[str]) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
 
 
+def _key_problems(
+    missing: list[str], unexpected: list[str], mismatched: list[str], labels: tuple[str, str, str]
+) -> list[str]:
+    """``"<n> <label> (<listing>)"`` for each non-empty one of the missing keys, the unexpected keys and the shape
+    mismatches (``labels`` in that order), for a state-dict-does-not-fit error."""
+    groups = zip((missing, unexpected, mismatched), labels)
+    return [f"{len(keys)} {label} ({_listing(keys)})" for keys, label in groups if keys]
+
+
 def _strip_wrappers(key: str) -> str:
     changed = True
     while changed:
@@ -195,14 +204,8 @@ def load_encoder_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Te
         for k, v in expected.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys ({_listing(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys ({_listing(unexpected)})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches ({_listing(mismatched)})")
+    problems = _key_problems(missing, unexpected, mismatched, ("missing keys", "unexpected keys", "shape mismatches"))
+    if problems:
         raise ValueError(
             f"{source}: the state dict does not fit the backbone {type(module).__name__}: " + "; ".join(problems)
         )

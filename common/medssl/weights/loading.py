@@ -54,7 +54,7 @@ from medssl.utils.dist import get_rank
 from medssl.utils.imports import locate
 from medssl.utils.io import file_sha256
 
-from .export import _listing, _strip_wrappers, load_manifest, manifest_path_for
+from .export import _key_problems, _listing, _strip_wrappers, load_manifest, manifest_path_for
 
 __all__ = [
     "LoadReport",
@@ -463,14 +463,11 @@ def load_pretrained_encoder(
     not_loaded = [k for k in missing if allowed and any(k == p or k.startswith(p + ".") for p in allowed)]
     missing = [k for k in missing if k not in not_loaded]
     shape = _shape_mismatches(target_state, mapped)
-    if missing or unexpected or shape:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} keys of {where} not in the file ({_listing(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} keys of the file unknown to {where} ({_listing(unexpected)})")
-        if shape:
-            problems.append(f"{len(shape)} shape mismatches, file vs {where} ({_listing(shape)})")
+    labels = (
+        f"keys of {where} not in the file", f"keys of the file unknown to {where}", f"shape mismatches, file vs {where}"
+    )
+    problems = _key_problems(missing, unexpected, shape, labels)
+    if problems:
         arch = f"{source_class} -> {type(target).__name__}" if source_class else type(target).__name__
         raise ValueError(f"{source}: does not fit {where} ({arch}): " + "; ".join(problems))
     to_load = {k: v for k, v in mapped.items() if k in target_keys}
