@@ -44,6 +44,9 @@ MODALITY_PRESETS = {
     "FUNDUS": "unit",
 }
 
+#: every preset maps its source range to [0, 1] and clips (the MONAI scalers' target-range arguments)
+_TO_UNIT_RANGE = {"b_min": 0.0, "b_max": 1.0, "clip": True}
+
 
 class CTWindowd(ScaleIntensityRanged):
     """Map a Hounsfield-unit window to [0, 1], clipped: v' = clip((v - w_lo) / (w_hi - w_lo), 0, 1).
@@ -69,9 +72,7 @@ class CTWindowd(ScaleIntensityRanged):
             keys,
             a_min=low,
             a_max=high,
-            b_min=0.0,
-            b_max=1.0,
-            clip=True,
+            **_TO_UNIT_RANGE,
             dtype=dtype,
             allow_missing_keys=allow_missing_keys,
         )
@@ -105,9 +106,7 @@ class PercentileScaled(ScaleIntensityRangePercentilesd):
             keys,
             lower=lower,
             upper=upper,
-            b_min=0.0,
-            b_max=1.0,
-            clip=True,
+            **_TO_UNIT_RANGE,
             relative=False,
             channel_wise=channel_wise,
             dtype=dtype,
@@ -130,9 +129,7 @@ class UnitRangeRGBd(ScaleIntensityRanged):
             keys,
             a_min=0.0,
             a_max=float(max_value),
-            b_min=0.0,
-            b_max=1.0,
-            clip=True,
+            **_TO_UNIT_RANGE,
             dtype=dtype,
             allow_missing_keys=allow_missing_keys,
         )
