@@ -324,3 +324,37 @@ def test_command_line_tool(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert re.match(r"error: .*transformer\.unexpected_gain.*strict", capsys.readouterr().err)
     assert not (tmp_path / "strict.pt").exists()
+
+
+def test_unreadable_files_get_one_line_saying_what_they_are(tmp_path):
+    """An empty file, a text file and a truncated checkpoint each get their own one-line reason; none is told to pass
+    --trusted, which only lifts the weights_only refusal of a global."""
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    text = tmp_path / "page.pth"
+    text.write_text("<html><body>404 Not Found</body></html>\n")
+    whole = tmp_path / "whole.pth"
+    torch.save({"teacher": {"w": torch.zeros(64, 64)}}, whole)
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    cases = [(empty, r"empty\.pth is empty \(0 bytes\): not a checkpoint$"),
+             (text, r"page\.pth is a text file \(it starts with '<html><body>404 Not Found</body></html>'\), not a checkpoint$"),
+             (truncated, r"cut\.pth is truncated or corrupt \(.+\); download it again$")]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message) as caught:
+            load_unimiss_checkpoint(path)
+        assert "\n" not in str(caught.value) and "--trusted" not in str(caught.value)
+
+
+def test_a_tiny_checkpoint_read_as_small_names_its_variant_and_long_key_lists_are_cut():
+    with torch.device("meta"):
+        shapes = dict(reference_state_dict_shapes(mit_tiny(decoder=False)))
+    tiny_state = {k: torch.zeros(0).new_empty(v, device="meta") for k, v in shapes.items()}
+    with pytest.raises(ValueError) as caught:
+        convert_unimiss_state_dict(tiny_state, mit_small(decoder=False), variant="small")
+    message = str(caught.value)
+    assert message.endswith("the checkpoint is MiT-tiny (pass variant=None, or --variant tiny)")
+    assert "build the model with the paths" not in message
+    missing = int(re.search(r": (\d+) MiT-small keys get no tensor", message).group(1))
+    assert missing > 10 and f"... and {missing - 10} more" in message
+    assert message.count("(reference ") == 10

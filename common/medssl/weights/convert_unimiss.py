@@ -186,6 +186,9 @@ def load_unimiss_checkpoint(path: str | Path, trusted: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"convert_unimiss: {path}: no such checkpoint file")
+    problem = _not_a_checkpoint(path)
+    if problem:
+        raise ValueError(f"convert_unimiss: {path} {problem}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:  # memory-mapped: the optimiser state and the student are never copied into memory
@@ -195,6 +198,11 @@ def load_unimiss_checkpoint(path: str | Path, trusted: bool = False) -> Any:
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) torch.save file
     except Exception as e:  # noqa: BLE001 - pickle errors of every kind end here
+        if not _refused_by_weights_only(e):  # unreadable as such: --trusted would not help
+            raise ValueError(
+                f"convert_unimiss: {path} is truncated or corrupt ({type(e).__name__}: {_last_line(e) or 'no message'}); "
+                "download it again"
+            ) from e
         if not trusted:
             raise ValueError(
                 f"convert_unimiss: {path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
@@ -205,11 +213,42 @@ def load_unimiss_checkpoint(path: str | Path, trusted: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format
+_PICKLE_PROTOCOLS = {bytes([0x80, n]) for n in range(2, 6)}  # a legacy torch.save file starts with a pickle opcode
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch checkpoint, from its first bytes (None when it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "is empty (0 bytes): not a checkpoint"
+    if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_PROTOCOLS:
+        return None
+    text = head.decode("utf-8", errors="replace")
+    if all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return f"is a text file (it starts with {text.splitlines()[0][:40]!r}), not a checkpoint"
+    return "is not a torch checkpoint (neither torch.save's zip format nor a pickle)"
+
+
+def _refused_by_weights_only(error: Exception) -> bool:
+    """Whether a torch.load failure is the ``weights_only`` unpickler refusing a global (which ``--trusted`` lifts),
+    not a damaged file."""
+    text = str(error)
+    return "weights_only" in text.lower() or "Unsupported global" in text or "WeightsUnpickler" in text
+
+
 def _last_line(error: Exception) -> str:
     """The informative line of a (possibly long, multi-line) torch.load error."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     useful = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line]
     return (useful or lines or [""])[-1]
+
+
+def _first_ten(items: Sequence[str], separator: str = ", ") -> str:
+    """At most 10 of ``items`` on one line, then "... and N more" (a checkpoint of another family lists hundreds)."""
+    shown = separator.join(items[:10])
+    return shown + (f"{separator}... and {len(items) - 10} more" if len(items) > 10 else "")
 
 
 def _strip(key: str, prefix: str) -> str:
@@ -353,7 +392,7 @@ def convert_unimiss_state_dict(
         report.mapped[key] = target
     if foreign:
         raise ValueError(
-            f"{source} [{entry}]: {len(foreign)} keys map to no parameter of {name}: " + ", ".join(foreign)
+            f"{source} [{entry}]: {len(foreign)} keys map to no parameter of {name}: " + _first_ten(foreign)
             + "; the checkpoint is another variant (pass variant=None to read it from the keys)"
         )
     if mismatches:
@@ -365,15 +404,22 @@ def convert_unimiss_state_dict(
             )
         raise ValueError(
             f"{source} [{entry}]: {len(mismatches)} shape mismatches against {name}{hint}: "
-            + "; ".join(mismatches)
+            + _first_ten(mismatches, "; ")
         )
     received = set(report.mapped.values())
     report.missing = [k for k in expected if k not in received]
     if report.missing:
+        try:
+            actual = infer_variant(state_dict, source, required=False)["variant"]
+        except ValueError:  # no patch embeddings at all: the key list below says enough
+            actual = None
+        if actual not in (None, variant):
+            hint = f"; the checkpoint is MiT-{actual} (pass variant=None, or --variant {actual})"
+        else:
+            hint = "; build the model with the paths / decoder the checkpoint has"
         raise ValueError(
             f"{source} [{entry}]: {len(report.missing)} {name} keys get no tensor from the checkpoint: "
-            + ", ".join(f"{k} (reference {reference_key(k)})" for k in report.missing)
-            + "; build the model with the paths / decoder the checkpoint has"
+            + _first_ten([f"{k} (reference {reference_key(k)})" for k in report.missing]) + hint
         )
     # every check passed: now the values (renamed, axis order changed, in the model's dtype, on CPU)
     for key, target in report.mapped.items():
