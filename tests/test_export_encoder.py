@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
 import sys
 
 import fire
@@ -114,6 +116,9 @@ def test_tool_round_trip_rebuilds_identical_encoder(tmp_path, capsys):
     assert manifest["num_params"] == sum(p.numel() for p in backbone.parameters())
     assert manifest["source_checkpoint"] == checkpoint.name and manifest["source_sha256"] == file_sha256(checkpoint)
     assert manifest["source_iteration"] == 4 and manifest["encoder_sha256"] == file_sha256(out)
+    assert manifest["source_epoch"] == 2
+    provenance = manifest["provenance"]
+    assert re.fullmatch(r"[0-9a-f]{64}", provenance["config_sha256"]) and provenance["datalist"] is None
     assert manifest["bundle"]["name"] == "ssl_fake_pretrain" and manifest["bundle"]["version"] == "0.0.1"
 
     state = torch.load(out, weights_only=True)  # a plain state dict, exactly the backbone's keys
@@ -274,6 +279,12 @@ def test_export_after_a_bundle_run_reads_the_run_config(demo_datalist, tmp_path,
     manifest = json.loads((tmp_path / "encoder.json").read_text())
     assert manifest["bundle"]["configs"] == [RUN_CONFIG_NAME]
     assert manifest["backbone"]["kwargs"]["block_inplanes"] == [4, 8, 8, 16]
+    items = json.loads(unlabelled.read_text())["training"]
+    counts = {m: sum(it["modality"] == m for it in items) for m in {it["modality"] for it in items}}
+    assert manifest["provenance"]["datalist"] == {"name": "unlabelled.json", "training_items_per_modality": counts}
+    head = subprocess.run(["git", "-C", str(bundle), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert manifest["provenance"]["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert manifest["source_epoch"] == 1 and manifest["source_iteration"] > 0
     trained = torch.load(run / "ckpt" / "checkpoint_final.pt", map_location="cpu", weights_only=False)["method"]
     encoder = build_encoder_from_manifest(tmp_path / "encoder.json")
     for name, tensor in encoder.state_dict().items():

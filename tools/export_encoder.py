@@ -17,7 +17,9 @@ What it does:
 4. calls ``medssl.weights.export.export_encoder``: the tensors under ``--encoder-key`` (default ``backbone``) of
    the checkpoint's ``--method-key`` entry (default ``method``) are written to OUT, and the manifest (``.json``
    beside OUT) records the method (``_target_`` of the config's ``method``), the backbone, spatial dims, input
-   channels, feature size, the preprocessing, the bundle name / version, and the hashes of both files. The state
+   channels, feature size, the preprocessing, the bundle name / version, the hashes of both files, the iteration and
+   epoch of the checkpoint, and its provenance: a hash of the resolved config, the git commit of the bundle's checkout
+   (when it is one) and the datalist's name with its training items per modality. The state
    dict is loaded strictly into the backbone built from the config before anything is written.
 
 CKPT may be a checkpoint file or a ``ckpt_dir`` (its latest complete checkpoint is used). Without ``--config`` the
@@ -29,7 +31,9 @@ without one falls back to ``configs/train.json``. A downstream bundle loads the 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,7 +145,43 @@ def build_manifest(
         "configs": [f.name for f in files],
         "encoder_id": encoder_id,
     }
+    manifest["provenance"] = provenance(parser, bundle)
     return manifest
+
+
+def provenance(parser: Any, bundle: Path) -> dict[str, Any]:
+    """Where an export comes from: a hash of the resolved config (every key and override, ``_meta_`` left out), the
+    git commit of the bundle's checkout when there is one, and the datalist's name with its training items per
+    modality when the config names a readable datalist."""
+    config = {k: v for k, v in (parser.get() or {}).items() if k != "_meta_"}
+    record: dict[str, Any] = {
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "git_commit": _git_commit(bundle),
+        "datalist": None,
+    }
+    try:
+        datalist = Path(str(parser.get_parsed_content("datalist"))) if parser.get("datalist") else None
+    except Exception:  # noqa: BLE001 - an unresolvable datalist expression: no datalist facts, the rest stands
+        datalist = None
+    if datalist is not None and datalist.is_file():
+        try:
+            items = json.loads(datalist.read_text()).get("training") or []
+        except (OSError, ValueError, AttributeError):
+            items = []
+        counts: dict[str, int] = {}
+        for item in items:
+            modality = str(item.get("modality", "unknown")) if isinstance(item, dict) else "unknown"
+            counts[modality] = counts.get(modality, 0) + 1
+        record["datalist"] = {"name": datalist.name, "training_items_per_modality": dict(sorted(counts.items()))}
+    return record
+
+
+def _git_commit(path: Path) -> str | None:
+    try:
+        proc = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
 def main(

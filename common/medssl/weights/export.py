@@ -16,7 +16,7 @@ of it (the keys under a prefix, ``"backbone."`` by default; ``"module."`` of a D
      "spatial_dims": 2, "in_channels": 1, "feature_dim": 2048,
      "preprocessing": {...},                       # how the images were prepared (a free-form description)
      "encoder_key": "backbone",                    # the prefix taken from the method's state dict
-     "source_checkpoint": "checkpoint_final.pt", "source_sha256": "...", "source_iteration": 1200,
+     "source_checkpoint": "checkpoint_final.pt", "source_sha256": "...", "source_iteration": 1200, "source_epoch": 100,
      "encoder_sha256": "...",                      # of the .pt file
      "medssl_version": "0.1.0", "num_tensors": 320, "num_params": 23508032}
 
@@ -291,6 +291,7 @@ def export_encoder(
         "source_checkpoint": checkpoint_path.name,
         "source_sha256": file_sha256(checkpoint_path),
         "source_iteration": engine_state.get("iteration") if isinstance(engine_state, Mapping) else None,
+        "source_epoch": engine_state.get("epoch") if isinstance(engine_state, Mapping) else None,
         "medssl_version": medssl.__version__,
         "num_tensors": len(encoder_state),
         "num_params": facts.get("num_params", fields.pop("num_params", None)),
