@@ -3,6 +3,8 @@ resampling."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -241,3 +243,28 @@ def test_stochastic_depth_only_in_training():
         c, d = model(x), model(x)
     assert not torch.allclose(a, b)
     assert torch.equal(c, d)
+
+
+REFERENCE = Path(__file__).parent / "fixtures" / "mit_pos_embed_reference.pt"
+
+
+@pytest.mark.parametrize("size", ["2d_96", "2d_256", "3d_16x128x128"])
+def test_position_embeddings_are_resized_as_the_authors_do(size):
+    """The UniMiSS authors' resize of each stage's embedding, stored once by tests/fixtures/
+    make_mit_pos_embed_reference.py in their layout (2D (H, W), 3D (D, H, W)): ours equals it to 1e-5 of the
+    embedding's scale in float32, and to float32 rounding when it runs in float64 (the axes are scaled one by one,
+    so their order does not matter). interpolate(size=...) does not: the check has teeth."""
+    reference = torch.load(REFERENCE, weights_only=True)
+    kind = size[:2]
+    for source, grid, target, expected in zip(reference["sources"][kind], reference["source_grids"][kind],
+                                              reference["targets"][size], reference["results"][size]):
+        scale = float(expected.abs().max())
+        ours = resample_position_embedding(source, tuple(grid), tuple(target))  # float32, as the model runs
+        assert float((ours - expected).abs().max()) <= 1e-5 * scale
+        exact = resample_position_embedding(source.double(), tuple(grid), tuple(target))  # the same sums in float64
+        assert float((exact.float() - expected).abs().max()) <= 1e-7 * scale
+    source, grid, target, expected = (reference["sources"][kind][0], reference["source_grids"][kind][0],
+                                      reference["targets"][size][0], reference["results"][size][0])
+    patch = source[:, 1:].reshape(1, *grid, -1).movedim(-1, 1)
+    by_size = torch.nn.functional.interpolate(patch, size=tuple(target), mode="bicubic" if kind == "2d" else "trilinear")
+    assert not torch.allclose(by_size.flatten(2).transpose(1, 2), expected[:, 1:], rtol=1e-3, atol=1e-4)

@@ -194,14 +194,26 @@ def _check_attention(attention: str) -> str:
 
 
 def resample_position_embedding(pos_embed: torch.Tensor, source_grid: Grid, target_grid: Grid) -> torch.Tensor:
-    """Position embedding ``(1, 1 + prod(source_grid), C)`` (SSL-token entry first) resampled to ``target_grid``:
-    bicubic for a 2D grid, trilinear for a 3D grid (align_corners=False); the SSL-token entry is kept as is."""
+    """Position embedding ``(1, 1 + prod(source_grid), C)`` (SSL-token entry first) resampled to ``target_grid``,
+    as the UniMiSS authors resize it (``MiT_encoder.interpolate_pos_encoding2D`` / ``3D``): bicubic for a 2D grid,
+    trilinear for a 3D grid, ``align_corners=False``, and every axis scaled by ``(target + 0.1) / source``, the factor
+    ``F.interpolate`` also places its samples with (``interpolate(size=...)`` would place them at ``target /
+    source`` and differ by up to a few per cent at fine-tuning sizes). The SSL-token entry is kept as is; the
+    reference grid is returned untouched. Each axis is scaled on its own, so the result does not depend on the axis
+    order (ours is depth last). Where the authors' code is defined (a square in-plane reference grid and, in 3D, the
+    reference depth) this is their result; elsewhere it is the same rule per axis (their code stops there)."""
     if tuple(source_grid) == tuple(target_grid):
         return pos_embed
     channels = pos_embed.shape[-1]
     patch = pos_embed[:, 1:].reshape(1, *source_grid, channels).movedim(-1, 1)
     mode = "bicubic" if len(source_grid) == 2 else "trilinear"
-    patch = F.interpolate(patch.float(), size=tuple(target_grid), mode=mode, align_corners=False).to(pos_embed.dtype)
+    factors = tuple((t + 0.1) / s for s, t in zip(source_grid, target_grid))
+    compute = torch.promote_types(patch.dtype, torch.float32)  # half / bfloat16 resized in float32, float64 kept
+    patch = F.interpolate(
+        patch.to(compute), scale_factor=factors, mode=mode, align_corners=False, recompute_scale_factor=False
+    ).to(pos_embed.dtype)
+    if tuple(patch.shape[2:]) != tuple(target_grid):  # floor(s * (t + 0.1) / s) is t for every grid size in use
+        raise RuntimeError(f"resample_position_embedding: got grid {tuple(patch.shape[2:])} for {tuple(target_grid)}")
     return torch.cat((pos_embed[:, :1], patch.flatten(2).transpose(1, 2)), dim=1)
 
 

@@ -37,7 +37,11 @@ Axis order (the values, not only the names, change):
   grids are transposed (H, W) → (W, H) so that the converted network sees an image as the authors' did; pass
   ``transpose_2d=False`` for 2D data loaded rows first.
 
-Nothing else changes (the layers are the same, the parameter counts equal the reference's). A key the mapping does
+Nothing else changes in the weights (the layers are the same, the parameter counts equal the reference's). At other
+input sizes than the pretraining ones the position embeddings are resized as the authors' code resizes them
+(:func:`medssl.networks.mit.resample_position_embedding`: each axis scaled by (target + 0.1) / source, bicubic in
+2D, trilinear in 3D), so a converted encoder computes the authors' features at fine-tuning sizes too
+(``tests/test_mit.py`` checks the resize against a stored reference at 96², 256² and 16×128×128). A key the mapping does
 not know, a key of a part that is not converted (the DINO head, the decoder with ``decoder=False``, the other path
 with one ``spatial_dims``) is reported, never silently dropped; a MiT key that gets no tensor, and any shape that
 does not fit, is an error naming the key and both shapes.
