@@ -2,11 +2,15 @@
 source.
 
 Usage:
+    python tools/convert_weights.py swav CKPT --out encoder.pt [--transpose_2d True|False] [--trusted]
     python tools/convert_weights.py unimiss CKPT --out encoder.pt [--entry teacher|student] [--variant tiny|small]
         [--decoder True|False] [--spatial_dims 2|3|[2,3]] [--transpose_2d True|False]
         [--img_size_2d 224] [--img_size_3d "[96,96,16]"] [--strict] [--trusted]
 
 Subcommands:
+    swav      SwAV / DeepCluster-v2 ResNet-50 (w2, w4, w5) checkpoints of facebookresearch/swav ->
+              ``medssl.networks.ResNetBackbone`` (``medssl.weights.convert_swav``): ``module.`` removed, 2D kernels
+              transposed to medssl's column-first 2D order, projection head + prototypes kept in ``OUT_head.pt``.
     unimiss   the UniMiSS checkpoints of YtongXie/UniMiSS-code (``UniMiss_tiny`` / ``UniMiss_small``) ->
               ``medssl.networks.mit.MiT`` (``medssl.weights.convert_unimiss``): the teacher's (or student's) MiT
               weights renamed to MiT's keys, 3D kernels / position grids permuted from the reference's (D, H, W)
@@ -78,7 +82,26 @@ def unimiss(
     print(f"wrote {weights} ({len(report.mapped)} tensors) and {manifest}")
 
 
-CONVERTERS = {"unimiss": unimiss}
+def swav(checkpoint: str, out: str, transpose_2d: bool = True, trusted: bool = False) -> None:
+    """Convert a published SwAV or DeepCluster-v2 ResNet-50 / 50w2 / 50w4 / 50w5 checkpoint to a medssl ResNet
+    encoder file; the projection head and prototypes go to OUT's ``_head.pt`` beside it.
+
+    Args:
+        checkpoint: the checkpoint (``module.`` prefixes and a ``state_dict`` entry are handled).
+        out: the state dict file to write (e.g. encoder.pt); the manifest goes beside it (encoder.json).
+        transpose_2d: transpose the 2D kernels to medssl's column-first 2D images (default True).
+        trusted: allow full unpickling if the checkpoint cannot be read with weights_only=True.
+    """
+    from medssl.weights.convert_swav import convert_swav_checkpoint
+
+    weights, manifest, report = convert_swav_checkpoint(checkpoint, out, transpose_2d=transpose_2d, trusted=trusted)
+    kept = ""
+    if report["head_file"]:
+        kept = f"; head and prototypes ({len(report['head_keys'])} tensors) in {report['head_file']}"
+    print(f"wrote {weights} ({report['mapped']} tensors, ResNet-50 width {report['width']}) and {manifest}{kept}")
+
+
+CONVERTERS = {"unimiss": unimiss, "swav": swav}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from .export import (
     write_encoder_files,
 )
 from .convert_unimiss import ConversionReport, convert_unimiss_checkpoint, convert_unimiss_state_dict
+from .convert_swav import convert_swav_checkpoint
 from .stages import load_stage_weights
 from .loading import (
     ENCODER_ADAPTERS,

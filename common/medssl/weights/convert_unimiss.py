@@ -92,6 +92,7 @@ __all__ = [
     "convert_unimiss_checkpoint",
     "convert_unimiss_state_dict",
     "infer_variant",
+    "load_published_checkpoint",
     "load_unimiss_checkpoint",
     "medssl_key",
     "reference_key",
@@ -185,14 +186,20 @@ class ConversionReport:
 
 # --------------------------------------------------------------------------------------------- reading
 def load_unimiss_checkpoint(path: str | Path, trusted: bool = False) -> Any:
-    """``torch.load`` of an authors' checkpoint on CPU, ``weights_only=True`` with ``argparse.Namespace`` (their
-    ``args`` entry) allowed; ``trusted=True`` retries with full unpickling when that fails."""
+    """``torch.load`` of an authors' checkpoint on CPU (:func:`load_published_checkpoint`)."""
+    return load_published_checkpoint(path, trusted, owner="convert_unimiss")
+
+
+def load_published_checkpoint(path: str | Path, trusted: bool = False, owner: str = "convert_weights") -> Any:
+    """``torch.load`` of a published checkpoint on CPU, ``weights_only=True`` with ``argparse.Namespace`` (an
+    ``args`` entry) allowed; ``trusted=True`` retries with full unpickling when that fails. An empty, text,
+    truncated or corrupt file gets a one-line ``ValueError`` starting with ``owner`` (the converter's name)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"convert_unimiss: {path}: no such checkpoint file")
+        raise FileNotFoundError(f"{owner}: {path}: no such checkpoint file")
     problem = _not_a_checkpoint(path)
     if problem:
-        raise ValueError(f"convert_unimiss: {path} {problem}")
+        raise ValueError(f"{owner}: {path} {problem}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:  # memory-mapped: the optimiser state and the student are never copied into memory
@@ -204,16 +211,16 @@ def load_unimiss_checkpoint(path: str | Path, trusted: bool = False) -> Any:
     except Exception as e:  # noqa: BLE001 - pickle errors of every kind end here
         if not _refused_by_weights_only(e):  # unreadable as such: --trusted would not help
             raise ValueError(
-                f"convert_unimiss: {path} is truncated or corrupt ({type(e).__name__}: {_last_line(e) or 'no message'}); "
+                f"{owner}: {path} is truncated or corrupt ({type(e).__name__}: {_last_line(e) or 'no message'}); "
                 "download it again"
             ) from e
         if not trusted:
             raise ValueError(
-                f"convert_unimiss: {path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
+                f"{owner}: {path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
                 f"{_last_line(e)}); if you trust the file, pass trusted=True (--trusted)"
             ) from e
         reason = _last_line(e)
-        logger.warning(f"convert_unimiss: {path}: weights_only load failed ({reason}); unpickling fully (trusted=True)")
+        logger.warning(f"{owner}: {path}: weights_only load failed ({reason}); unpickling fully (trusted=True)")
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
