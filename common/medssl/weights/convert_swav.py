@@ -30,8 +30,8 @@ import torch
 import medssl
 from medssl.networks.backbones import ResNetBackbone
 from medssl.utils.io import file_sha256
-from medssl.weights.convert_unimiss import _first_ten, load_published_checkpoint
-from medssl.weights.export import MANIFEST_FORMAT, load_encoder_state_dict, write_encoder_files
+from medssl.weights.convert_unimiss import load_published_checkpoint
+from medssl.weights.export import MANIFEST_FORMAT, _listing, load_encoder_state_dict, write_encoder_files
 
 __all__ = ["convert_swav_checkpoint", "split_swav_state_dict", "SWAV_PREPROCESSING", "SOURCE_REPOSITORY"]
 
@@ -63,7 +63,7 @@ def split_swav_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         entries = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
         raise ValueError(
-            f"{source}: no ResNet trunk: it holds entries {_first_ten(entries)} and no 'state_dict'; is it another "
+            f"{source}: no ResNet trunk: it holds entries {_listing(entries)} and no 'state_dict'; is it another "
             "family (tools/convert_weights.py unimiss for UniMiSS checkpoints)?"
         )
     trunk, head = {}, {}
@@ -73,7 +73,7 @@ def split_swav_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[
     if "conv1.weight" not in trunk or not any(k.startswith("layer4.") for k in trunk):
         found = sorted({k.split(".")[0] for k in trunk})
         raise ValueError(
-            f"{source}: no ResNet trunk (conv1.weight, layer1-4.*): its top-level names are {_first_ten(found)}; "
+            f"{source}: no ResNet trunk (conv1.weight, layer1-4.*): its top-level names are {_listing(found)}; "
             "is it another family (tools/convert_weights.py unimiss for UniMiSS checkpoints)?"
         )
     return trunk, head
@@ -111,7 +111,7 @@ def convert_swav_checkpoint(
     if missing:
         raise ValueError(
             f"{source}: {len(missing)} ResNet-50{'w' + str(width) if width > 1 else ''} keys get no tensor: "
-            f"{_first_ten(missing)}; is it a SwAV / DeepCluster-v2 ResNet-50 checkpoint?"
+            f"{_listing(missing)}; is it a SwAV / DeepCluster-v2 ResNet-50 checkpoint?"
         )
     backbone = ResNetBackbone(**kwargs)
     load_encoder_state_dict(backbone, converted, f"{source} -> ResNetBackbone(**{kwargs})")

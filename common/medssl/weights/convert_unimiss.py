@@ -256,12 +256,6 @@ def _last_line(error: Exception) -> str:
     return (useful or lines or [""])[-1]
 
 
-def _first_ten(items: Sequence[str], separator: str = ", ") -> str:
-    """At most 10 of ``items`` on one line, then "... and N more" (a checkpoint of another family lists hundreds)."""
-    shown = separator.join(items[:10])
-    return shown + (f"{separator}... and {len(items) - 10} more" if len(items) > 10 else "")
-
-
 def _strip(key: str, prefix: str) -> str:
     while key.startswith(prefix):
         key = key[len(prefix) :]
@@ -403,7 +397,7 @@ def convert_unimiss_state_dict(
         report.mapped[key] = target
     if foreign:
         raise ValueError(
-            f"{source} [{entry}]: {len(foreign)} keys map to no parameter of {name}: " + _first_ten(foreign)
+            f"{source} [{entry}]: {len(foreign)} keys map to no parameter of {name}: " + _listing(foreign)
             + "; the checkpoint is another variant (pass variant=None to read it from the keys)"
         )
     if mismatches:
@@ -415,7 +409,7 @@ def convert_unimiss_state_dict(
             )
         raise ValueError(
             f"{source} [{entry}]: {len(mismatches)} shape mismatches against {name}{hint}: "
-            + _first_ten(mismatches, "; ")
+            + _listing(mismatches, "; ")
         )
     received = set(report.mapped.values())
     report.missing = [k for k in expected if k not in received]
@@ -430,7 +424,7 @@ def convert_unimiss_state_dict(
             hint = "; build the model with the paths / decoder the checkpoint has"
         raise ValueError(
             f"{source} [{entry}]: {len(report.missing)} {name} keys get no tensor from the checkpoint: "
-            + _first_ten([f"{k} (reference {reference_key(k)})" for k in report.missing]) + hint
+            + _listing([f"{k} (reference {reference_key(k)})" for k in report.missing]) + hint
         )
     # every check passed: now the values (renamed, axis order changed, in the model's dtype, on CPU)
     for key, target in report.mapped.items():

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "medssl-encoder/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_MAX_LISTED = 12
+_MAX_LISTED = 10
 
 
 def manifest_path_for(weights_path: str | Path) -> Path:
@@ -70,9 +70,10 @@ def manifest_path_for(weights_path: str | Path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
+def _listing(names: Sequence[str], separator: str = ", ") -> str:
+    """At most 10 of ``names`` on one line, then "... and N more" (a checkpoint of another family lists hundreds)."""
+    shown = separator.join(names[:_MAX_LISTED])
+    return shown + (f"{separator}... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
 def _key_problems(
