@@ -3,6 +3,8 @@ source.
 
 Usage:
     python tools/convert_weights.py swav CKPT --out encoder.pt [--transpose_2d True|False] [--trusted]
+    python tools/convert_weights.py dino CKPT --out encoder.pt [--entry teacher|student] [--transpose_2d True|False]
+        [--trusted]
     python tools/convert_weights.py unimiss CKPT --out encoder.pt [--entry teacher|student] [--variant tiny|small]
         [--decoder True|False] [--spatial_dims 2|3|[2,3]] [--transpose_2d True|False]
         [--img_size_2d 224] [--img_size_3d "[96,96,16]"] [--strict] [--trusted]
@@ -11,6 +13,10 @@ Subcommands:
     swav      SwAV / DeepCluster-v2 ResNet-50 (w2, w4, w5) checkpoints of facebookresearch/swav ->
               ``medssl.networks.ResNetBackbone`` (``medssl.weights.convert_swav``): ``module.`` removed, 2D kernels
               transposed to medssl's column-first 2D order, projection head + prototypes kept in ``OUT_head.pt``.
+    dino      DINO ViT-S/16, ViT-S/8, ViT-B/16, ViT-B/8 checkpoints of facebookresearch/dino ->
+              ``medssl.networks.ViTBackbone`` (``medssl.weights.convert_dino``): hub backbone files as they are,
+              training checkpoints' teacher (or student) with ``module.`` / ``backbone.`` removed and the head kept in
+              ``OUT_head.pt``; patch kernel and position grid transposed to medssl's column-first 2D order.
     unimiss   the UniMiSS checkpoints of YtongXie/UniMiSS-code (``UniMiss_tiny`` / ``UniMiss_small``) ->
               ``medssl.networks.mit.MiT`` (``medssl.weights.convert_unimiss``): the teacher's (or student's) MiT
               weights renamed to MiT's keys, 3D kernels / position grids permuted from the reference's (D, H, W)
@@ -101,7 +107,30 @@ def swav(checkpoint: str, out: str, transpose_2d: bool = True, trusted: bool = F
     print(f"wrote {weights} ({report['mapped']} tensors, ResNet-50 width {report['width']}) and {manifest}{kept}")
 
 
-CONVERTERS = {"unimiss": unimiss, "swav": swav}
+def dino(checkpoint: str, out: str, entry: str = "teacher", transpose_2d: bool = True, trusted: bool = False) -> None:
+    """Convert a published DINO ViT-S/16, ViT-S/8, ViT-B/16 or ViT-B/8 checkpoint (a hub backbone file, or a training
+    checkpoint's teacher / student) to a medssl ViTBackbone encoder file; a training checkpoint's projection head goes
+    to OUT's ``_head.pt`` beside it.
+
+    Args:
+        checkpoint: the checkpoint (``dino_deitsmall16_pretrain.pth``, ... or ``checkpoint.pth`` of main_dino.py).
+        out: the state dict file to write (e.g. encoder.pt); the manifest goes beside it (encoder.json).
+        entry: for a training checkpoint, "teacher" (default, the network DINO evaluates) or "student".
+        transpose_2d: transpose the patch kernel and position grid to medssl's column-first 2D images (default True).
+        trusted: allow full unpickling if the checkpoint cannot be read with weights_only=True.
+    """
+    from medssl.weights.convert_dino import convert_dino_checkpoint
+
+    weights, manifest, report = convert_dino_checkpoint(
+        checkpoint, out, transpose_2d=transpose_2d, trusted=trusted, entry=entry
+    )
+    kept = ""
+    if report["head_file"]:
+        kept = f"; projection head ({len(report['head_keys'])} tensors) in {report['head_file']}"
+    print(f"wrote {weights} ({report['mapped']} tensors, {report['arch']}) and {manifest}{kept}")
+
+
+CONVERTERS = {"unimiss": unimiss, "swav": swav, "dino": dino}
 
 
 def main(argv: list[str] | None = None) -> None:

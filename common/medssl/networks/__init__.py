@@ -24,3 +24,4 @@ from .dino_head import DINOHead, WeightNormLinear
 from .mit import MIT_VARIANTS, MiT, mit_small, mit_tiny, resample_position_embedding
 from .segmentation import RESNET_SKIP_LEVELS, MiTSegmenter, ResNetUNet, SegmentationHead, SliceWiseResNetUNet
 from .classification import ClassificationHead, EncoderClassifier
+from .vit import VIT_VARIANTS, ViTBackbone, vit_base, vit_small
