@@ -8,6 +8,8 @@
 * an ``https://`` / ``http://`` / ``file://`` URL of an encoder file, with ``sha256``: downloaded once into a cache
   directory with MONAI's ``download_url`` and checked (a mismatch is an error naming both hashes); the manifest is
   looked for at the same URL with ``.json`` (optional),
+* the name of a published encoder in ``medssl/weights/catalogue.json`` (``swav_rn50_800ep``, ``dino_vits16``, ...):
+  downloaded, converted and cached once by :func:`medssl.weights.catalogue.fetch_encoder` (``tools/weights.py``),
 * ``None`` / ``""``: nothing is loaded (``finetune_mode: scratch``),
 
 and loads it into the sub-module ``encoder_prefix`` of the downstream network:
@@ -38,8 +40,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,8 @@ from medssl.utils.dist import get_rank
 from medssl.utils.imports import locate
 from medssl.utils.io import file_sha256
 
+from .catalogue import fetch_encoder, is_catalogue_name
+from .download import default_weights_cache, download_file, is_url
 from .export import _key_problems, _listing, _strip_wrappers, load_manifest, manifest_path_for
 
 __all__ = [
@@ -68,8 +70,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_URL_SCHEMES = ("http", "https", "file")
 
 
 # ----------------------------------------------------------------------------------------------------- registry
@@ -130,6 +130,7 @@ def register_encoder_adapter(adapter: EncoderAdapter, first: bool = False) -> En
 _HYBRID = ("HybridVolumeEncoder", "HybridVolumeBackbone")
 register_encoder_adapter(EncoderAdapter("resnet", ("ResNetBackbone",), ("ResNetBackbone",)))
 register_encoder_adapter(EncoderAdapter("densenet3d", ("DenseNet3D",), ("DenseNet3D",)))
+register_encoder_adapter(EncoderAdapter("vit", ("ViTBackbone",), ("ViTBackbone",)))
 register_encoder_adapter(
     EncoderAdapter("mit", ("MiT",), ("MiT",), optional_source=_mit_optional, dimension_free=True)
 )
@@ -210,35 +211,6 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------------------------------- resolving
-def default_weights_cache() -> Path:
-    """``$MEDSSL_CACHE/weights`` or ``~/.cache/medssl/weights``."""
-    root = os.environ.get("MEDSSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medssl")
-    return Path(root) / "weights"
-
-
-def _is_url(path: Any) -> bool:
-    return isinstance(path, str) and urlparse(path).scheme in _URL_SCHEMES
-
-
-def _download(url: str, dest: Path, sha256: str | None) -> None:
-    from monai.apps.utils import download_url
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        tmp_file = Path(tmp) / dest.name
-        with warnings.catch_warnings():  # MONAI warns that no hash was given: it is checked below, naming both
-            warnings.filterwarnings("ignore", message="No hash value provided")
-            download_url(url, tmp_file, hash_val=None, progress=False)
-        if sha256:
-            actual = file_sha256(tmp_file)
-            if actual.lower() != sha256.lower():
-                raise ValueError(
-                    f"{url}: downloaded file has sha256 {actual}, but pretrained_sha256 is {sha256} (wrong URL, "
-                    "changed upload or corrupted download; nothing was cached)"
-                )
-        os.replace(tmp_file, dest)
-
-
 def resolve_pretrained_path(
     path: str | Path, sha256: str | int | None = None, cache_dir: str | Path | None = None
 ) -> Path:
@@ -249,7 +221,7 @@ def resolve_pretrained_path(
     :func:`medssl.cli.as_sha256` (an all-digit hash that a command line turned into an int counts; a value that is
     not 64 hexadecimal digits is an error)."""
     sha256 = as_sha256(sha256, "pretrained_sha256")
-    if _is_url(path):
+    if is_url(path):
         url = str(path)
         if not sha256 and urlparse(url).scheme != "file":
             raise ValueError(f"pretrained_path {url}: a URL needs pretrained_sha256 (the sha256 of the file)")
@@ -261,18 +233,22 @@ def resolve_pretrained_path(
             dest.unlink()
         if not dest.is_file():
             logger.info(f"downloading {url} -> {dest}")
-            _download(url, dest, sha256)
+            download_file(url, dest, sha256)
         manifest_url = url[: -len(Path(name).suffix)] + ".json" if Path(name).suffix else url + ".json"
         manifest_dest = manifest_path_for(dest)
         if Path(name).suffix != ".json" and not manifest_dest.is_file():
             try:
-                _download(manifest_url, manifest_dest, None)
+                download_file(manifest_url, manifest_dest, None)
             except Exception as e:  # noqa: BLE001 - the manifest is optional for a URL
                 logger.info(f"{manifest_url}: no manifest fetched ({type(e).__name__}); loading by key names")
         return dest
     local = Path(str(path)[7:] if str(path).startswith("file://") else path).expanduser()
     if not local.exists():
-        raise FileNotFoundError(f"pretrained_path {path}: no such file")
+        if is_catalogue_name(path):  # a published encoder by name (medssl/weights/catalogue.json)
+            return fetch_encoder(str(path), cache_dir=cache_dir, sha256=sha256)
+        raise FileNotFoundError(
+            f"pretrained_path {path}: no such file (nor a weights catalogue name: tools/weights.py list)"
+        )
     if sha256:
         weights = local if local.suffix != ".json" else local.with_suffix(".pt")
         actual = file_sha256(weights)
