@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,22 @@ def test_pretrained_path_resolves_a_catalogue_name(mirror, tmp_path):
     assert resolve_pretrained_path("swav_rn50_800ep", cache_dir=other).is_relative_to(other)
     with pytest.raises(FileNotFoundError, match=r"no_such_encoder: no such file \(nor a weights catalogue name"):
         resolve_pretrained_path("no_such_encoder")
+
+
+def test_dvme_encoders_take_a_catalogue_name(mirror):
+    from medssl.evaluation.dvme_protocol.encoders import build_encoder, parse_encoder_specs
+
+    specs = parse_encoder_specs([{"name": "swav", "path": "swav_rn50_800ep"}])
+    encoder = build_encoder(specs[0])  # fetched here; grey images are repeated to the encoder's 3 channels
+    assert encoder.channels == 3 and isinstance(encoder.encoder, ResNetBackbone)
+    with pytest.raises(FileNotFoundError, match=r"path swav_rn5O: no such encoder file \(nor a weights catalogue"):
+        parse_encoder_specs([{"name": "swav", "path": "swav_rn5O"}])
+
+
+def test_downstream_bundle_docs_show_a_catalogue_name():
+    names = "|".join(load_catalogue(SHIPPED))
+    for bundle in ("xray_classification", "xray_segmentation_2d", "ct_volume_classification", "ct_mr_segmentation_3d",
+                   "dvme_classification"):
+        text = (TOOLS.parent / "bundles" / bundle / "docs" / "README.md").read_text()
+        assert re.search(rf"(--pretrained_path|'path':) '?({names})\b", text), bundle
+    assert "tools/weights.py fetch swav_rn50_800ep" in (TOOLS.parent / "README.md").read_text()

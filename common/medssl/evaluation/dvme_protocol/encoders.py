@@ -15,14 +15,17 @@ import torch
 import torch.nn as nn
 
 from medssl.utils.imports import locate
+from medssl.weights.catalogue import is_catalogue_name
 from medssl.weights.export import build_encoder_from_manifest, load_manifest
+from medssl.weights.loading import resolve_pretrained_path
 
 
 # ---------------------------------------------------------------------------------------------------------- encoders
 @dataclass
 class EncoderSpec:
     """One encoder of the meta-embedding: ``name`` (a key of the meta-embedding, no ``"."``), ``path`` (an exported
-    encoder manifest ``.json`` or the weights ``.pt`` beside it) or ``backbone`` (``{"_target_", "kwargs"}``, random
+    encoder manifest ``.json`` or the weights ``.pt`` beside it, or a weights catalogue name such as
+    ``swav_rn50_800ep``, fetched once by :func:`medssl.weights.catalogue.fetch_encoder`) or ``backbone`` (``{"_target_", "kwargs"}``, random
     initialisation), and ``embed_fn`` (dotted path of ``fn(encoder, images) -> (B, D)``; None = ``encoder(images)``)."""
 
     name: str
@@ -61,8 +64,11 @@ def parse_encoder_specs(
         path, backbone = entry.get("path"), entry.get("backbone")
         if (path is None) == (backbone is None):
             raise ValueError(f"{where}[{i}] ({name}): give exactly one of 'path' (exported encoder) or 'backbone'")
-        if path is not None and not Path(str(path)).exists():
-            raise FileNotFoundError(f"{where}[{i}] ({name}): path {path}: no such encoder file")
+        if path is not None and not Path(str(path)).exists() and not is_catalogue_name(path):
+            raise FileNotFoundError(
+                f"{where}[{i}] ({name}): path {path}: no such encoder file (nor a weights catalogue name: "
+                "tools/weights.py list)"
+            )
         if backbone is not None and not (isinstance(backbone, Mapping) and isinstance(backbone.get("_target_"), str)):
             raise ValueError(f"{where}[{i}] ({name}): 'backbone' must be {{'_target_': 'pkg.Class', 'kwargs': {{}}}}")
         embed_fn = entry.get("embed_fn")
@@ -120,7 +126,7 @@ def build_encoder(spec: EncoderSpec) -> nn.Module:
     ``backbone``), wrapped in :class:`EmbeddingFunction` when ``embed_fn`` is set or when it takes more than one
     channel (grey images are then repeated). Returned in eval mode."""
     if spec.path is not None:
-        encoder = build_encoder_from_manifest(load_manifest(spec.path))
+        encoder = build_encoder_from_manifest(load_manifest(resolve_pretrained_path(spec.path)))
     else:
         factory = locate(spec.backbone["_target_"], f"encoder {spec.name}: backbone")
         with torch.random.fork_rng(devices=[]):  # random init without touching the caller's global RNG
