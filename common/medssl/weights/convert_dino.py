@@ -29,12 +29,10 @@ from typing import Any
 
 import torch
 
-import medssl
 from medssl.networks.vit import ViTBackbone
-from medssl.utils.io import file_sha256
-from medssl.weights.convert_swav import SWAV_PREPROCESSING
 from medssl.weights.convert_unimiss import load_published_checkpoint
-from medssl.weights.export import MANIFEST_FORMAT, _listing, load_encoder_state_dict, write_encoder_files
+from medssl.weights.export import _listing, _strip_wrappers, load_encoder_state_dict
+from medssl.weights.published import write_converted_encoder
 
 __all__ = ["convert_dino_checkpoint", "split_dino_state_dict", "dino_backbone_kwargs", "SOURCE_REPOSITORY"]
 
@@ -43,16 +41,6 @@ logger = logging.getLogger(__name__)
 SOURCE_REPOSITORY = "https://github.com/facebookresearch/dino"
 DINO_HEAD_WIDTH = 64  # every published DINO ViT uses 64-d attention heads (ViT-S: 6 heads, ViT-B: 12)
 _PREFIXES = ("module.", "backbone.")
-
-
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
 
 
 def split_dino_state_dict(checkpoint: Any, entry: str = "teacher", source: str = "checkpoint") -> tuple[dict, dict]:
@@ -75,7 +63,7 @@ def split_dino_state_dict(checkpoint: Any, entry: str = "teacher", source: str =
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        key = _strip(key)
+        key = _strip_wrappers(key, _PREFIXES)
         (head if key.startswith("head.") else backbone)[key] = value
     needed = ("cls_token", "pos_embed", "patch_embed.proj.weight")
     if any(k not in backbone for k in needed) or not any(k.startswith("blocks.") for k in backbone):
@@ -151,31 +139,10 @@ def convert_dino_checkpoint(
                          "backbone checkpoint?")
     backbone = ViTBackbone(**kwargs)
     load_encoder_state_dict(backbone, converted, f"{source} -> ViTBackbone(**{kwargs})")
-    head_file = None
-    if head:
-        head_file = out_path.with_name(f"{out_path.stem}_head.pt")
-        torch.save({k: v.detach().to("cpu").clone() for k, v in head.items()}, head_file)
-    layout = (SWAV_PREPROCESSING["layout_2d"] if transpose_2d else
-              "rows first (C, H, W), as the reference (transpose_2d=False)")
-    record = {
-        "format": MANIFEST_FORMAT,
-        "weights": out_path.name,
-        "method": f"DINO (published checkpoint, {SOURCE_REPOSITORY})",
-        "backbone": {"_target_": "medssl.networks.ViTBackbone", "kwargs": kwargs},
-        "spatial_dims": 2,
-        "in_channels": kwargs["in_channels"],
-        "feature_dim": backbone.feature_dim,
-        "preprocessing": dict(SWAV_PREPROCESSING, input_size=kwargs["img_size"], layout_2d=layout),
-        "encoder_key": "",
-        "source_checkpoint": checkpoint_path.name,
-        "source_sha256": file_sha256(checkpoint_path),
-        "medssl_version": medssl.__version__,
-        "num_tensors": len(converted),
-        "num_params": sum(p.numel() for p in backbone.parameters()),
-        "head_file": head_file.name if head_file else None,
-        "head_keys": sorted(head),
-    }
-    weights, manifest = write_encoder_files(backbone.state_dict(), out_path, record)
+    method = f"DINO (published checkpoint, {SOURCE_REPOSITORY})"
+    weights, manifest, head_file = write_converted_encoder(
+        backbone, kwargs, out_path, checkpoint_path, method, head, transpose_2d, len(converted), kwargs["img_size"]
+    )
     logger.info(f"convert_dino: {len(converted)} tensors of {source} ({arch}) -> {weights}")
     return weights, manifest, {"mapped": len(converted), "arch": arch, "kwargs": kwargs, "head_file": head_file,
                                "head_keys": sorted(head)}

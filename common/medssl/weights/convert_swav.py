@@ -27,31 +27,18 @@ from typing import Any
 
 import torch
 
-import medssl
 from medssl.networks.backbones import ResNetBackbone
-from medssl.utils.io import file_sha256
 from medssl.weights.convert_unimiss import load_published_checkpoint
-from medssl.weights.export import MANIFEST_FORMAT, _listing, load_encoder_state_dict, write_encoder_files
+from medssl.weights.export import _listing, _strip_wrappers, load_encoder_state_dict
+from medssl.weights.published import IMAGENET_PREPROCESSING, write_converted_encoder
 
 __all__ = ["convert_swav_checkpoint", "split_swav_state_dict", "SWAV_PREPROCESSING", "SOURCE_REPOSITORY"]
 
 logger = logging.getLogger(__name__)
 
 SOURCE_REPOSITORY = "https://github.com/facebookresearch/swav"
-SWAV_PREPROCESSING = {
-    "channels": "RGB (a grey image repeated to 3 channels)",
-    "intensity": "scaled to [0, 1], then normalised per channel with the ImageNet mean (0.485, 0.456, 0.406) and "
-    "std (0.229, 0.224, 0.225)",
-    "input_size": 224,
-    "layout_2d": "column-first (C, W, H), medssl's 2D layout (transpose_2d=True)",
-}
+SWAV_PREPROCESSING = IMAGENET_PREPROCESSING  # the checkpoints' input convention (medssl.weights.published)
 _HEAD_PREFIXES = ("projection_head.", "prototypes")
-
-
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key
 
 
 def split_swav_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[dict, dict]:
@@ -68,7 +55,7 @@ def split_swav_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[
         )
     trunk, head = {}, {}
     for key, value in state.items():
-        key = _strip_module(key)
+        key = _strip_wrappers(key, ("module.",))
         (head if key.startswith(_HEAD_PREFIXES) else trunk)[key] = value
     if "conv1.weight" not in trunk or not any(k.startswith("layer4.") for k in trunk):
         found = sorted({k.split(".")[0] for k in trunk})
@@ -115,30 +102,10 @@ def convert_swav_checkpoint(
         )
     backbone = ResNetBackbone(**kwargs)
     load_encoder_state_dict(backbone, converted, f"{source} -> ResNetBackbone(**{kwargs})")
-    head_file = None
-    if head:
-        head_file = out_path.with_name(f"{out_path.stem}_head.pt")
-        torch.save({k: v.detach().to("cpu").clone() for k, v in head.items()}, head_file)
-    record = {
-        "format": MANIFEST_FORMAT,
-        "weights": out_path.name,
-        "method": f"SwAV / DeepCluster-v2 (published checkpoint, {SOURCE_REPOSITORY})",
-        "backbone": {"_target_": "medssl.networks.ResNetBackbone", "kwargs": kwargs},
-        "spatial_dims": 2,
-        "in_channels": kwargs["in_channels"],
-        "feature_dim": backbone.feature_dim,
-        "preprocessing": dict(SWAV_PREPROCESSING, layout_2d=SWAV_PREPROCESSING["layout_2d"] if transpose_2d else
-                              "rows first (C, H, W), as the reference (transpose_2d=False)"),
-        "encoder_key": "",
-        "source_checkpoint": checkpoint_path.name,
-        "source_sha256": file_sha256(checkpoint_path),
-        "medssl_version": medssl.__version__,
-        "num_tensors": len(converted),
-        "num_params": sum(p.numel() for p in backbone.parameters()),
-        "head_file": head_file.name if head_file else None,
-        "head_keys": sorted(head),
-    }
-    weights, manifest = write_encoder_files(backbone.state_dict(), out_path, record)
+    method = f"SwAV / DeepCluster-v2 (published checkpoint, {SOURCE_REPOSITORY})"
+    weights, manifest, head_file = write_converted_encoder(
+        backbone, kwargs, out_path, checkpoint_path, method, head, transpose_2d, len(converted)
+    )
     logger.info(f"convert_swav: {len(converted)} trunk tensors of {source} -> {weights} (width {width})")
     return weights, manifest, {"mapped": len(converted), "width": width, "head_file": head_file,
                                "head_keys": sorted(head)}

@@ -85,11 +85,12 @@ def _key_problems(
     return [f"{len(keys)} {label} ({_listing(keys)})" for keys, label in groups if keys]
 
 
-def _strip_wrappers(key: str) -> str:
+def _strip_wrappers(key: str, prefixes: tuple[str, ...] = _WRAPPER_PREFIXES) -> str:
+    """``key`` without its leading wrapper prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``, ...)."""
     changed = True
     while changed:
         changed = False
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in prefixes:
             if key.startswith(prefix):
                 key, changed = key[len(prefix) :], True
     return key
