@@ -25,6 +25,18 @@ def demo_datalist(tmp_path_factory) -> Path:
     return Path(build_demo_dataset(out, seed=0, learn=False))  # the learnability set: tests/test_demo_data.py
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test (tiny forwards on a shared CPU are fastest on one, and float rounding does
+    not depend on the machine's core count); modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def subprocess_env(**extra: str) -> dict:
     """Environment for child processes: repo's tests importable, single-threaded BLAS, no GPU."""
     env = dict(os.environ)

@@ -10,13 +10,7 @@ import torch.nn.functional as F
 from medssl.networks.backbones import DenseNet3D, ResNetBackbone, resnet50_2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Intra-op threads on a shared CPU spin against each other; these tiny forwards are fastest on one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 def n_params(module: torch.nn.Module) -> int:

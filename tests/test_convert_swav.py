@@ -20,12 +20,7 @@ from medssl.weights.export import build_encoder_from_manifest
 KEYS = json.loads((Path(__file__).parent / "fixtures" / "swav_reference_keys.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 def reference_state_dict(shapes: dict, seed: int = 0) -> dict[str, torch.Tensor]:

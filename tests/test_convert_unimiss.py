@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,12 +28,7 @@ from medssl.weights.export import MANIFEST_FORMAT, build_encoder_from_manifest, 
 SPEC_FILE = REPO / "tests" / "fixtures" / "unimiss_reference_keys.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 def _reference_text() -> str:

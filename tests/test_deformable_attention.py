@@ -18,12 +18,7 @@ from medssl.networks.deformable_attention import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 def small_attention(**kwargs) -> DeformableSliceAttention:
