@@ -210,3 +210,32 @@ def test_xray_classification_linear_probe_on_a_converted_dino_encoder(demo_datal
     model = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     exported = torch.load(weights, map_location="cpu", weights_only=True)
     assert all(torch.equal(model[f"encoder.{k}"], t) for k, t in exported.items())
+
+
+def test_catalogue_fetch_of_a_dino_entry_through_a_file_mirror(tmp_path, monkeypatch):
+    """tools/weights.py fetch dino_vits16 with the entry's URL on a file:// mirror: downloaded, converted by the dino
+    converter, cached; --pretrained_path dino_vits16 then resolves to that encoder."""
+    from medssl.utils.io import file_sha256
+    from medssl.weights.catalogue import CATALOGUE_ENV, fetch_encoder
+    from medssl.weights.loading import resolve_pretrained_path
+
+    state = reference_state_dict(vit_s16_shapes())
+    mirror = tmp_path / "mirror" / "dino_deitsmall16_pretrain.pth"
+    mirror.parent.mkdir()
+    torch.save(state, mirror)
+    shipped = Path(__file__).parents[1] / "common" / "medssl" / "weights" / "catalogue.json"
+    doc = json.loads(shipped.read_text())
+    (entry,) = [e for e in doc["encoders"] if e["name"] == "dino_vits16"]
+    entry["url"] = mirror.as_uri()
+    (tmp_path / "catalogue.json").write_text(json.dumps(doc))
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(CATALOGUE_ENV, str(tmp_path / "catalogue.json"))
+
+    encoder_file = fetch_encoder("dino_vits16", sha256=file_sha256(mirror))
+    manifest = json.loads(encoder_file.with_suffix(".json").read_text())
+    assert manifest["backbone"]["_target_"] == "medssl.networks.ViTBackbone"
+    assert manifest["catalogue"]["name"] == "dino_vits16" and manifest["num_tensors"] == 150
+    encoder = build_encoder_from_manifest(encoder_file.with_suffix(".json"))
+    assert torch.equal(encoder.state_dict()["blocks.5.attn.qkv.weight"], state["blocks.5.attn.qkv.weight"])
+    mirror.unlink()  # cached: no second download
+    assert resolve_pretrained_path("dino_vits16") == encoder_file
