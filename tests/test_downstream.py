@@ -14,6 +14,7 @@ from medssl.downstream import (
     ClassificationValidator,
     ClassProbabilityWriter,
     SupervisedTask,
+    SupervisedTrainer,
     ValidationHandler,
     evaluate_classification,
     label_fraction_subset,
@@ -121,6 +122,30 @@ def test_cached_features_feed_the_head_only_in_linear_mode():
     finetune = SupervisedTask(net, nn.CrossEntropyLoss(), finetune_mode="finetune")
     with pytest.raises(ValueError, match="cached encoder features"):
         finetune({"features": features, "label": torch.tensor([0, 1, 2, 0])})
+
+
+def test_supervised_trainer_takes_monai_argument_names_and_trains():
+    """SupervisedTrainer: a plain network + loss_function (wrapped as a scratch SupervisedTask) or a SupervisedTask;
+    one epoch moves the head; in linear mode the encoder stays as it was."""
+    batches = [_batch(4) for _ in range(3)]
+    network = _classifier()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    trainer = SupervisedTrainer("cpu", 1, batches, network, optimizer, loss_function=nn.CrossEntropyLoss())
+    trainer.run()
+    assert isinstance(trainer.task, SupervisedTask) and trainer.task is trainer.method
+    assert trainer.task.finetune_mode == "scratch" and trainer.state.iteration == 3
+    assert not torch.equal(network.state_dict()["head.layers.0.weight"], before["head.layers.0.weight"])
+
+    task = SupervisedTask(_classifier(), nn.CrossEntropyLoss(), finetune_mode="linear")
+    frozen = {k: v.clone() for k, v in task.encoder.state_dict().items()}
+    optimizer = torch.optim.SGD(task.parameter_groups(base_lr=0.1), lr=0.1)
+    SupervisedTrainer("cpu", 1, batches, task, optimizer).run()
+    assert all(torch.equal(v, frozen[k]) for k, v in task.encoder.state_dict().items())  # linear: encoder frozen
+    with pytest.raises(ValueError, match="give loss_function"):
+        SupervisedTrainer("cpu", 1, batches, _classifier(), optimizer)
+    with pytest.raises(ValueError, match="already has its loss"):
+        SupervisedTrainer("cpu", 1, batches, task, optimizer, loss_function=nn.CrossEntropyLoss())
 
 
 def test_head_and_classifier_shapes():

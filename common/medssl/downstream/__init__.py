@@ -1,7 +1,8 @@
 """medssl.downstream: fine-tuning pretrained encoders on labelled data (classification and segmentation bundles).
 
-* :class:`SupervisedTask` — a network + loss as an :class:`medssl.methods.SSLMethod`, trained by
-  :class:`medssl.engines.SSLTrainer`; ``finetune_mode`` ``finetune`` / ``linear`` / ``scratch``;
+* :class:`SupervisedTask` — a network + loss as an :class:`medssl.methods.SSLMethod`; ``finetune_mode``
+  ``finetune`` / ``linear`` / ``scratch``; trained by :class:`SupervisedTrainer` (medssl's engine under the name
+  and argument names of MONAI's ``SupervisedTrainer``);
 * :func:`label_fraction_subset` — seeded, stratified label-fraction subsets;
 * :func:`prepare_network`, :func:`training_dataset` — pretrained encoder loading and the (cached-feature)
   training set;
@@ -23,11 +24,12 @@ from .evaluation import (
 from .evaluation import __all__ as _EVALUATION_NAMES
 from .setup import as_float, cached_feature_items, encoder_network, no_pretrained, prepare_network, training_dataset
 from .subsets import label_fraction_subset, stratum_of
-from .task import FINETUNE_MODES, SupervisedTask, check_finetune_mode, get_submodule
+from .task import FINETUNE_MODES, SupervisedTask, SupervisedTrainer, check_finetune_mode, get_submodule
 
 __all__ = [
     "FINETUNE_MODES",
     "SupervisedTask",
+    "SupervisedTrainer",
     "check_finetune_mode",
     "get_submodule",
     "label_fraction_subset",

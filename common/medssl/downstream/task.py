@@ -1,4 +1,5 @@
-"""Supervised fine-tuning as a medssl method: one network, one loss, trained by :class:`medssl.engines.SSLTrainer`.
+"""Supervised fine-tuning: one network, one loss (:class:`SupervisedTask`), trained by :class:`SupervisedTrainer`
+(medssl's engine under MONAI's name).
 
 A downstream bundle (classification or segmentation) trains ``SupervisedTask(network, loss)``: the task is an
 :class:`medssl.methods.SSLMethod`, so the same engine, checkpoint / resume, distributed set-up, schedules and logs
@@ -21,16 +22,17 @@ Images are channels-first: 2D batches (B, C, H, W), 3D batches (B, C, X, Y, Z) w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from medssl.engines.trainer import SSLTrainer
 from medssl.methods.base import SSLMethod, build_param_groups
 from medssl.utils.tensors import as_plain_tensor
 
-__all__ = ["FINETUNE_MODES", "SupervisedTask", "check_finetune_mode", "get_submodule"]
+__all__ = ["FINETUNE_MODES", "SupervisedTask", "SupervisedTrainer", "check_finetune_mode", "get_submodule"]
 
 #: the values of ``finetune_mode`` every downstream bundle accepts
 FINETUNE_MODES = ("finetune", "linear", "scratch")
@@ -215,3 +217,49 @@ class SupervisedTask(SSLMethod):
             f"finetune_mode={self.finetune_mode!r}, encoder_prefix={self.encoder_prefix!r}, "
             f"encoder_lr_scale={self.encoder_lr_scale}"
         )
+
+
+class SupervisedTrainer(SSLTrainer):
+    """Supervised fine-tuning: medssl's engine under the name and argument names of MONAI's
+    ``monai.engines.SupervisedTrainer`` (``train_data_loader``, ``network``, ``loss_function``, ``train_handlers``).
+
+    What ours adds over MONAI's: the engine pretraining uses (:class:`medssl.engines.SSLTrainer`: checkpoints that
+    resume exactly mid-epoch, bf16 autocast on CUDA by default, per-rank state, DDP set-up) and the fine-tuning modes
+    of :class:`SupervisedTask` (frozen encoder, cached features, the encoder's learning-rate scale).
+
+    Args:
+        device, max_epochs, optimizer: as :class:`medssl.engines.SSLTrainer`.
+        train_data_loader: the training batches (dicts with ``image`` / ``label``).
+        network: a :class:`SupervisedTask` (what the bundles pass: the optimiser and the checkpoints use its
+            parameter groups), or a plain network, then wrapped as ``SupervisedTask(network, loss_function,
+            encoder_prefix="", finetune_mode="scratch")``.
+        loss_function: the loss of a plain ``network``; must be None with a :class:`SupervisedTask` (it has one).
+        train_handlers: handlers attached in order (SSLTrainer's ``handlers``).
+        kwargs: every other :class:`medssl.engines.SSLTrainer` argument (``amp``, ``amp_dtype``, ``epoch_length``,
+            ``clip_grad_norm``, ...).
+
+    ``engine.task`` is the :class:`SupervisedTask` (the same object as ``engine.method``).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Any,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        train_handlers: Sequence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(network, SupervisedTask):
+            if loss_function is not None:
+                raise ValueError("SupervisedTrainer: give loss_function only with a plain network; the "
+                                 "SupervisedTask already has its loss")
+            task = network
+        elif loss_function is None:
+            raise ValueError(f"SupervisedTrainer: network is a plain {type(network).__name__}: give loss_function")
+        else:
+            task = SupervisedTask(network, loss_function, encoder_prefix="", finetune_mode="scratch")
+        super().__init__(device, max_epochs, train_data_loader, task, optimizer, handlers=train_handlers, **kwargs)
+        self.task = task
