@@ -91,6 +91,19 @@ def test_preprocessing_changes_the_key_and_equal_preprocessing_does_not():
     assert a != transform_fingerprint(loading_transforms(channels=3, working_size=64))
 
 
+def test_fingerprint_of_deeply_nested_transforms_is_a_hash_not_an_error():
+    """A transform whose attributes nest past the description depth (a Compose of a Compose of RandAffined:
+    resampler, grid, ...) is described down to class names there instead of raising TypeError."""
+    from monai.transforms import RandAffined, RandRotated
+
+    def deep(transform) -> list:
+        return [Compose([Compose([transform])])]
+
+    affine = transform_fingerprint(deep(RandAffined(keys="image", prob=0.5, rotate_range=0.17)))
+    assert affine == transform_fingerprint(deep(RandAffined(keys="image", prob=0.5, rotate_range=0.17)))
+    assert affine != transform_fingerprint(deep(RandRotated(keys="image", range_x=0.17)))  # classes still count
+
+
 def test_a_changed_preprocessing_writes_new_entries(demo_datalist, tmp_path):
     items = items_2d(demo_datalist, 3)
     for size in (32, 48):

@@ -258,7 +258,9 @@ def _describe(value: Any, depth: int = 0) -> Any:
     if attributes is None:
         return type(value).__qualname__
     public = {k: v for k, v in attributes.items() if not k.startswith("_") and k != "R"}
-    return {"class": f"{type(value).__module__}.{type(value).__qualname__}", **_describe(public, depth + 1)}
+    # the attribute values one level below the mapping they form (as before), so deep objects stop at a name
+    described = {str(k): _describe(v, depth + 2) for k, v in sorted(public.items(), key=lambda kv: str(kv[0]))}
+    return {"class": f"{type(value).__module__}.{type(value).__qualname__}", **described}
 
 
 def transform_fingerprint(transforms: Sequence[Any]) -> bytes:
