@@ -293,8 +293,8 @@ class BatchedMultiCrop:
             where :class:`MultiCropd` pads with the image minimum).
         ratio: None (the region has the crop's proportions) or a (low, high) range of width / height (2D only).
         flip_prob, flip_axes: probability of mirroring each of these spatial axes (0 = X / H).
-        gamma_prob, gamma_range, gamma_reciprocal_prob: :class:`RandGammad`'s arguments (seed 002 defaults).
-        linear_prob, a_range, b_fraction: :class:`RandLinearIntensityd`'s arguments (seed 002 defaults).
+        gamma_prob, gamma_range, gamma_reciprocal_prob: :class:`RandGammad`'s arguments (Ghesu et al. 2022 defaults).
+        linear_prob, a_range, b_fraction: :class:`RandLinearIntensityd`'s arguments (Ghesu et al. 2022 defaults).
         blur_prob, blur_sigma: Gaussian blur probability and σ range (voxels, drawn per axis).
         noise_prob, noise_std: Gaussian noise probability and the upper bound of its std.
         mode: ``grid_sample`` interpolation ("bilinear" = trilinear in 3D, or "nearest").
