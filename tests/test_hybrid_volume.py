@@ -150,7 +150,7 @@ def test_parameter_count_against_the_paper(capsys):
         model = HybridVolumeEncoder(num_slices=64, embed_dim=640)
     parts = model.parameter_breakdown()
     with capsys.disabled():
-        print("\nseed 000 parameter count (F = 64, D = 640, prototypes excluded)")
+        print("\nNguyen et al. 2023 parameter count (F = 64, D = 640, prototypes excluded)")
         print(f"  {'part':<15}{'medssl':>14}{'authors':>14}")
         for name in ("trunk", "projection", "transformer", "mask_embedding", "total"):
             reference = REFERENCE_PARAMETER_COUNTS.get(name)
