@@ -36,10 +36,10 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -55,17 +55,35 @@ class _Mlp(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, drop_path: float):
+    """Pre-norm transformer block. ``layer_scale_init`` (e.g. 1e-3 for MedCoSS, None = off) adds LayerScale: the
+    (dim,) parameters ``ls1`` / ``ls2`` multiply the attention / MLP branch before DropPath. ``attn_mask`` (boolean,
+    True = may attend, broadcast to (B, heads, N, N)) is passed to the attention, e.g. to leave out text padding."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        eps: float,
+        drop_path: float,
+        layer_scale_init: float | None = None,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = _Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = _Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
+        for name in ("ls1", "ls2"):
+            value = None if layer_scale_init is None else nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+            self.register_parameter(name, value)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        branch = self.attn(self.norm1(x), attn_mask)
+        x = x + self.drop_path(branch if self.ls1 is None else branch * self.ls1)
+        branch = self.mlp(self.norm2(x))
+        return x + self.drop_path(branch if self.ls2 is None else branch * self.ls2)
 
 
 def _as_size(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
@@ -87,6 +105,7 @@ class ViTBackbone(nn.Module):
         norm_eps: LayerNorm epsilon (1e-6, as DINO and timm).
         final_norm: apply the final LayerNorm ``norm`` (DINO: yes).
         drop_path_rate: stochastic depth, rising linearly to this rate over the blocks.
+        layer_scale_init: LayerScale's initial value in every block (None: no LayerScale, as DINO).
     """
 
     def __init__(
@@ -103,6 +122,7 @@ class ViTBackbone(nn.Module):
         norm_eps: float = 1e-6,
         final_norm: bool = True,
         drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -120,7 +140,7 @@ class ViTBackbone(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.grid), embed_dim))
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # torch.linspace, meta-device safe
         self.blocks = nn.ModuleList(
-            _Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, rate) for rate in rates
+            _Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, rate, layer_scale_init) for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm else nn.Identity()
         self._init_weights()
