@@ -15,3 +15,4 @@ from .swav import (
 from .dino import DINOLoss
 from .masked_embedding import masked_embedding_loss
 from .supervised import supervised_loss
+from .mae import IGNORE_LABEL, mlm_loss, mlm_mask, normalized_pixel_loss, patchify
