@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from medssl.downstream import (
-    ClassificationValidator,
+    ClassificationMetric,
     ClassProbabilityWriter,
     SupervisedTask,
     SupervisedTrainer,
@@ -236,8 +237,88 @@ def test_evaluate_classification_writes_per_case_csv_and_summary(tmp_path):
     assert sum(float(rows[0][f"prob/{c}"]) for c in "abc") == pytest.approx(1.0, abs=1e-5)
     summary = json.loads((tmp_path / "metrics_summary.json").read_text())
     assert summary["accuracy"] == pytest.approx(expected["accuracy"]) and summary["class_names"] == ["a", "b", "c"]
-    validator = ClassificationValidator(_loader(7, labels), class_names=["a", "b", "c"])
-    assert validator(net)["auc_macro"] == pytest.approx(expected["auc_macro"])
+
+
+def test_classification_metric_on_hand_made_probabilities():
+    from sklearn.metrics import cohen_kappa_score
+
+    # multi-class, fed as decollated per-item lists in two updates: AUC one-vs-rest 1, 3/4, 2.5/3; 3 of 4 correct
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.5, 0.3], [0.3, 0.4, 0.3]])
+    labels = torch.tensor([0, 1, 2, 1])
+    metric = ClassificationMetric(class_names=["a", "b", "c"])
+    metric.update((list(probs[:2]), list(labels[:2])))
+    metric.update((probs[2:], labels[2:]))
+    auc = [1.0, 0.75, 2.5 / 3]
+    assert metric.compute() == pytest.approx(sum(auc) / 3)
+    assert [metric.results[f"auc/{c}"] for c in "abc"] == pytest.approx(auc)
+    assert metric.results["accuracy"] == 0.75 and metric.results["num_cases"] == 4
+    metric.reset()
+    with pytest.raises(ValueError, match="no validation items"):
+        metric.compute()
+
+    # multi-label: AUC per label 1 and 3/4; accuracy = mean per-label accuracy at 0.5 = (1 + 0.5) / 2
+    multi = ClassificationMetric(class_names=["x", "y"], multi_label=True, key="accuracy")
+    multi.update((torch.tensor([[0.9, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.6]]),
+                  torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=torch.float32)))
+    assert multi.compute() == 0.75 and multi.results["auc_macro"] == pytest.approx(0.875)
+
+    # ordinal grades: quadratic-weighted kappa as the key metric
+    grades = torch.tensor([0, 1, 2, 2])
+    ordinal = ClassificationMetric(ordinal=True, key="kappa")
+    ordinal.update((torch.eye(3)[[0, 2, 2, 1]] * 0.8 + 0.2 / 3, grades))
+    assert ordinal.compute() == pytest.approx(cohen_kappa_score([0, 1, 2, 2], [0, 2, 2, 1], weights="quadratic"))
+
+    # an undefined key metric (AUC on a single-class set) ranks below every defined one
+    single = ClassificationMetric()
+    single.update((torch.tensor([[0.6, 0.4], [0.3, 0.7]]), torch.tensor([0, 0])))
+    assert single.compute() == -float("inf") and math.isnan(single.results["auc_macro"])
+    with pytest.raises(KeyError, match="key 'dice'"):
+        bad = ClassificationMetric(key="dice")
+        bad.update((probs, labels))
+        bad.compute()
+
+
+def test_classification_metric_with_monai_validation_keeps_the_best_network(tmp_path):
+    """MONAI's ValidationHandler + SupervisedEvaluator + CheckpointSaver with ClassificationMetric as the key metric:
+    the best epoch's network is the one saved; the padding item of a distributed sampler counts once."""
+    from ignite.engine import Engine, Events
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import CheckpointSaver, ValidationHandler
+    from monai.transforms import Activationsd
+
+    net = nn.Linear(2, 2, bias=False)
+    x, y = torch.eye(2)[[0, 1, 0, 1]], [0, 1, 0, 1]
+    data = [{"image": x[i], "label": torch.tensor(y[i]), "index": i} for i in [0, 1, 2, 3, 0]]  # last: padding
+    metric = ClassificationMetric(class_names=["a", "b"], output_dir=tmp_path)
+    saver = CheckpointSaver(save_dir=str(tmp_path / "m"), save_dict={"model": net}, save_key_metric=True,
+                            key_metric_filename="model.pt")
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=torch.utils.data.DataLoader(data, batch_size=2), network=net,
+        postprocessing=Activationsd("pred", softmax=True), key_val_metric={"val_auc_macro": metric},
+        val_handlers=[saver],
+    )
+    weights = [torch.zeros(2, 2), torch.eye(2), -torch.eye(2)]  # AUC 0.5, 1.0, 0.0
+    trainer = Engine(lambda e, b: None)
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _set_weights(e):
+        with torch.no_grad():
+            net.weight.copy_(weights[e.state.epoch - 1])
+
+    ValidationHandler(interval=1, validator=evaluator, epoch_level=True).attach(trainer)
+    trainer.run([0], max_epochs=3)
+    assert evaluator.state.best_metric == 1.0 and evaluator.state.best_metric_epoch == 2
+    assert evaluator.state.metrics["val_auc_macro"] == 0.0 and evaluator.state.metrics["val_accuracy"] == 0.0
+    log = [json.loads(line) for line in (tmp_path / "val_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and [r["best"] for r in log] == [True, True, False]
+    assert [r["auc_macro"] for r in log] == [0.5, 1.0, 0.0] and all(r["num_cases"] == 4 for r in log)
+    saved = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert torch.equal(saved["weight"], torch.eye(2))
+    other = nn.Linear(2, 2, bias=False)
+    load_network_weights(other, tmp_path / "m" / "model.pt")
+    assert torch.equal(other.weight, torch.eye(2))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_network_weights(nn.Linear(3, 2), tmp_path / "m" / "model.pt")
 
 
 def test_validation_handler_keeps_the_best_network(tmp_path):

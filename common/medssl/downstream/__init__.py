@@ -11,6 +11,7 @@
 """
 
 from .evaluation import (
+    ClassificationMetric,
     ClassificationValidator,
     ClassProbabilityWriter,
     Predictions,

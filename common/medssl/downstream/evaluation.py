@@ -10,6 +10,7 @@ class-probability CSV of inference.
   (:func:`medssl.evaluation.metrics.write_metric_reports`);
 * :class:`ClassificationValidator` is the callable a :class:`ValidationHandler` runs every N epochs of training; the
   handler keeps the best network (by a key metric) as a plain state dict — the ``models/model.pt`` of the bundle;
+* :class:`ClassificationMetric` is the same metrics as an ignite ``Metric`` of a MONAI ``SupervisedEvaluator``;
 * :class:`ClassProbabilityWriter` is a handler of MONAI's ``SupervisedEvaluator`` (inference.json) writing one CSV
   row of class probabilities per image.
 
@@ -29,9 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from ignite.metrics.metric import EpochWise
+from monai.handlers import from_engine
 
 from medssl.evaluation.features import extract_features
 from medssl.evaluation.metrics import classification_metrics, write_metric_reports
@@ -45,6 +50,7 @@ __all__ = [
     "predict_probabilities",
     "classification_case_rows",
     "evaluate_classification",
+    "ClassificationMetric",
     "ClassificationValidator",
     "ValidationHandler",
     "ClassProbabilityWriter",
@@ -350,6 +356,147 @@ class ValidationHandler:
         info = {"epoch": epoch, "key_metric": self.key_metric, "metrics": dict(metrics)}
         info["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         self.best_model_path.with_name(self.best_model_path.stem + "_metrics.json").write_text(json.dumps(info) + "\n")
+
+
+def _stacked(values: Any) -> torch.Tensor:
+    """A batch tensor from a batch tensor or from the decollated per-item tensors (``from_engine`` gives lists)."""
+    if isinstance(values, (list, tuple)):
+        return torch.stack([_stacked(v) for v in values]) if values else torch.empty(0)
+    tensor = torch.as_tensor(getattr(values, "as_tensor", lambda: values)())
+    return tensor.detach().cpu()
+
+
+class ClassificationMetric(Metric):
+    """Epoch-level classification metrics of a MONAI ``SupervisedEvaluator``, as one ignite ``Metric``.
+
+    What ours adds to MONAI's metrics: :func:`medssl.evaluation.metrics.classification_metrics` (AUC per class /
+    macro, F1, quadratic kappa, accuracy; multi-label and ordinal targets) over the items of ALL ranks, gathered
+    with ``ignite.distributed.all_gather`` and de-duplicated by dataset index (the padding of a distributed sampler).
+
+    ``update((pred, label))`` takes the class probabilities (softmax / sigmoid of the logits: the evaluator's
+    post-processing) and the labels (class indices, or 0/1 vectors when ``multi_label``), as a batch or as the
+    decollated per-item lists of ``output_transform`` (default ``monai.handlers.from_engine(["pred", "label"])``).
+    The dataset index of each item is read from the evaluator's batch (``index_key``) when every item has one.
+
+    ``compute()`` returns the scalar ``key`` metric (``auc_macro``, ``kappa``, ``accuracy``...: the key metric of
+    MONAI's best-model logic, an undefined value (NaN, e.g. an AUC on a single-class set) as -inf so that it ranks
+    below every defined one); ``results`` holds all metrics. When attached (``key_val_metric`` of the evaluator),
+    every metric also goes into ``engine.state.metrics`` as ``<metric_prefix><name>`` and, with ``output_dir``,
+    rank 0 appends one JSON line per run to ``<output_dir>/<log_name>``: ``epoch``, the metrics (NaN as null) and
+    ``best`` (whether this run gave the evaluator's best key metric so far).
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str] | None = None,
+        multi_label: bool = False,
+        ordinal: bool = False,
+        key: str = "auc_macro",
+        metric_prefix: str = "val_",
+        output_dir: str | os.PathLike | None = None,
+        log_name: str = "val_log.jsonl",
+        index_key: str | None = "index",
+        output_transform: Callable | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
+        self.multi_label, self.ordinal = bool(multi_label), bool(ordinal)
+        self.key, self.metric_prefix = key, metric_prefix
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.log_name, self.index_key = log_name, index_key
+        self.results: dict[str, float] = {}
+        super().__init__(output_transform=output_transform or from_engine(["pred", "label"]), device=device)
+
+    def reset(self) -> None:
+        self._probs: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._indices: list[int] | None = []
+
+    def update(self, output: Sequence[Any]) -> None:
+        probs, labels = _stacked(output[0]).float(), _stacked(output[1])
+        if probs.dim() != 2 or labels.shape[0] != probs.shape[0]:
+            raise ValueError(
+                f"ClassificationMetric: expected (N, C) probabilities and N labels, got {tuple(probs.shape)} and "
+                f"{tuple(labels.shape)}"
+            )
+        self._probs.append(probs)
+        self._labels.append(labels.reshape(probs.shape) if self.multi_label else labels.reshape(-1))
+
+    def iteration_completed(self, engine: Engine) -> None:
+        before = sum(p.shape[0] for p in self._probs)
+        super().iteration_completed(engine)
+        indices = self._batch_indices(engine)
+        added = sum(p.shape[0] for p in self._probs) - before
+        if self._indices is not None and indices is not None and len(indices) == added:
+            self._indices.extend(indices)
+        else:
+            self._indices = None
+
+    def _batch_indices(self, engine: Engine) -> list[int] | None:
+        batch = getattr(engine.state, "batch", None)
+        if self.index_key is None or batch is None:
+            return None
+        values = batch.get(self.index_key) if isinstance(batch, Mapping) else [
+            b.get(self.index_key) if isinstance(b, Mapping) else None for b in batch
+        ]
+        try:
+            return [int(v) for v in torch.as_tensor(_stacked(values)).reshape(-1).tolist()]
+        except (TypeError, ValueError, RuntimeError):
+            return None
+
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.cat(self._probs) if self._probs else torch.empty(0, len(self.class_names or []))
+        labels = torch.cat(self._labels) if self._labels else torch.empty(0, dtype=torch.long)
+        local = (probs, labels, self._indices)
+        parts = idist.all_gather(local) if idist.get_world_size() > 1 else [local]
+        probs, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if all(p[2] is not None and len(p[2]) == p[0].shape[0] for p in parts):  # dataset order, each item once
+            first: dict[int, int] = {}
+            for row, index in enumerate(i for p in parts for i in p[2]):
+                first.setdefault(index, row)
+            rows = [first[i] for i in sorted(first)]
+            probs, labels = probs[rows], labels[rows]
+        return probs, labels
+
+    def compute(self) -> float:
+        probs, labels = self._gathered()
+        if probs.shape[0] == 0:
+            raise ValueError("ClassificationMetric: no validation items were seen")
+        names = _class_names(self.class_names, probs.shape[1])
+        self.results = classification_metrics(
+            probs, labels, multi_label=self.multi_label, ordinal=self.ordinal, class_names=names
+        )
+        if self.key not in self.results:
+            raise KeyError(f"ClassificationMetric: key {self.key!r} is not among the metrics {sorted(self.results)}")
+        value = float(self.results[self.key])
+        return -math.inf if math.isnan(value) else value
+
+    def attach(self, engine: Engine, name: str, usage: Any = EpochWise()) -> None:
+        usage = self._check_usage(usage)
+        super().attach(engine, name, usage)
+        # the log line is written after MONAI's best-metric comparison (registered after the metrics): at the start
+        engine.add_event_handler(Events.STARTED, self._attach_log, usage)
+
+    def _attach_log(self, engine: Engine, usage: Any) -> None:
+        if not engine.has_event_handler(self._write_log, usage.COMPLETED):
+            engine.add_event_handler(usage.COMPLETED, self._write_log)
+
+    def completed(self, engine: Engine, name: str) -> None:
+        value = self.compute()
+        numeric = {k: float(v) for k, v in self.results.items() if isinstance(v, (int, float))}
+        engine.state.metrics.update({f"{self.metric_prefix}{k}": v for k, v in numeric.items()})
+        engine.state.metrics[name] = value
+
+    def _write_log(self, engine: Engine) -> None:
+        if self.output_dir is None or not is_main_process():
+            return
+        record: dict[str, Any] = {"epoch": int(engine.state.epoch)}
+        record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.results.items()})
+        record["best"] = int(getattr(engine.state, "best_metric_epoch", -1)) == int(engine.state.epoch)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / self.log_name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        logger.info(f"validation epoch {record['epoch']}: {_format_metrics(self.results)}")
 
 
 class ClassProbabilityWriter:
