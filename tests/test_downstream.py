@@ -16,7 +16,6 @@ from medssl.downstream import (
     ClassProbabilityWriter,
     SupervisedTask,
     SupervisedTrainer,
-    ValidationHandler,
     evaluate_classification,
     label_fraction_subset,
     load_network_weights,
@@ -319,42 +318,6 @@ def test_classification_metric_with_monai_validation_keeps_the_best_network(tmp_
     assert torch.equal(other.weight, torch.eye(2))
     with pytest.raises(RuntimeError, match="does not fit"):
         load_network_weights(nn.Linear(3, 2), tmp_path / "m" / "model.pt")
-
-
-def test_validation_handler_keeps_the_best_network(tmp_path):
-    from ignite.engine import Engine
-
-    scores = iter([0.5, 0.7, 0.6])
-    net = nn.Linear(2, 2)
-    engine = Engine(lambda e, b: None)
-    handler = ValidationHandler(
-        lambda network: {"auc_macro": next(scores)},
-        net,
-        best_model_path=tmp_path / "m" / "model.pt",
-        output_dir=tmp_path,
-    )
-    handler.attach(engine)
-    weights = []
-
-    @engine.on(__import__("ignite").engine.Events.EPOCH_STARTED)
-    def _perturb(e):
-        with torch.no_grad():
-            net.weight.add_(1.0)
-        weights.append(net.weight.clone())
-
-    engine.run([0], max_epochs=3)
-    assert handler.best_score == 0.7 and handler.best_epoch == 2
-    saved = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
-    assert torch.equal(saved["weight"], weights[1])
-    log = [json.loads(line) for line in (tmp_path / "val_log.jsonl").read_text().splitlines()]
-    assert [r["best"] for r in log] == [True, True, False]
-    other = nn.Linear(2, 2)
-    load_network_weights(other, tmp_path / "m" / "model.pt")
-    assert torch.equal(other.weight, weights[1])
-    with pytest.raises(RuntimeError, match="does not fit"):
-        load_network_weights(nn.Linear(3, 2), tmp_path / "m" / "model.pt")
-    with pytest.raises(KeyError, match="key_metric 'dice'"):
-        ValidationHandler(lambda n: {"auc_macro": 1.0}, net, key_metric="dice").run()
 
 
 def test_probability_writer_rows(tmp_path):

@@ -6,16 +6,16 @@
 * :func:`label_fraction_subset` — seeded, stratified label-fraction subsets;
 * :func:`prepare_network`, :func:`training_dataset` — pretrained encoder loading and the (cached-feature)
   training set;
-* evaluation: :func:`evaluate_classification`, :class:`ClassificationValidator`, :class:`ValidationHandler` (best
-  model), :class:`ClassProbabilityWriter` (inference CSV), :func:`load_network_weights`.
+* evaluation: :func:`evaluate_classification`, :class:`ClassificationMetric` (the epoch metric of the validation
+  evaluator: classification and segmentation bundles both validate with MONAI's ``ValidationHandler`` +
+  ``SupervisedEvaluator`` and keep the best model with MONAI's ``CheckpointSaver``), :class:`ClassProbabilityWriter`
+  (inference CSV), :func:`load_network_weights`.
 """
 
 from .evaluation import (
     ClassificationMetric,
-    ClassificationValidator,
     ClassProbabilityWriter,
     Predictions,
-    ValidationHandler,
     add_case_ids,
     classification_case_rows,
     evaluate_classification,
@@ -41,5 +41,5 @@ __all__ = [
     "cached_feature_items",
     "as_float",
     "no_pretrained",
-    *_EVALUATION_NAMES,  # Predictions, evaluate_classification, ClassificationValidator, ... (evaluation.__all__)
+    *_EVALUATION_NAMES,  # Predictions, evaluate_classification, ClassificationMetric, ... (evaluation.__all__)
 ]

@@ -8,9 +8,10 @@ class-probability CSV of inference.
   :func:`medssl.evaluation.metrics.classification_metrics` (the one implementation of AUC / accuracy / F1 / kappa)
   and writes a per-case CSV and a summary JSON
   (:func:`medssl.evaluation.metrics.write_metric_reports`);
-* :class:`ClassificationValidator` is the callable a :class:`ValidationHandler` runs every N epochs of training; the
-  handler keeps the best network (by a key metric) as a plain state dict — the ``models/model.pt`` of the bundle;
-* :class:`ClassificationMetric` is the same metrics as an ignite ``Metric`` of a MONAI ``SupervisedEvaluator``;
+* :class:`ClassificationMetric` is the ignite ``Metric`` of the training configs' validation: MONAI's
+  ``ValidationHandler`` runs a ``SupervisedEvaluator`` every ``val_every_n_epochs`` epochs, the metric gives the key
+  metric (``auc_macro``, ``kappa``...) by which MONAI's ``CheckpointSaver`` keeps the best network as a plain state
+  dict — the ``models/model.pt`` of the bundle —, the other metrics (``val_`` prefix) and ``val_log.jsonl``;
 * :class:`ClassProbabilityWriter` is a handler of MONAI's ``SupervisedEvaluator`` (inference.json) writing one CSV
   row of class probabilities per image.
 
@@ -41,8 +42,7 @@ from monai.handlers import from_engine
 from medssl.evaluation.features import extract_features
 from medssl.evaluation.metrics import classification_metrics, write_metric_reports
 from medssl.utils.dist import get_rank, get_world_size, is_main_process
-from medssl.utils.io import atomic_torch_save, atomic_write_text
-from medssl.utils.tensors import unwrap_module
+from medssl.utils.io import atomic_write_text
 
 __all__ = [
     "Predictions",
@@ -51,8 +51,6 @@ __all__ = [
     "classification_case_rows",
     "evaluate_classification",
     "ClassificationMetric",
-    "ClassificationValidator",
-    "ValidationHandler",
     "ClassProbabilityWriter",
     "load_network_weights",
 ]
@@ -206,156 +204,6 @@ def _format_metrics(metrics: Mapping[str, float]) -> str:
     return " ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k and k != "num_cases"
     )
-
-
-class ClassificationValidator:
-    """``validator(network) -> metrics`` on a validation loader (see :func:`predict_probabilities` and
-    :func:`medssl.evaluation.metrics.classification_metrics`); what :class:`ValidationHandler` calls."""
-
-    def __init__(
-        self,
-        data_loader: Any,
-        *,
-        class_names: Sequence[str] | None = None,
-        multi_label: bool = False,
-        ordinal: bool = False,
-        device: torch.device | str | None = None,
-        amp: bool | str = False,
-    ) -> None:
-        self.data_loader = data_loader
-        self.class_names = class_names
-        self.multi_label, self.ordinal = bool(multi_label), bool(ordinal)
-        self.device, self.amp = device, amp
-
-    def __call__(self, network: nn.Module) -> dict[str, float]:
-        predictions = predict_probabilities(
-            network, self.data_loader, multi_label=self.multi_label, device=self.device, amp=self.amp
-        )
-        if predictions.labels is None:
-            raise ValueError("ClassificationValidator: the validation batches hold no numeric 'label'")
-        names = _class_names(self.class_names, predictions.probs.shape[1])
-        return classification_metrics(
-            predictions.probs, predictions.labels, multi_label=self.multi_label, ordinal=self.ordinal, class_names=names
-        )
-
-
-class ValidationHandler:
-    """Validate every ``every_n_epochs`` epochs of training and keep the best network.
-
-    Args:
-        evaluate: ``evaluate(network) -> {metric: value}`` (e.g. :class:`ClassificationValidator`, or a segmentation
-            bundle's own callable); called on EVERY rank (the evaluation may be collective).
-        network: the module whose state dict is saved (the task's network, not the task).
-        key_metric: the metric that decides "best" (``auc_macro``, ``dice_mean``...).
-        best_model_path: where rank 0 saves the best network's ``state_dict()`` (atomically, loadable with
-            ``torch.load(weights_only=True)``; ``<stem>_metrics.json`` beside it records the epoch and the
-            metrics). None: no file.
-        every_n_epochs: validation period; 0 turns validation off (the network is then saved at the end of training).
-        higher_is_better: direction of ``key_metric``.
-        output_dir: rank 0 appends one JSON line per validation to ``<output_dir>/<log_name>``.
-
-    A validation whose key metric is NaN (undefined, e.g. an AUC on a single-class set) only counts as the best when
-    nothing was saved yet. When the run ends without any validation, the final network is saved. The best score
-    is part of :meth:`state_dict` (add the handler to the checkpoint's objects so that a resumed run keeps it).
-    """
-
-    def __init__(
-        self,
-        evaluate: Callable[[nn.Module], Mapping[str, float]],
-        network: nn.Module,
-        key_metric: str = "auc_macro",
-        best_model_path: str | os.PathLike | None = None,
-        every_n_epochs: int = 1,
-        higher_is_better: bool = True,
-        output_dir: str | os.PathLike | None = None,
-        log_name: str = "val_log.jsonl",
-    ) -> None:
-        if every_n_epochs < 0:
-            raise ValueError(f"ValidationHandler: every_n_epochs={every_n_epochs} must be >= 0")
-        self.evaluate = evaluate
-        self.network = network
-        self.key_metric = key_metric
-        self.best_model_path = Path(best_model_path) if best_model_path else None
-        self.every_n_epochs = int(every_n_epochs)
-        self.higher_is_better = bool(higher_is_better)
-        self.output_dir = Path(output_dir) if output_dir else None
-        self.log_name = log_name
-        self.best_score: float | None = None
-        self.best_epoch: int | None = None
-        self.saved = False
-        self.history: list[dict[str, Any]] = []
-
-    # ------------------------------------------------------------------ state (checkpointed)
-    def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "saved": self.saved}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.best_score = state.get("best_score")
-        self.best_epoch = state.get("best_epoch")
-        self.saved = bool(state.get("saved", False))
-
-    # ------------------------------------------------------------------ events
-    def attach(self, engine: Engine) -> None:
-        if self.every_n_epochs:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs), self.run)
-        engine.add_event_handler(Events.COMPLETED, self._on_completed)
-
-    def _improves(self, score: float) -> bool:
-        if not self.saved or self.best_score is None:
-            return True
-        if math.isnan(score):
-            return False
-        if math.isnan(self.best_score):
-            return True
-        return score > self.best_score if self.higher_is_better else score < self.best_score
-
-    def run(self, engine: Engine | None = None) -> dict[str, float]:
-        """Evaluate now; save the network when the key metric improves. Returns the metrics."""
-        epoch = int(engine.state.epoch) if engine is not None else None
-        network = unwrap_module(self.network)
-        metrics = dict(self.evaluate(network))
-        if self.key_metric not in metrics:
-            raise KeyError(
-                f"ValidationHandler: key_metric {self.key_metric!r} is not among the validation metrics "
-                f"{sorted(metrics)}"
-            )
-        score = float(metrics[self.key_metric])
-        improved = self._improves(score)
-        if improved:
-            self.best_score, self.best_epoch = score, epoch
-            self._save(network, epoch, metrics)
-        record = {"epoch": epoch, "iteration": int(engine.state.iteration) if engine is not None else None}
-        record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()})
-        if engine is not None:  # TrainingLogHandler writes them to TensorBoard and the curves figure
-            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            engine.state.metrics.update({f"val_{k}": float(v) for k, v in numeric.items()})
-        record["best"] = improved
-        self.history.append(record)
-        if is_main_process():
-            logger.info(
-                f"validation epoch {epoch}: {_format_metrics(metrics)}"
-                + (f" (best {self.key_metric}, saved)" if improved and self.best_model_path else "")
-            )
-            if self.output_dir is not None:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                with open(self.output_dir / self.log_name, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-        return metrics
-
-    def _on_completed(self, engine: Engine) -> None:
-        if not self.saved:
-            self._save(unwrap_module(self.network), int(engine.state.epoch), {})
-
-    def _save(self, network: nn.Module, epoch: int | None, metrics: Mapping[str, float]) -> None:
-        self.saved = True
-        if self.best_model_path is None or not is_main_process():
-            return
-        self.best_model_path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-        atomic_torch_save(state, self.best_model_path)
-        info = {"epoch": epoch, "key_metric": self.key_metric, "metrics": dict(metrics)}
-        info["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-        self.best_model_path.with_name(self.best_model_path.stem + "_metrics.json").write_text(json.dumps(info) + "\n")
 
 
 def _stacked(values: Any) -> torch.Tensor:
@@ -585,8 +433,8 @@ class ClassProbabilityWriter:
 
 
 def load_network_weights(network: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load a trained downstream network's weights (the ``models/model.pt`` written by :class:`ValidationHandler`: a
-    plain state dict) with ``torch.load(weights_only=True)``; a state dict of the whole task (keys ``network.*``) is
+    """Load a trained downstream network's weights (the ``models/model.pt`` written by MONAI's ``CheckpointSaver``:
+    a plain state dict) with ``torch.load(weights_only=True)``; a state dict of the whole task (keys ``network.*``) is
     accepted too. A missing file or mismatching keys are errors naming the file. Returns ``network``."""
     path = Path(path)
     if not path.is_file():
