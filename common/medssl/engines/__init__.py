@@ -5,6 +5,7 @@ call them by these names."""
 
 from .checkpoint import (
     FINAL_CHECKPOINT_NAME,
+    BestModelState,
     CheckpointHandler,
     CheckpointReadError,
     checkpoint_name,

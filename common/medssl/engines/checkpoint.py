@@ -47,6 +47,7 @@ from medssl.utils.io import atomic_torch_save
 from medssl.utils.tensors import unwrap_module
 
 __all__ = [
+    "BestModelState",
     "CheckpointHandler",
     "CheckpointReadError",
     "checkpoint_name",
@@ -361,6 +362,9 @@ class CheckpointHandler:
         if not isinstance(ckpt, Mapping) or "engine" not in ckpt:
             raise ValueError(f"{path}: not a medssl checkpoint (no 'engine' entry)")
         for name, obj in (self._objects or {}).items():
+            if name not in ckpt and getattr(obj, "optional_in_checkpoint", False):
+                logger.warning(f"{path}: no entry {name!r} (saved by an earlier version); {name} starts afresh")
+                continue
             if name not in ckpt:
                 present = sorted(k for k in ckpt if k not in _RESERVED)
                 raise KeyError(f"{path}: no entry {name!r} for objects[{name!r}]; the checkpoint has {present}")
@@ -502,3 +506,35 @@ class CheckpointHandler:
             logger.info(f"saved checkpoint {path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})")
         self.last_checkpoint = path
         engine.state.last_checkpoint = str(path)
+
+
+# What ours adds to MONAI's CheckpointSaver(key_metric_save_state=...): its best-so-far record goes into medssl's
+# resumable checkpoint, so a resumed run keeps the best network instead of overwriting it at its first validation.
+class BestModelState:
+    """The best-model bookkeeping of a key-metric :class:`monai.handlers.CheckpointSaver` (its ignite ``Checkpoint``'s
+    saved scores) and of the evaluator (``best_metric``, ``best_metric_epoch``), as one ``state_dict`` /
+    ``load_state_dict`` object for :class:`CheckpointHandler`'s ``objects``. A checkpoint written before it existed
+    resumes with a warning (``optional_in_checkpoint``)."""
+
+    optional_in_checkpoint = True
+
+    def __init__(self, saver: Any, evaluator: Any = None) -> None:
+        if getattr(saver, "_key_metric_checkpoint", None) is None:
+            raise ValueError("BestModelState: saver must be a monai.handlers.CheckpointSaver with save_key_metric=True")
+        self.saver, self.evaluator = saver, evaluator
+
+    def state_dict(self) -> dict[str, Any]:
+        state = getattr(self.evaluator, "state", None)
+        saved = self.saver._key_metric_checkpoint.state_dict()  # ignite: {"_saved": [(priority, filename), ...]}
+        return {
+            "checkpoint": {key: [(float(p), str(f)) for p, f in items] for key, items in saved.items()},
+            "best_metric": getattr(state, "best_metric", None),
+            "best_metric_epoch": getattr(state, "best_metric_epoch", None),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.saver.load_state_dict({key: [tuple(item) for item in items] for key, items in state["checkpoint"].items()})
+        engine_state = getattr(self.evaluator, "state", None)
+        for key in ("best_metric", "best_metric_epoch"):
+            if engine_state is not None and state.get(key) is not None:
+                setattr(engine_state, key, state[key])
