@@ -227,6 +227,7 @@ def test_step_command_on_the_toy_bundle_compares_worker_counts(demo_datalist, ca
     assert result["device"] == "cpu"
 
 
+@pytest.mark.slow  # covered in the default suite by: each benchmark runs on its own in the tests above
 def test_cli_without_a_command_runs_both_benchmarks(demo_datalist):
     cmd = [
         PYTHON, str(TOOLS / "benchmark.py"),

@@ -74,6 +74,7 @@ def test_train_dataset_data_set_on_the_command_line(bundle, demo_datalist, tmp_p
         "--output_dir", str(tmp_path),
         "--ckpt_dir", str(tmp_path / "ckpt"),
         "--train#dataset#data", json.dumps(data),
+        "--epochs", "1",  # one epoch shows the items reached the training run
     ]
     proc = run_cmd(cmd, cwd=bundle, timeout=900)
     out = proc.stdout + proc.stderr

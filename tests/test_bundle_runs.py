@@ -72,8 +72,20 @@ def test_smoke_run_on_demo_data(bundle, demo_datalist, tmp_path):
     assert losses and all(math.isfinite(v) for v in losses.values())
 
 
+# bundles whose two-process path another default-suite test runs; kept under -m slow to hold the suite under 15 min
+TWO_PROCESS_COVERED = {
+    "toy_ssl_pretrain": "test_distributed_engine.py (the same engine, 2 processes = 1 process)",
+    "xray_classification": "test_classification_bundles.py::test_xray_two_process_finetune_from_pretrained",
+    "ct_volume_classification": "xray_classification's (the same trainer, validation and multi_gpu_train.json)",
+    "xray_segmentation_2d": "test_segmentation_bundles.py::test_two_process_finetune_from_encoder",
+}
+TWO_PROCESS_PARAMS = [
+    pytest.param(b, id=b.name, marks=[pytest.mark.slow] if b.name in TWO_PROCESS_COVERED else []) for b in RUN_BUNDLES
+]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("bundle", RUN_BUNDLES, ids=IDS)
+@pytest.mark.parametrize("bundle", TWO_PROCESS_PARAMS)
 def test_two_process_run_through_multi_gpu_config(bundle, demo_datalist, tmp_path):
     _bundle_run(bundle, ["train.json", "smoke.json", "multi_gpu_train.json"], demo_datalist, tmp_path, torchrun=True)
     assert (tmp_path / "ckpt" / "checkpoint_final.pt").is_file()

@@ -119,6 +119,7 @@ def test_attention_map_colour_bar_states_its_range(tmp_path, monkeypatch):
     assert figures[0].axes[0].images[0].get_clim() == (0.3, 0.7)
 
 
+@pytest.mark.slow  # covered in the default suite by: the tool also runs in test_plot_embeddings_mixed_channels.py
 def test_plot_embeddings_tool(demo_datalist, tmp_path):
     """tools/plot_embeddings.py on an exported (random) encoder: a two-panel PNG; a bad encoder path exits 2."""
     import subprocess

@@ -65,6 +65,7 @@ def test_hybrid_variant_trains_the_supervised_head_on_labelled_items(demo_datali
         assert r["loss"] == pytest.approx(r["loss_ss"] + r["loss_sup"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow  # covered in the default suite by: export after a bundle run: test_export_encoder.py; SwAV inference.json: test_ssl_inference_embeddings.py
 def test_export_encoder_and_inference(demo_datalist, tmp_path):
     run_dir = tmp_path / "run"
     _run(["train.json", "smoke.json"], demo_datalist, run_dir)
