@@ -25,6 +25,7 @@ def _run(configs: list[str], demo_datalist, out, *extra: str):
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # 30+ s; covered in the default suite by: the DVME bundle also runs in test_bundle_runs.py (smoke, 2 processes) and test_bundle_dataset_data.py; its protocol in test_dvme_protocol.py
 def test_smoke_twice_reuses_the_cache_and_evaluate_matches(demo_datalist, tmp_path):
     out = tmp_path / "run"
     first = _run(["train.json", "smoke.json"], demo_datalist, out)

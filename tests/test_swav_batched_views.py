@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from conftest import BUNDLES, PYTHON, run_cmd
 
 BUNDLE = BUNDLES / "ssl_swav_multimodal_pretrain"
@@ -26,6 +28,7 @@ def _run(demo_datalist: Path, out: Path, num_workers: int, *extra: str) -> list[
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 30+ s; covered in the default suite by: the batched views in test_batched_augment.py and test_benchmark_loader.py
 def test_batched_views_train_do_not_depend_on_workers_and_resume_exactly(demo_datalist, tmp_path):
     serial = _run(demo_datalist, tmp_path / "w0", 0)
     parallel = _run(demo_datalist, tmp_path / "w2", 2)
