@@ -5,3 +5,4 @@ from .deepcluster import DeepClusterV2
 from .swav import SwAV
 from .unimiss import DistillationNetwork, UniMiSS
 from .joint_volume import MaskedSliceEmbeddingPrediction
+from .medcoss import MedCoSS, intra_modal_mixup
