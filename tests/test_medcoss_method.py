@@ -4,6 +4,9 @@ tokenizers train. A tiny MultiModalViT keeps every test well under a second."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +134,26 @@ def test_intra_modal_mixup():
         values = set(out["input_ids"][row].tolist())
         assert len(values) <= 2 and values <= {10 * i for i in range(6)}  # its own ids and one partner's
     assert not torch.equal(out["input_ids"], ids)
+
+
+@pytest.mark.parametrize("n", [150, 720, 2160, 37])
+def test_rehearsal_buffer_keeps_five_percent(n, tmp_path):
+    """int(0.01 N) k-means clusters, int(0.05 N / clusters) nearest members each: 5 % of N up to rounding."""
+    from medssl.data.rehearsal import buffer_sizes, select_rehearsal_items, write_rehearsal_datalist
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(max(1, n // 100), 8)) * 5
+    feats = centres[rng.integers(len(centres), size=n)] + rng.normal(size=(n, 8))
+    idx, clusters, dist = select_rehearsal_items(feats)
+    n_clusters, per_cluster = buffer_sizes(n)
+    assert n_clusters == max(1, int(0.01 * n)) and per_cluster == max(1, int(0.05 * n / n_clusters))
+    assert len(set(idx.tolist())) == len(idx) <= n_clusters * per_cluster
+    assert abs(len(idx) - 0.05 * n) <= n_clusters + 1  # 5 % up to the per-cluster rounding
+    # ordered by cluster, then by distance to the centroid
+    for c in set(clusters.tolist()):
+        assert (np.diff(dist[clusters == c]) >= 0).all()
+    items = [{"image": f"img_{i}.png", "modality": "XR", "dim": 2} for i in range(n)]
+    path = write_rehearsal_datalist(tmp_path / "buffer.json", items, idx, clusters, dist, stage="xr")
+    doc = json.loads(path.read_text())
+    assert doc["stage"] == "xr" and doc["numTraining"] == len(idx)
+    assert [it["image"] for it in doc["training"]] == [f"img_{i}.png" for i in idx]
