@@ -248,6 +248,8 @@ def test_train_tokenizer_tool(tmp_path):
     failed = _tool("--reports", bad, "--out", tmp_path / "tok2")
     assert failed.returncode == 2 and failed.stderr.startswith(f"error: {bad}: no 'text' column")
     assert not (tmp_path / "tok2").exists()
+    into_file = _tool("--reports", reports, "--out", reports)
+    assert into_file.returncode == 2 and into_file.stderr.startswith(f"error: {reports}: not a folder")
     helped = _tool("--help")
     text = (helped.stdout + helped.stderr).replace("--vocab_size", "--vocab-size")  # fire writes help to stderr
     assert helped.returncode == 0 and "--vocab-size" in text and "--min-frequency" in text.replace("_", "-")

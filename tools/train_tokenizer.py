@@ -49,6 +49,8 @@ def main(
     """
     started = time.perf_counter()
     folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder; --out names the tokenizer folder to write")
     if (folder / TOKENIZER_FILE).exists() and not force:
         raise FileExistsError(f"{folder}: already holds {TOKENIZER_FILE}; pass --force to overwrite it")
     texts = read_reports(reports)

@@ -113,7 +113,9 @@ class TextTokenizer:
         if isinstance(texts, str):
             raise TypeError("TextTokenizer.encode: pass a list of strings, not one string")
         body = self.max_length - 2
-        encodings = self.tokenizer.encode_batch([str(t) for t in texts], add_special_tokens=False)
+        # one text at a time: encode_batch's thread pool makes tokenizers warn and turn parallelism off in every
+        # forked DataLoader worker; reports are short, the loop costs little
+        encodings = [self.tokenizer.encode(str(t), add_special_tokens=False) for t in texts]
         return [[self.cls_id, *e.ids[:body], self.sep_id] for e in encodings]
 
     def encode(self, texts: Sequence[str], return_tensors: str = "pt") -> dict[str, Any]:
