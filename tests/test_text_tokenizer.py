@@ -22,7 +22,9 @@ from medssl.text import (  # noqa: E402
     MEDSSL_FILE,
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
+    TokenizeTextd,
     load_tokenizer,
+    read_labelled_reports,
     read_report_records,
     read_reports,
     train_wordpiece,
@@ -253,3 +255,68 @@ def test_train_tokenizer_tool(tmp_path):
     helped = _tool("--help")
     text = (helped.stdout + helped.stderr).replace("--vocab_size", "--vocab-size")  # fire writes help to stderr
     assert helped.returncode == 0 and "--vocab-size" in text and "--min-frequency" in text.replace("_", "-")
+
+
+def test_read_labelled_reports(tmp_path):
+    names = tmp_path / "names.csv"
+    names.write_text(
+        "text,label\nWe aimed to assess CT.,objective\nSensitivity was 90%.,results\nCT is common.,background\n"
+    )
+    records, classes = read_labelled_reports(names)
+    assert classes == ["background", "objective", "results"] and [r["label"] for r in records] == [1, 2, 0]
+    records, classes = read_labelled_reports(names, classes=["background", "objective", "methods", "results"])
+    assert [r["label"] for r in records] == [1, 3, 0]
+    indices = tmp_path / "indices.jsonl"
+    indices.write_text('{"text": "a", "label": 2}\n{"text": "b", "label": "0"}\n')
+    records, classes = read_labelled_reports(indices)
+    assert classes == ["0", "1", "2"] and [r["label"] for r in records] == [2, 0]
+    for content, expected in (
+        ('{"text": "a"}\n', "report 1 has no 'label'"),
+        ('{"text": "a", "label": "x"}\n{"text": "b", "label": 1}\n', "mix class names and class indices"),
+        ('{"text": "a", "label": 1.5}\n', "use a class name or a class index"),
+    ):
+        indices.write_text(content)
+        with pytest.raises(ValueError) as e:
+            read_labelled_reports(indices)
+        assert _one_line(e.value).startswith(f"{indices}: ") and expected in str(e.value)
+    with pytest.raises(ValueError, match="report 2 has label 'results', not one of background, objective"):
+        read_labelled_reports(names, classes=["background", "objective"])
+    indices.write_text('{"text": "a", "label": 3}\n')
+    with pytest.raises(ValueError, match=r"label 3, outside 0..1"):
+        read_labelled_reports(indices, classes=["a", "b"])
+
+
+def test_tokenize_transform_pickles_and_collates(trained, corpus, tmp_path):
+    import pickle
+
+    folder = trained.save(tmp_path / "tok")
+    transform = TokenizeTextd(str(folder))
+    item = transform({"text": corpus[0], "label": 1})
+    assert item["input_ids"].shape == item["attention_mask"].shape == (112,) and item["label"] == 1
+    assert torch.equal(item["input_ids"], trained.encode([corpus[0]])["input_ids"][0])
+    clone = pickle.loads(pickle.dumps(transform))
+    assert clone._tokenizer is None and torch.equal(clone({"text": corpus[0]})["input_ids"], item["input_ids"])
+    short = TokenizeTextd(trained, max_length=16, drop_text=True)({"text": corpus[0]})
+    assert short["input_ids"].shape == (16,) and "text" not in short and trained.max_length == 112
+    batch = torch.utils.data.default_collate([transform({"text": t}) for t in corpus[:3]])
+    assert batch["input_ids"].shape == (3, 112)
+    with pytest.raises(KeyError, match="no 'text' field"):
+        transform({"report": "x"})
+
+
+def test_encoded_reports_train_the_medcoss_text_path(trained, corpus):
+    """The tokenizer's output fits MultiModalViT's text tokenizer and the MLM objective (a tiny model)."""
+    from medssl.losses import mlm_loss
+    from medssl.networks import MLMHead, MultiModalViT
+
+    torch.manual_seed(0)
+    model = MultiModalViT(vocab_size=trained.vocab_size, dim=32, depth=1, heads=2, drop_path_rate=0.0,
+                          img_size_2d=16, patch_2d=16, img_size_3d=16, patch_3d=16)
+    head = MLMHead(32, trained.vocab_size)
+    batch = trained.encode(corpus[:4])
+    g = torch.Generator().manual_seed(0)
+    inputs, labels = mlm_mask(batch["input_ids"], batch["attention_mask"], generator=g, **trained.mlm_kwargs())
+    feats = model(inputs, "text", attention_mask=batch["attention_mask"])
+    assert feats.shape == (4, 112, 32)
+    loss = mlm_loss(head(feats), labels)
+    assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(float(trained.vocab_size)))) < 1.5

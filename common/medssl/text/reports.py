@@ -11,6 +11,9 @@
 Files must be UTF-8. An empty source, a missing field or column, an empty report in a ``.jsonl`` / ``.csv`` row or a
 ``.txt`` file of a folder, a line that is not JSON or bytes that are not UTF-8 raise ``ValueError`` (a missing path
 ``FileNotFoundError``) with one line ``PATH: what is wrong``.
+
+:func:`read_labelled_reports` reads labelled reports or sentences (a ``.jsonl`` / ``.csv`` with a ``label``), e.g. a
+PubMed-20k-style sentence-classification set: labels may be class names or class indices.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPORT_SUFFIXES", "read_reports", "read_report_records"]
+__all__ = ["REPORT_SUFFIXES", "read_reports", "read_report_records", "read_labelled_reports"]
 
 REPORT_SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -124,3 +128,54 @@ def read_report_records(path: str | os.PathLike, field: str = "text") -> list[di
 def read_reports(path: str | os.PathLike, field: str = "text") -> list[str]:
     """The report texts of a ``.txt`` / ``.jsonl`` / ``.csv`` file or a folder of ``.txt`` files, in file order."""
     return [str(record[field]) for record in read_report_records(path, field)]
+
+
+def read_labelled_reports(
+    path: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    field: str = "text",
+    label_field: str = "label",
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Labelled reports of a ``.jsonl`` / ``.csv`` file: ``(records, classes)``, each record the file's fields with
+    ``label`` an int index into ``classes``.
+
+    A label is a class name or a class index (an int, or a string of digits as a CSV cell is). ``classes``: the class
+    names in label order; default: the sorted distinct names when the labels are names, ``"0"``, ``"1"``, ... up to
+    the largest index when they are indices.
+
+    Raises:
+        ValueError: one line naming the file and the report (1-based) without a label, or with a label that is not
+        in ``classes`` / out of range, or a file that mixes names and indices.
+    """
+    source = Path(path)
+    records = read_report_records(source, field)
+    raw = []
+    for number, record in enumerate(records, start=1):
+        value = record.get(label_field)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"{source}: report {number} has no {label_field!r} (labelled reports need one each)")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{source}: report {number} has label {value!r}; use a class name or a class index")
+        raw.append(value.strip() if isinstance(value, str) else value)
+    numeric = [isinstance(v, int) or v.isdigit() for v in raw]
+    if any(numeric) and not all(numeric) and classes is None:
+        raise ValueError(f"{source}: the labels mix class names and class indices; use one kind, or pass the classes")
+    if classes is None:
+        if all(numeric):
+            classes = [str(i) for i in range(max(int(v) for v in raw) + 1)]
+        else:
+            classes = sorted({str(v) for v in raw})
+    names = [str(c) for c in classes]
+    index = {name: i for i, name in enumerate(names)}
+    out = []
+    for number, (record, value) in enumerate(zip(records, raw), start=1):
+        if isinstance(value, str) and value in index:
+            label = index[value]
+        elif isinstance(value, int) or value.isdigit():
+            label = int(value)
+            if not 0 <= label < len(names):
+                raise ValueError(f"{source}: report {number} has label {label}, outside 0..{len(names) - 1}")
+        else:
+            raise ValueError(f"{source}: report {number} has label {value!r}, not one of {', '.join(names)}")
+        out.append({**record, label_field: label})
+    return out, names
