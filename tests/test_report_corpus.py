@@ -140,3 +140,18 @@ def test_bad_counts():
         report_records(0, per_class=(1, 0, 1))
     with pytest.raises(ValueError, match="abstracts"):
         sentence_records(0, abstracts=(1, 1))
+
+
+def test_is_current(corpus, tmp_path):
+    from medssl.data.reports import REPORT_FILES, report_corpus_is_current
+
+    assert report_corpus_is_current(corpus, seed=0)
+    assert not report_corpus_is_current(corpus, seed=1)
+    assert not report_corpus_is_current(corpus, seed=0, per_class=(2, 1, 1))
+    assert not report_corpus_is_current(tmp_path, seed=0)
+    small = tmp_path / "small"
+    write_report_corpus(small, seed=3, per_class=(2, 1, 1), abstracts=(1, 1, 1))
+    assert report_corpus_is_current(small, seed=3, per_class=(2, 1, 1), abstracts=(1, 1, 1))
+    assert sorted(p.name for p in small.iterdir()) == sorted(REPORT_FILES)  # nothing else, no temporary file
+    (small / "reports" / "sentences.jsonl").unlink()
+    assert not report_corpus_is_current(small, seed=3, per_class=(2, 1, 1), abstracts=(1, 1, 1))

@@ -56,6 +56,8 @@ __all__ = [
     "report_records",
     "sentence_records",
     "write_report_corpus",
+    "report_corpus_is_current",
+    "REPORT_FILES",
 ]
 
 #: Bump when the text of the corpus changes.
@@ -69,6 +71,8 @@ REPORT_DATALISTS = {
     "datalist_reports.json": "chest X-ray reports, classes normal / nodules / effusion",
     "datalist_sentences.json": "abstract sentences, roles background / objective / methods / results / conclusions",
 }
+#: What :func:`write_report_corpus` writes under the dataset directory (a folder and two datalists).
+REPORT_FILES = ("reports", "datalist_reports.json", "datalist_sentences.json")
 _GROUP_REPORTS, _GROUP_ABSTRACTS = 31, 32  # random-stream groups, disjoint from the demo (1-9) and learn (21-25) ones
 assert LABEL_OFFSETS["XR"] == 0 and REPORT_CLASSES == ("normal", "nodules", "effusion")
 
@@ -574,18 +578,14 @@ def write_report_corpus(
         abstracts: abstracts per section (default 150 / 30 / 30; 10 sentences each).
 
     Returns:
-        ``{"reports", "sentences", "datalist_reports", "datalist_sentences"}`` -> path.
+        ``{"reports", "sentences", "datalist_reports", "datalist_sentences"}`` -> path. The datalists are written
+        last, ``datalist_reports.json`` after the other; :func:`report_corpus_is_current` tells whether a directory
+        already holds this corpus.
     """
     out = Path(out_dir)
     reports = report_records(seed, per_class)
     sentences = sentence_records(seed, abstracts)
-    builder = {
-        "module": "medssl.data.reports",
-        "version": REPORTS_VERSION,
-        "seed": int(seed),
-        "per_class": [sum(1 for r in reports if r["split"] == s) // 3 for s in SECTIONS],
-        "abstracts": [sum(1 for r in sentences if r["split"] == s) // 10 for s in SECTIONS],
-    }
+    builder = _builder_info(seed, per_class, abstracts)
     paths = {
         "reports": out / "reports" / "reports.jsonl",
         "sentences": out / "reports" / "sentences.jsonl",
@@ -612,6 +612,38 @@ def write_report_corpus(
             ("abstract", "position"),
         ),
     }
-    for key, value in lists.items():
-        _dump(paths[key], json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+    # datalist_reports.json last and atomically: report_corpus_is_current trusts a build that has it
+    for key in ("datalist_sentences", "datalist_reports"):
+        temporary = paths[key].with_name(paths[key].name + ".tmp")
+        _dump(temporary, json.dumps(lists[key], indent=1, ensure_ascii=False) + "\n")
+        os.replace(temporary, paths[key])
     return paths
+
+
+def _builder_info(seed: int, per_class: Sequence[int] | None, abstracts: Sequence[int] | None) -> dict[str, Any]:
+    return {
+        "module": "medssl.data.reports",
+        "version": REPORTS_VERSION,
+        "seed": int(seed),
+        "per_class": [int(n) for n in (per_class if per_class is not None else PER_CLASS_2D)],
+        "abstracts": [int(n) for n in (abstracts if abstracts is not None else ABSTRACTS_PER_SPLIT)],
+    }
+
+
+def report_corpus_is_current(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    per_class: Sequence[int] | None = None,
+    abstracts: Sequence[int] | None = None,
+) -> bool:
+    """True when ``out_dir`` holds a complete corpus written by this :data:`REPORTS_VERSION` with these arguments
+    (so that a demo build can reuse it instead of writing it again)."""
+    out = Path(out_dir)
+    expected = _builder_info(seed, per_class, abstracts)
+    for name in ("datalist_reports.json", "datalist_sentences.json"):
+        try:
+            if json.loads((out / name).read_text(encoding="utf-8")).get("builder") != expected:
+                return False
+        except (OSError, ValueError, AttributeError):
+            return False
+    return all((out / "reports" / name).is_file() for name in ("reports.jsonl", "sentences.jsonl"))
