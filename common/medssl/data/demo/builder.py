@@ -18,6 +18,7 @@ from PIL import Image
 
 from medssl.utils.io import file_sha256
 
+from ..detection_demo import DETECTION_DATALIST, build_detection_set, detection_set_is_current
 from ..learnability import LEARN_DATALISTS, build_learnability_set, learn_builder_info, learn_datalists
 from .catalogue import (
     CLASSES,
@@ -45,7 +46,7 @@ from .writers import _ras_affine, _save_nifti, _write_real, write_ct_dicom_serie
 
 logger = logging.getLogger("medssl.data.demo")
 
-_OWNED = ("real", "synthetic", "datalist.json", "README.md", *TASK_DATALISTS)
+_OWNED = ("real", "synthetic", "datalist.json", "README.md", *TASK_DATALISTS, DETECTION_DATALIST)
 
 # random-stream groups (part of every SeedSequence, so the streams never overlap)
 _G_XR, _G_US, _G_FUNDUS, _G_CT, _G_MR, _G_SERIES, _G_PATH = 1, 2, 3, 4, 5, 6, 7
@@ -386,6 +387,10 @@ def build_demo_dataset(
         if learn and not learn_current:
             _build_learn(out, seed, workers)
             logger.info("demo dataset: built the learnability set %s", out / "datalist_learn.json")
+        # the detection set (synthetic/xr_detect, datalist_detection_2d.json; medssl.data.detection_demo) is kept out
+        # of datalist.json and checked on its own, like the learnability set
+        if force or not detection_set_is_current(out, seed):
+            build_detection_set(out, seed)
     return datalist_path
 
 
