@@ -60,6 +60,14 @@ def test_wrong_class_is_a_miss_and_class_without_gt_is_nan():
     assert math.isnan(result["map50/mass"])
 
 
+def test_class_without_ground_truth_is_left_out_of_the_mean():
+    """Only nodules in the ground truth, found perfectly: mAP 1 (COCOMetric's own overall value would average in the
+    -1 of the mass class)."""
+    result = coco_map([_pred([[0, 0, 10, 10]], [0], [0.9])], [_gt([[0, 0, 10, 10]], [0])], CLASSES)
+    assert math.isnan(result["map50/mass"])
+    assert result["map50"] == pytest.approx(1.0) and result["map50_95"] == pytest.approx(1.0)
+
+
 def test_froc_by_hand(two_images):
     preds, targets = two_images
     result = froc(preds, targets)

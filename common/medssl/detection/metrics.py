@@ -71,7 +71,8 @@ def coco_map(preds: Sequence[Mapping], targets: Sequence[Mapping], class_names: 
              max_detections: int = 100) -> dict[str, float]:
     """mAP@0.5 and mAP@[0.5:0.95] (COCO: 101-point interpolated precision, IoU 0.50, 0.55, ..., 0.95), over all
     classes and per class, with MONAI's ``COCOMetric``: ``{"map50", "map50_95", "map50/<class>",
-    "map50_95/<class>"}``. A class without any ground-truth box gets NaN (COCOMetric's -1)."""
+    "map50_95/<class>"}``. A class without any ground-truth box gets NaN (COCOMetric's -1) and is left out of the
+    means over classes (``map50``, ``map50_95``), as in COCO."""
     metric = COCOMetric(classes=list(class_names), iou_list=(0.5,), iou_range=(0.5, 0.95, 0.05),
                         max_detection=(int(max_detections),), per_class=True, verbose=False)
     matches = match_boxes(preds, targets, metric.iou_thresholds, max_detections)
@@ -85,11 +86,17 @@ def coco_map(preds: Sequence[Mapping], targets: Sequence[Mapping], class_names: 
         v = float(raw[key])
         return float("nan") if v < 0 else v
 
-    out = {"map50": value(suffix_50), "map50_95": value(suffix_range)}
+    out: dict[str, float] = {}
     for name in class_names:
         out[f"map50/{name}"] = value(f"{name}_{suffix_50}")
         out[f"map50_95/{name}"] = value(f"{name}_{suffix_range}")
-    return out
+    # the means over the classes that have ground truth (COCOMetric's own overall value averages in the -1 of the
+    # others)
+    for metric in ("map50", "map50_95"):
+        per_class = [out[f"{metric}/{name}"] for name in class_names]
+        valid = [v for v in per_class if not np.isnan(v)]
+        out[metric] = float(np.mean(valid)) if valid else float("nan")
+    return {key: out[key] for key in _map_keys(class_names)}
 
 
 def _map_keys(class_names: Sequence[str]) -> list[str]:
@@ -106,7 +113,7 @@ def froc(preds: Sequence[Mapping], targets: Sequence[Mapping], rates: Sequence[f
     the sensitivity at a rate r is the highest sensitivity among the operating points (one per distinct score
     threshold, the lowest score included) with at most r false positives per image. NaN without ground truth.
     """
-    # ours adds over monai.metrics.froc (CAMELYON probabilities, interpolated, lowest score dropped): IoU box matching per class, every threshold kept, a step read-out
+    # ours adds over monai.metrics.froc (interpolated, lowest score dropped): IoU matching per class, step read-out
     matches = match_boxes(preds, targets, [float(iou_threshold)], max_detections)
     num_images = len(targets)
     num_gt = int(sum(len(t["boxes"]) for t in targets))

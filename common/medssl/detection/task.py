@@ -43,12 +43,14 @@ def detection_targets(items: Sequence[Mapping[str, Any]], device: torch.device |
 def prepare_detection_batch(batchdata: Sequence[Mapping[str, Any]], device: torch.device | str,
                             non_blocking: bool = False, **kwargs: Any) -> tuple[list, list]:
     """The ``prepare_batch`` of the detection evaluators: ``(images, targets)``, images a list of (C, X, Y) tensors on
-    ``device``, targets :func:`detection_targets` plus each item's ``case`` (its image path) and ``image_size``."""
+    ``device``, targets :func:`detection_targets` plus each item's ``case`` (its image path), ``image_size`` and
+    ``box_scale`` (original / network pixel size per axis, from :class:`medssl.detection.transforms.ResizeBoxd`)."""
     images = [as_plain_tensor(item["image"]).to(device=device, non_blocking=non_blocking) for item in batchdata]
     targets = detection_targets(batchdata, device=device)
     for target, item, image in zip(targets, batchdata, images):
         target["case"] = str(item.get("case") or _image_path(item))
         target["image_size"] = tuple(int(s) for s in image.shape[1:])
+        target["box_scale"] = list(item.get("box_scale", [1.0] * (image.dim() - 1)))
     return images, targets
 
 
@@ -83,6 +85,8 @@ class DetectionTask(SupervisedTask):
         losses = self.network(images, targets)
         cls_loss = losses[self.network.cls_key]
         box_loss = losses[self.network.box_reg_key]
+        if not box_loss.requires_grad:  # no positive anchor in the batch (normal images): keep DDP's every-parameter
+            box_loss = box_loss + 0.0 * sum(p.sum() for p in self.network.network.regression_head.parameters())
         return {"loss": cls_loss + self.box_weight * box_loss, "cls_loss": cls_loss.detach(),
                 "box_loss": box_loss.detach()}
 
