@@ -10,14 +10,11 @@ import sys
 
 import pytest
 import torch
+from conftest import TOOLS, subprocess_env
 
-pytest.importorskip("tokenizers")
-
-from conftest import TOOLS, subprocess_env  # noqa: E402
-
-from medssl.data.reports import report_records, sentence_records  # noqa: E402
-from medssl.losses import IGNORE_LABEL, mlm_mask  # noqa: E402
-from medssl.text import (  # noqa: E402
+from medssl.data.reports import report_records, sentence_records
+from medssl.losses import IGNORE_LABEL, mlm_mask
+from medssl.text import (  # tokenizers is a dependency (pyproject.toml): no importorskip, a missing one fails here
     MAX_LENGTH,
     MEDSSL_FILE,
     SPECIAL_TOKENS,
