@@ -4,7 +4,8 @@ Commands:
     python tools/datalist.py build --root DIR --out FILE [--modality MR] [--val-fraction 0.1] [--test-fraction 0.1]
     python tools/datalist.py check FILE [--dataset-dir D] [--report R.json] [--workers 4] [--skip-values]
 
-`check` exits with status 1 when any item is bad, 0 otherwise. A mistake on the command line (a missing folder or
+`check` also checks detection items' "boxes" / "labels" (inside the image, positive size, a known label: an index of
+the datalist's "detection_classes"), one line per fault. It exits with status 1 when any item is bad, 0 otherwise. A mistake on the command line (a missing folder or
 file, a datalist that is not JSON, a bad fraction, an unknown modality) is one line `error: ...` with exit status 2;
 `--debug` shows the traceback instead.
 """

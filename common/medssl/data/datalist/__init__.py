@@ -34,11 +34,14 @@ One module per job, every public name re-exported here (``medssl.data.datalist.<
 - ``inspect``: :func:`inspect_image` (header-level, per file or DICOM series);
 - ``io``: :func:`load_datalist`, :func:`save_datalist`, sections, modality, dataset directory;
 - ``scan``: :func:`build_datalist` (folder scan, mask pairing);
-- ``check``: :func:`check_datalist` (parallel per-item check).
+- ``check``: :func:`check_datalist` (parallel per-item check);
+- ``boxes``: :func:`box_problems` (detection items' ``"boxes"`` / ``"labels"``: inside the image, positive size,
+  known labels; the datalist's ``"detection_classes"`` names the classes).
 """
 
 from __future__ import annotations
 
+from .boxes import box_problems, has_boxes
 from .check import check_datalist
 from .formats import (  # noqa: F401 - the private names: re-exported for medssl.data.readers
     _NRRD_SPATIAL_KINDS,
@@ -70,6 +73,8 @@ __all__ = [
     "save_datalist",
     "build_datalist",
     "check_datalist",
+    "box_problems",
+    "has_boxes",
     "datalist_sections",
     "datalist_modality",
     "resolve_dataset_dir",

@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .boxes import box_problems, has_boxes
 from .formats import MODALITIES, normalize_modality
 from .inspect import inspect_image
 from .io import (
@@ -66,6 +67,10 @@ def _check_item(task: dict) -> dict:
                 )
     elif isinstance(image, list):
         problems.append("multi-file items (a list of images) are not checked")
+    if task.get("detection"):  # boxes inside the image, positive size, known labels (data/datalist/boxes.py)
+        faults = box_problems(task.get("boxes"), task.get("labels"), result["shape"], task.get("num_classes"))
+        result["box_problems"] = faults  # printed one line each
+        problems += faults
     result["ok"] = not problems
     result["error"] = "; ".join(problems) if problems else None
     return result
@@ -74,6 +79,8 @@ def _check_item(task: dict) -> dict:
 def _check_tasks(raw: dict, base_dir: str, sections: Sequence[str], values: bool) -> list[dict]:
     tasks = []
     default_modality, why_not = datalist_modality(raw)
+    classes = raw.get("detection_classes")
+    num_classes = len(classes) if isinstance(classes, list) else None
     for section in sections:
         for index, item in enumerate(raw.get(section) or []):
             fixed, problems = _validate_item(item, section, default_modality)
@@ -98,6 +105,10 @@ def _check_tasks(raw: dict, base_dir: str, sections: Sequence[str], values: bool
                     "series_uid": fixed.get("series_uid"),
                     "problems": problems,
                     "values": values,
+                    "detection": has_boxes(item),
+                    "boxes": item.get("boxes") if isinstance(item, dict) else None,
+                    "labels": item.get("labels") if isinstance(item, dict) else None,
+                    "num_classes": num_classes,
                 }
             )
     return tasks
@@ -227,7 +238,10 @@ def check_datalist(
         for r in results:
             if not r["ok"]:
                 shown = r["image"] if r["image"] is not None else "(no image)"
-                print_fn(f"{r['section']} item {r['index']}: {shown}: {r['error']}")
+                faults = r.get("box_problems") or []
+                other = [p for p in r["error"].split("; ") if p not in faults] if faults else [r["error"]]
+                for line in (["; ".join(other)] if other else []) + faults:
+                    print_fn(f"{r['section']} item {r['index']}: {shown}: {line}")
         _print_warnings(
             [(f"{r['section']} item {r['index']}: {r['image']}", w) for r in results for w in r.get("warnings") or []],
             print_fn,
