@@ -19,6 +19,7 @@ from PIL import Image
 from medssl.utils.io import file_sha256
 
 from ..detection_demo import DETECTION_DATALIST, build_detection_set, detection_set_is_current
+from ..reports import REPORT_FILES, report_corpus_is_current, write_report_corpus
 from ..learnability import LEARN_DATALISTS, build_learnability_set, learn_builder_info, learn_datalists
 from .catalogue import (
     CLASSES,
@@ -46,7 +47,7 @@ from .writers import _ras_affine, _save_nifti, _write_real, write_ct_dicom_serie
 
 logger = logging.getLogger("medssl.data.demo")
 
-_OWNED = ("real", "synthetic", "datalist.json", "README.md", *TASK_DATALISTS, DETECTION_DATALIST)
+_OWNED = ("real", "synthetic", "datalist.json", "README.md", *TASK_DATALISTS, DETECTION_DATALIST, *REPORT_FILES)
 
 # random-stream groups (part of every SeedSequence, so the streams never overlap)
 _G_XR, _G_US, _G_FUNDUS, _G_CT, _G_MR, _G_SERIES, _G_PATH = 1, 2, 3, 4, 5, 6, 7
@@ -391,6 +392,10 @@ def build_demo_dataset(
         # of datalist.json and checked on its own, like the learnability set
         if force or not detection_set_is_current(out, seed):
             build_detection_set(out, seed)
+        # the report corpus (reports/, datalist_reports.json, datalist_sentences.json; medssl.data.reports): MedCoSS's
+        # text stage and report classification, likewise kept out of datalist.json
+        if force or not report_corpus_is_current(out, seed):
+            write_report_corpus(out, seed)
     return datalist_path
 
 
