@@ -1,0 +1,85 @@
+"""The detection bundle's network takes a ResNet-50 encoder exported by ssl_swav_multimodal_pretrain
+(tools/export_encoder.py on a checkpoint of the bundle's default 2D backbone) with every backbone tensor matched,
+through the bundle's own ``network`` (medssl.downstream.prepare_network); a linear-mode step leaves it unchanged.
+The smoke / two-process / verify_net_in_out runs of the bundle are in tests/test_bundle_runs.py."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from medssl.detection import ENCODER_PREFIX, DetectionTask, build_detector
+from medssl.weights import load_pretrained_encoder
+
+from conftest import BUNDLES, REPO
+
+SWAV = BUNDLES / "ssl_swav_multimodal_pretrain"
+DETECTION = BUNDLES / "xray_lesion_detection"
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def swav_resnet50_encoder(tmp_path_factory) -> tuple[Path, dict]:
+    """A checkpoint holding the SwAV bundle's default 2D backbone (ResNet-50, built from its train.json) under
+    method.backbone, exported with tools/export_encoder.py; returns (encoder path, the backbone's state dict)."""
+    root = tmp_path_factory.mktemp("swav_rn50")
+    parser = ConfigParser()
+    parser.read_config(str(SWAV / "configs" / "train.json"))
+    parser["bundle_root"] = str(SWAV)
+    torch.manual_seed(0)
+    backbone = parser.get_parsed_content("backbone", instantiate=True)
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    torch.save({"method": state, "iteration": 1, "epoch": 1}, root / "checkpoint_final.pt")
+    spec = importlib.util.spec_from_file_location("export_encoder_tool", REPO / "tools" / "export_encoder.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = root / "encoder.pt"
+    tool.main(bundle=str(SWAV), checkpoint=str(root / "checkpoint_final.pt"), out=str(out),
+              config=["configs/train.json"])
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    return out, backbone.state_dict()
+
+
+def _bundle_network(encoder: Path, mode: str):
+    parser = ConfigParser()
+    parser.read_config(str(DETECTION / "configs" / "train.json"))
+    parser.update({"bundle_root": str(DETECTION), "pretrained_path": str(encoder), "finetune_mode": mode})
+    return parser.get_parsed_content("network", instantiate=True)
+
+
+def test_swav_resnet50_loads_with_every_backbone_tensor_matched(swav_resnet50_encoder, capsys):
+    encoder, source = swav_resnet50_encoder
+    network = _bundle_network(encoder, "finetune")  # the bundle's own loading (prints the report)
+    target = network.feature_extractor.encoder.state_dict()
+    assert set(target) == set(source)
+    for key, value in source.items():
+        assert torch.equal(target[key], value), key
+    report = load_pretrained_encoder(network, str(encoder), encoder_prefix=ENCODER_PREFIX, spatial_dims=2,
+                                     verbose=False)
+    assert sorted(report.loaded) == sorted(source)  # every tensor of the ResNet-50 (318, BatchNorm buffers included)
+    assert report.not_loaded == [] and report.ignored == []
+    assert f"loaded {len(source)} tensors" in capsys.readouterr().out
+
+
+def test_linear_mode_step_keeps_the_encoder(swav_resnet50_encoder):
+    encoder, source = swav_resnet50_encoder
+    network = _bundle_network(encoder, "linear")
+    task = DetectionTask(build_detector(network), finetune_mode="linear")
+    task.train()
+    assert not network.feature_extractor.encoder.training  # frozen encoder stays in eval mode (BatchNorm fixed)
+    groups = task.parameter_groups(base_lr=1e-3)
+    optimizer = torch.optim.SGD(groups, lr=1e-3)
+    items = [{"image": torch.rand(1, 64, 64), "boxes": torch.tensor([[10.0, 12.0, 30.0, 34.0]]),
+              "labels": torch.tensor([1])},
+             {"image": torch.rand(1, 64, 64), "boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}]
+    out = task.training_step(items)
+    out["loss"].backward()
+    optimizer.step()
+    assert torch.isfinite(out["loss"])
+    after = network.feature_extractor.encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in source.items())
+    assert all(not g["name"].startswith("encoder") for g in groups)
