@@ -57,3 +57,36 @@ def test_check_names_each_box_fault_with_the_file(tmp_path):
     ]
     proc = run_cmd([PYTHON, str(TOOLS / "datalist.py"), "check", str(path), "--workers", "0"])
     assert proc.returncode == 1 and "box 1 [60, 10, 120, 20]: outside the image" in proc.stdout
+
+
+def test_vindr_csv_converter(tmp_path):
+    """A VinDr-CXR-style CSV: boxes per image (duplicate reader boxes once), "No finding" rows as normal images, the
+    classes sorted, a seeded split; the tool writes it and the result passes `check` on its box rules."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.arange(5000).reshape(50, 100).astype(np.uint8)).save(images / f"{name}.png")
+    (tmp_path / "train.csv").write_text(
+        "image_id,rad_id,class_name,class_id,x_min,y_min,x_max,y_max\n"
+        "a,R1,Nodule/Mass,8,10,12,20,22\n"
+        "a,R2,Nodule/Mass,8,10,12,20,22\n"
+        "a,R2,Aortic enlargement,0,40.5,5,60,25.5\n"
+        "b,R1,No finding,14,,,,\n"
+        "c,R3,Nodule/Mass,8,1,2,3,4\n"
+    )
+    out = tmp_path / "detection.json"
+    proc = run_cmd([PYTHON, str(TOOLS / "datalist.py"), "vindr", "--csv", str(tmp_path / "train.csv"), "--images",
+                    str(images), "--out", str(out), "--suffix", ".png", "--val-fraction", "0", "--test-fraction", "0"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    datalist = json.loads(out.read_text())
+    assert datalist["detection_classes"] == ["Aortic enlargement", "Nodule/Mass"]
+    items = {item["image"]: item for item in datalist["training"]}
+    assert items["images/a.png"]["boxes"] == [[10.0, 12.0, 20.0, 22.0], [40.5, 5.0, 60.0, 25.5]]
+    assert items["images/a.png"]["labels"] == [1, 0]
+    assert items["images/b.png"]["boxes"] == [] and items["images/b.png"]["labels"] == []
+    assert check_datalist(out, workers=0, verbose=False)["summary"]["bad"] == 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image_id,class_name,x_min,y_min,x_max,y_max\na,Nodule,1,x,3,4\n")
+    proc = run_cmd([PYTHON, str(TOOLS / "datalist.py"), "vindr", "--csv", str(bad), "--images", str(images),
+                    "--out", str(tmp_path / "b.json")])
+    assert proc.returncode != 0 and "bad.csv:2: y_min='x' is not a number" in proc.stdout + proc.stderr

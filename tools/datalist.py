@@ -3,11 +3,12 @@
 Commands:
     python tools/datalist.py build --root DIR --out FILE [--modality MR] [--val-fraction 0.1] [--test-fraction 0.1]
     python tools/datalist.py check FILE [--dataset-dir D] [--report R.json] [--workers 4] [--skip-values]
+    python tools/datalist.py vindr --csv train.csv --images DIR --out FILE [--suffix .dicom] [--classes A,B]
 
 `check` also checks detection items' "boxes" / "labels" (inside the image, positive size, a known label: an index of
-the datalist's "detection_classes"), one line per fault. It exits with status 1 when any item is bad, 0 otherwise. A mistake on the command line (a missing folder or
-file, a datalist that is not JSON, a bad fraction, an unknown modality) is one line `error: ...` with exit status 2;
-`--debug` shows the traceback instead.
+the datalist's "detection_classes"), one line per fault. It exits with status 1 when any item is bad, 0 otherwise.
+A mistake on the command line (a missing folder or file, a datalist that is not JSON, a bad fraction, an unknown
+modality) is one line `error: ...` with exit status 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from medssl.cli import run
-from medssl.data.datalist import build_datalist, check_datalist
+from medssl.data.datalist import build_datalist, check_datalist, vindr_csv_to_datalist
 
 
 def build(
@@ -90,8 +91,36 @@ def check(
     sys.exit(1 if result["summary"]["bad"] else 0)
 
 
+def vindr(
+    csv: str,
+    images: str,
+    out: str,
+    suffix: str = ".dicom",
+    classes: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> None:
+    """A VinDr-CXR-style box CSV (image_id, class_name, x_min, y_min, x_max, y_max; one row per box, "No finding" or
+    empty coordinates for an image without findings) into a detection datalist (boxes + labels per image).
+
+    Args:
+        csv: the CSV file.
+        images: folder of the images, named <image_id><suffix>.
+        out: datalist JSON file to write.
+        suffix: the images' file suffix (VinDr-CXR: .dicom).
+        classes: comma-separated class names in label order (default: the CSV's, sorted).
+        val_fraction, test_fraction, seed: the seeded random split of the images.
+    """
+    names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else classes
+    datalist = vindr_csv_to_datalist(csv, images, out, image_suffix=suffix, classes=names,
+                                     val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    counts = ", ".join(f"{s} {len(datalist[s])}" for s in ("training", "validation", "test"))
+    print(f"vindr: {out}: {counts} images, classes {datalist['detection_classes']}")
+
+
 def main() -> None:
-    run({"build": build, "check": check})
+    run({"build": build, "check": check, "vindr": vindr})
 
 
 if __name__ == "__main__":

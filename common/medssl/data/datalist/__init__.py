@@ -36,7 +36,8 @@ One module per job, every public name re-exported here (``medssl.data.datalist.<
 - ``scan``: :func:`build_datalist` (folder scan, mask pairing);
 - ``check``: :func:`check_datalist` (parallel per-item check);
 - ``boxes``: :func:`box_problems` (detection items' ``"boxes"`` / ``"labels"``: inside the image, positive size,
-  known labels; the datalist's ``"detection_classes"`` names the classes).
+  known labels; the datalist's ``"detection_classes"`` names the classes);
+- ``vindr``: :func:`vindr_csv_to_datalist` (a VinDr-CXR-style box CSV into a detection datalist).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from .inspect import inspect_image, pil_to_grey_or_rgb  # noqa: F401 - pil_to_gr
 from .io import datalist_modality, datalist_sections, load_datalist, resolve_dataset_dir, save_datalist
 from .scan import build_datalist
 from .series import group_dicom_series, read_dicom_headers, sort_dicom_slices
+from .vindr import vindr_csv_to_datalist
 
 __all__ = [
     "MODALITIES",
@@ -75,6 +77,7 @@ __all__ = [
     "check_datalist",
     "box_problems",
     "has_boxes",
+    "vindr_csv_to_datalist",
     "datalist_sections",
     "datalist_modality",
     "resolve_dataset_dir",
