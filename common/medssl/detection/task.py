@@ -7,6 +7,7 @@ Batches are lists of items (``collate_detection``: images of one batch may carry
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from medssl.downstream.task import SupervisedTask
 from medssl.utils.tensors import as_plain_tensor
 
 __all__ = ["DetectionTask", "collate_detection", "prepare_detection_batch", "detection_targets"]
+
+logger = logging.getLogger(__name__)
 
 
 def collate_detection(items: Sequence[Any]) -> list:
@@ -67,7 +70,9 @@ class DetectionTask(SupervisedTask):
 
     ``training_step(batch)`` (a list of items) returns ``{"loss": classification + box_weight * box regression,
     "cls_loss", "box_loss"}``: the detector's focal-free BCE over the sampled anchors and its smooth-L1 box loss
-    (MONAI's defaults), with anchors matched by ATSS and negatives drawn by the hard-negative sampler.
+    (MONAI's defaults), with anchors matched by ATSS and negatives drawn by the hard-negative sampler. When MONAI's
+    heads raise on non-finite outputs (a diverged network), the step returns a NaN loss instead, so that the
+    engine's ``TerminateOnNanHandler`` stops the run and names the last good checkpoint (every rank alike).
     """
 
     def __init__(self, detector: nn.Module, *, encoder_prefix: str = "network.feature_extractor.encoder",
@@ -82,7 +87,15 @@ class DetectionTask(SupervisedTask):
         device = next(self.network.parameters()).device
         images = [as_plain_tensor(item[self.image_key]).to(device) for item in items]
         targets = detection_targets(items, device=device)
-        losses = self.network(images, targets)
+        try:
+            losses = self.network(images, targets)
+        except ValueError as error:  # MONAI's heads raise on non-finite outputs in training; the engine's NaN stop
+            if "NaN or Inf" not in str(error):  # (TerminateOnNanHandler: last good checkpoint named) handles a NaN loss
+                raise
+            logger.warning(f"DetectionTask: {error} (the network diverged): the step's loss is NaN")
+            nan = torch.full((), float("nan"), device=device)
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0  # a loss that requires grad
+            return {"loss": zero + nan, "cls_loss": nan, "box_loss": nan}
         cls_loss = losses[self.network.cls_key]
         box_loss = losses[self.network.box_reg_key]
         if not box_loss.requires_grad:  # no positive anchor in the batch (normal images): keep DDP's every-parameter
