@@ -89,3 +89,38 @@ def test_lesion_is_inside_its_box():
         inside[max(y1 - 2, 0):y2 + 2, max(x1 - 2, 0):x2 + 2] = True
         assert difference[y1:y2, x1:x2].max() > 0.25 * difference.max()
     assert strong.any() and not (strong & ~inside).any()
+
+
+def test_bundle_transforms_keep_boxes_on_their_lesions(tmp_path):
+    """The bundle's training pipeline (loading, ResizeBoxd, MONAI's RandZoomBoxd / RandFlipBoxd /
+    RandCropBoxByPosNegLabeld / ClipBoxToImaged, each forced on) on a PNG whose only bright pixels are two box-shaped
+    lesions: after the transforms every box still covers bright pixels only, and no bright pixel lies outside the
+    boxes (1 px of interpolation allowed)."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLES
+
+    png = np.full((100, 120), 20, dtype=np.uint8)  # (H, W) = (rows y, columns x)
+    png[::7, ::5] = 40  # a texture, so the percentile scaling has a range
+    boxes = [[10, 20, 30, 32], [70, 60, 100, 90]]  # [x1, y1, x2, y2]
+    for x1, y1, x2, y2 in boxes:
+        png[y1:y2, x1:x2] = 255
+    Image.fromarray(png).save(tmp_path / "lesions.png")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "xray_lesion_detection" / "configs" / "train.json"))
+    parser.update({"image_size": [128, 128], "crop_size": [96, 96], "train#augmentation#0#prob": 1.0,
+                   "train#augmentation#1#prob": 1.0})
+    transform = parser.get_parsed_content("train#preprocessing", instantiate=True)
+    transform.set_random_state(seed=3)
+    item = {"image": str(tmp_path / "lesions.png"), "modality": "XR", "dim": 2, "boxes": boxes, "labels": [0, 1]}
+    out = transform(item)
+    out = out[0] if isinstance(out, list) else out
+    image = np.asarray(out["image"])[0]  # (X, Y)
+    assert image.shape == (96, 96) and len(out["boxes"]) >= 1
+    bright = image > 0.5 * image.max()
+    covered = np.zeros_like(bright)
+    for x1, y1, x2, y2 in np.asarray(out["boxes"]).round().astype(int):
+        inner = image[x1 + 1:x2 - 1, y1 + 1:y2 - 1]
+        assert inner.size and (inner > 0.5 * image.max()).mean() > 0.95, (x1, y1, x2, y2)
+        covered[max(x1 - 1, 0):x2 + 1, max(y1 - 1, 0):y2 + 1] = True
+    assert bright.any() and not (bright & ~covered).any()
