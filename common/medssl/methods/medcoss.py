@@ -35,7 +35,7 @@ from medssl.methods.base import SSLMethod
 from medssl.networks.medcoss_heads import MAEDecoder, MLMHead
 from medssl.networks.multimodal_vit import KINDS, MultiModalViT
 
-__all__ = ["MedCoSS", "intra_modal_mixup"]
+__all__ = ["MedCoSS", "intra_modal_mixup", "reconstruction_loss", "masked_text"]
 
 
 def intra_modal_mixup(
@@ -61,6 +61,47 @@ def intra_modal_mixup(
     lam = torch.rand(b, generator=generator, device=x.device).to(x.dtype).view(b, *([1] * (x.dim() - 1)))
     out[image_key] = lam * x + (1.0 - lam) * x[perm]
     return out
+
+
+def masked_text(
+    sub: Mapping[str, Any], ids_key: str, attention_key: str, mlm_prob: float, generator: torch.Generator | None,
+    vocab_size: int, mask_token_id: int, special_ids: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(masked input ids, attention mask, labels)`` of a text sub-batch (:func:`medssl.losses.mlm_mask`)."""
+    ids, attn = sub[ids_key], sub.get(attention_key)
+    inputs, labels = mlm_mask(ids, attn, vocab_size, mask_token_id, mlm_prob, generator, special_ids)
+    return inputs, attn, labels
+
+
+def reconstruction_loss(
+    encoder: MultiModalViT,
+    kind: str,
+    sub: Mapping[str, Any],
+    decoder: nn.Module | None = None,
+    mlm_head: nn.Module | None = None,
+    mask_ratio: float = 0.75,
+    mlm_prob: float = 0.15,
+    generator: torch.Generator | None = None,
+    image_key: str = "image",
+    ids_key: str = "input_ids",
+    attention_key: str = "attention_mask",
+    vocab_size: int | None = None,
+    mask_token_id: int = 4,
+    special_ids: Sequence[int] = (0, 2, 3),
+) -> torch.Tensor:
+    """MLM (text, with ``mlm_head``) or MAE normalised-pixel loss (images, with ``decoder``) of ``encoder`` on one
+    sub-batch; ``generator`` fixes the masks (the stage table scores every modality with the same masks)."""
+    if kind == "text":
+        inputs, attn, labels = masked_text(
+            sub, ids_key, attention_key, mlm_prob, generator, vocab_size or encoder.vocab_size, mask_token_id,
+            special_ids,
+        )
+        tokens = encoder.forward_encoder(inputs, "text", attention_mask=attn)[0]
+        return mlm_loss(mlm_head(tokens), labels)
+    x = sub[image_key]
+    tokens, mask, ids_restore = encoder.forward_encoder(x, kind, mask_ratio, generator)
+    pred = decoder(tokens, ids_restore)
+    return normalized_pixel_loss(pred.float(), patchify(x, encoder.patch_geometry(kind)[0]).float(), mask)
 
 
 class MedCoSS(SSLMethod):
@@ -133,6 +174,7 @@ class MedCoSS(SSLMethod):
         used = {kind, *self.rehearsal_kinds}
         for name, tokenizer in encoder.tokenizers.items():
             tokenizer.requires_grad_(name in used)
+        encoder.cls_token.requires_grad_(bool(used - {"text"}))  # images only: frozen in a text-only stage
 
     def train(self, mode: bool = True) -> MedCoSS:
         super().train(mode)
@@ -142,25 +184,20 @@ class MedCoSS(SSLMethod):
 
     # ------------------------------------------------------------------ objectives
     def _text_inputs(self, sub: Mapping[str, Any], generator: torch.Generator | None):
-        ids = sub[self.ids_key]
-        attn = sub.get(self.attention_key)
-        inputs, labels = mlm_mask(
-            ids, attn, self.encoder.vocab_size, self.mask_token_id, self.mlm_prob, generator, self.special_ids
-        )
-        return inputs, attn, labels
+        return masked_text(sub, self.ids_key, self.attention_key, self.mlm_prob, generator, **self.mlm_kwargs)
+
+    @property
+    def mlm_kwargs(self) -> dict[str, Any]:
+        return {"vocab_size": self.encoder.vocab_size, "mask_token_id": self.mask_token_id,
+                "special_ids": self.special_ids}
 
     def reconstruction_loss(self, sub: Mapping[str, Any], kind: str | None = None) -> torch.Tensor:
         """The stage's pretext loss on one current-modality sub-batch: MLM for text, MAE for images."""
-        kind = kind or self.kind
-        if kind == "text":
-            inputs, attn, labels = self._text_inputs(sub, None)
-            tokens = self.encoder.forward_encoder(inputs, "text", attention_mask=attn)[0]
-            return mlm_loss(self.mlm_head(tokens), labels)
-        x = sub[self.image_key]
-        tokens, mask, ids_restore = self.encoder.forward_encoder(x, kind, self.mask_ratio)
-        pred = self.decoder(tokens, ids_restore)
-        patch = self.encoder.patch_geometry(kind)[0]
-        return normalized_pixel_loss(pred.float(), patchify(x, patch).float(), mask)
+        return reconstruction_loss(
+            self.encoder, kind or self.kind, sub, decoder=self.decoder, mlm_head=self.mlm_head,
+            mask_ratio=self.mask_ratio, mlm_prob=self.mlm_prob, image_key=self.image_key, ids_key=self.ids_key,
+            attention_key=self.attention_key, **self.mlm_kwargs,
+        )
 
     def distillation_loss(self, sub: Mapping[str, Any], kind: str) -> torch.Tensor:
         """Mixup, then the MSE between the student's and the frozen teacher's output tokens (same masking noise)."""
@@ -194,7 +231,8 @@ class MedCoSS(SSLMethod):
                         f"MedCoSS: a rehearsal sub-batch of kind {kind!r}; this stage rehearses {self.rehearsal_kinds}"
                     )
                 value = self.distillation_loss(sub, kind)
-                logs[f"loss_distill_{sub.get('name', kind)}"] = value.detach()
+                name = sub.get("name", kind)
+                logs[f"loss_distill_{name[0] if isinstance(name, (list, tuple)) else name}"] = value.detach()
                 losses.append(value)
             loss_distill = torch.stack(losses).mean()
             loss = loss_rec + self.distill_weight * loss_distill

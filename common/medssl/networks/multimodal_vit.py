@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from medssl.networks.vit import _Block
 
-__all__ = ["MultiModalViT", "MultiModalEncoder", "random_masking", "KINDS"]
+__all__ = ["MultiModalViT", "MultiModalViTEmbedder", "MultiModalEncoder", "random_masking", "KINDS"]
 
 KINDS = ("text", "2d", "3d")
 
@@ -243,3 +243,21 @@ class MultiModalViT(nn.Module):
     def forward(self, x: torch.Tensor, kind: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Features of the whole input (no masking), as :meth:`forward_encoder`'s tokens."""
         return self.forward_encoder(x, kind, attention_mask=attention_mask)[0]
+
+
+class MultiModalViTEmbedder(MultiModalViT):
+    """:class:`MultiModalViT` whose ``forward(x)`` is one input kind's embedding: the mean of all output tokens (B, dim),
+    as MedCoSS's rehearsal buffer pools them (text: over the real tokens, ``attention_mask`` given). Same state dict as
+    :class:`MultiModalViT`, so a stage's ``encoder.pt`` loads as it is (inference, MONAI Label)."""
+
+    def __init__(self, kind: str = "2d", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._tokenizer(kind)  # validates the kind
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        tokens = self.forward_encoder(x, self.kind, attention_mask=attention_mask)[0]
+        if self.kind == "text" and attention_mask is not None:
+            weights = attention_mask[..., None].to(tokens.dtype)
+            return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return tokens.mean(dim=1)

@@ -1,0 +1,94 @@
+"""The MedCoSS bundle's five-stage chain (issue #15 items 4-5) through ``python -m monai.bundle run`` with smoke.json on
+the demo data: every stage's outputs, the buffers and the stage table, the tokenizer handed on, the encoder file
+loading into the inference network, and a chain stopped after stage 2 and resumed giving the same encoder as an
+uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BUNDLES, PYTHON, run_cmd
+
+BUNDLE = BUNDLES / "ssl_medcoss_continual_pretrain"
+STAGES = ["1_reports", "2_xray", "3_ct", "4_mri", "5_pathology"]
+KINDS = ["text", "2d", "3d", "3d", "2d"]
+
+
+def _chain(demo_datalist: Path, out: Path, *extra: str):
+    cmd = [
+        PYTHON, "-m", "monai.bundle", "run",
+        "--config_file", f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'smoke.json'}']",
+        "--bundle_root", str(BUNDLE), "--dataset_dir", str(demo_datalist.parent), "--datalist", str(demo_datalist),
+        "--output_dir", str(out), "--ckpt_dir", str(out / "ckpt"), *extra,
+    ]
+    return run_cmd(cmd, cwd=BUNDLE, timeout=600, OMP_NUM_THREADS="1")
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def chain(demo_datalist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("medcoss_chain")
+    proc = _ok(_chain(demo_datalist, out))
+    return out, proc
+
+
+def test_every_stage_hands_on_its_encoder_tokenizer_buffer_and_table(chain):
+    out, proc = chain
+    for i, stage in enumerate(STAGES):
+        folder = out / stage
+        for name in ("stage_done.json", "encoder.pt", "heads.pt", "buffer.json", "buffers.json", "stage_table.json",
+                     "stage_table.md", "train_log.jsonl", "tokenizer/tokenizer.json"):
+            assert (folder / name).is_file(), f"{stage}: no {name}"
+        assert (out / "ckpt" / stage / "checkpoint_final.pt").is_file()
+        buffers = json.loads((folder / "buffers.json").read_text())
+        assert [b["stage"] for b in buffers] == STAGES[: i + 1] and [b["kind"] for b in buffers] == KINDS[: i + 1]
+        buffer = json.loads((folder / "buffer.json").read_text())
+        assert buffer["stage"] == stage and 1 <= buffer["numTraining"] == len(buffer["training"])
+        rows = json.loads((folder / "stage_table.json").read_text())["rows"]
+        assert [r["stage"] for r in rows] == STAGES[: i + 1]
+        # each row scores the stages seen so far (those with validation items in the demo datalist)
+        assert all(set(r["losses"]) <= set(STAGES[: j + 1]) for j, r in enumerate(rows))
+        assert "1_reports" in rows[-1]["losses"]
+    # the same WordPiece vocabulary in every stage: trained once by the text stage
+    vocab = {(out / s / "tokenizer" / "tokenizer.json").read_bytes() for s in STAGES}
+    assert len(vocab) == 1
+    # later stages rehearse every earlier one: distillation of each, finite
+    log = [json.loads(line) for line in (out / "5_pathology" / "train_log.jsonl").read_text().splitlines()]
+    for stage in STAGES[:4]:
+        assert all(torch.isfinite(torch.tensor(r[f"loss_distill_{stage}"])) for r in log)
+    assert "| after stage |" in proc.stdout  # the chain prints the last stage table
+
+
+def test_stage_encoder_loads_into_the_inference_network(chain):
+    from medssl.networks import MultiModalViTEmbedder
+
+    out, _ = chain
+    saved = torch.load(out / "5_pathology" / "encoder.pt", map_location="cpu", weights_only=True)
+    assert saved["stage"] == "5_pathology" and saved["kind"] == "2d"
+    net = MultiModalViTEmbedder("2d", **saved["config"])
+    net.load_state_dict(saved["state_dict"], strict=True)
+    net.eval()
+    size = saved["config"]["img_size_2d"]
+    assert net(torch.rand(2, 3, size, size)).shape == (2, saved["config"]["dim"])
+
+
+def test_chain_stopped_after_stage_two_resumes_to_the_same_encoder(chain, demo_datalist, tmp_path):
+    full, _ = chain
+    _ok(_chain(demo_datalist, tmp_path, "--run_only", "['1_reports','2_xray']"))
+    assert (tmp_path / "2_xray" / "stage_done.json").is_file() and not (tmp_path / "3_ct").exists()
+    again = _chain(demo_datalist, tmp_path)
+    assert again.returncode != 0 and "--resume true" in again.stdout + again.stderr
+    _ok(_chain(demo_datalist, tmp_path, "--resume", "true"))
+    a = torch.load(full / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda root: json.loads((root / "5_pathology" / "stage_table.json").read_text())["rows"]  # noqa: E731
+    assert rows(full) == rows(tmp_path)
