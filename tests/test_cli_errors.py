@@ -174,7 +174,7 @@ def test_hash_arguments_are_checked_whatever_the_command_line_made_of_them(tmp_p
 
 
 FIRE_TOOLS = ("benchmark", "check_bundle", "compare_pretraining", "convert_weights", "datalist", "demo_data",
-              "energy_reference", "export_encoder", "plot_embeddings", "probe", "weights")
+              "energy_reference", "export_encoder", "plot_embeddings", "probe", "train_tokenizer", "weights")
 
 
 def test_fire_tools_all_run_through_medssl_cli():
