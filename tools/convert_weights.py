@@ -8,6 +8,8 @@ Usage:
     python tools/convert_weights.py unimiss CKPT --out encoder.pt [--entry teacher|student] [--variant tiny|small]
         [--decoder True|False] [--spatial_dims 2|3|[2,3]] [--transpose_2d True|False]
         [--img_size_2d 224] [--img_size_3d "[96,96,16]"] [--strict] [--trusted]
+    python tools/convert_weights.py medcoss CKPT --out encoder.pt [--transpose_2d True|False] [--heads 12]
+        [--img_size_2d 224] [--img_size_3d "[192,192,16]"] [--trusted]
 
 Subcommands:
     swav      SwAV / DeepCluster-v2 ResNet-50 (w2, w4, w5) checkpoints of facebookresearch/swav ->
@@ -21,6 +23,11 @@ Subcommands:
               ``medssl.networks.mit.MiT`` (``medssl.weights.convert_unimiss``): the teacher's (or student's) MiT
               weights renamed to MiT's keys, 3D kernels / position grids permuted from the reference's (D, H, W)
               to medssl's (X, Y, Z) depth-last order, 2D ones transposed to medssl's column-first 2D order.
+    medcoss   the MedCoSS pretraining checkpoints of yeerwen/MedCoSS (``Unified_Model`` under ``"model"``) ->
+              ``medssl.networks.MultiModalViT`` (``medssl.weights.convert_medcoss``), written as a MedCoSS stage's
+              ``encoder.pt`` (``{"state_dict", "stage", "kind", "config"}``, not a plain state dict): the shared
+              encoder, the text / 2D / 3D tokenizers (token-type and temporal position row 0 folded into the position
+              tables), the 3D kernel and grid permuted to (X, Y, Z), 2D ones transposed; decoder / MLM keys listed.
 
 Each subcommand writes OUT (a plain state dict, ``torch.load(weights_only=True)``-able) and OUT's ``.json`` manifest
 (format ``medssl-encoder/1``, as ``tools/export_encoder.py``), prints what was mapped and every source key that was
@@ -130,7 +137,45 @@ def dino(checkpoint: str, out: str, entry: str = "teacher", transpose_2d: bool =
     print(f"wrote {weights} ({report['mapped']} tensors, {report['arch']}) and {manifest}{kept}")
 
 
-CONVERTERS = {"unimiss": unimiss, "swav": swav, "dino": dino}
+def medcoss(
+    checkpoint: str,
+    out: str,
+    transpose_2d: bool = True,
+    heads: int | None = None,
+    img_size_2d: int | Sequence[int] = 224,
+    img_size_3d: Sequence[int] = (192, 192, 16),
+    trusted: bool = False,
+) -> None:
+    """Convert a published MedCoSS checkpoint to the encoder file of the ssl_medcoss_continual_pretrain bundle (what
+    each stage writes as encoder.pt): start a stage from it (its folder as the previous stage) or embed with
+    ``MultiModalViTEmbedder(kind, **saved["config"])``. The manifest (OUT's .json) lists the keys not converted.
+
+    Args:
+        checkpoint: the authors' checkpoint (weights under "model"), or a plain Unified_Model state dict.
+        out: the file to write (e.g. encoder.pt); the manifest goes beside it (encoder.json).
+        transpose_2d: transpose the 2D kernel and position grid to medssl's column-first 2D images (default True).
+        heads: attention heads (default: width / 64, 12 for ViT-B).
+        img_size_2d: the 2D input size of the position table, medssl's (X, Y) order (224).
+        img_size_3d: the 3D input size (X, Y, Z), depth last ([192, 192, 16] = the reference's 16 x 192 x 192).
+        trusted: allow full unpickling if the checkpoint cannot be read with weights_only=True.
+    """
+    from medssl.weights.convert_medcoss import convert_medcoss_checkpoint
+
+    if isinstance(img_size_3d, str) or isinstance(img_size_2d, str):
+        raise ValueError("--img_size_2d / --img_size_3d take numbers or lists such as [192,192,16]")
+    weights, manifest, report = convert_medcoss_checkpoint(
+        checkpoint, out, transpose_2d=transpose_2d, trusted=trusted, heads=heads, img_size_2d=img_size_2d,
+        img_size_3d=tuple(img_size_3d) if not isinstance(img_size_3d, int) else img_size_3d,
+    )
+    unused = report["unused_keys"]
+    print(f"not converted ({len(unused)}, not encoder): {', '.join(unused[:10])}"
+          + (f", ... and {len(unused) - 10} more" if len(unused) > 10 else ""))
+    print(f"wrote {weights} ({report['mapped']} source tensors -> {report['num_tensors']}, MultiModalViT width "
+          f"{report['config']['dim']}, depth {report['config']['depth']}, vocabulary {report['config']['vocab_size']}) "
+          f"and {manifest}")
+
+
+CONVERTERS = {"unimiss": unimiss, "swav": swav, "dino": dino, "medcoss": medcoss}
 
 
 def main(argv: list[str] | None = None) -> None:
