@@ -33,6 +33,7 @@ def test_fast_deterministic_and_current(detection_set, tmp_path):
     assert seconds < 5.0, f"{seconds:.1f} s"
     assert [len(datalist[s]) for s in ("training", "validation", "test")] == list(DETECTION_SPLIT)
     assert datalist["detection_classes"] == list(DETECTION_CLASSES)
+    assert (out / DETECTION_DATALIST).is_file() and (out / datalist["training"][0]["image"]).is_file()
     assert detection_set_is_current(out, 0) and not detection_set_is_current(out, 1)
     again = json.loads(build_detection_set(tmp_path, seed=0).read_text())
     assert again == datalist
