@@ -13,6 +13,7 @@ from .export import (
 from .convert_unimiss import ConversionReport, convert_unimiss_checkpoint, convert_unimiss_state_dict
 from .convert_swav import convert_swav_checkpoint
 from .convert_dino import convert_dino_checkpoint
+from .convert_medcoss import convert_medcoss_checkpoint
 from .stages import load_stage_weights
 from .loading import (
     ENCODER_ADAPTERS,
