@@ -104,3 +104,40 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, capfd):
     lines = [line for line in (captured.out + captured.err).splitlines() if "non-finite loss" in line]
     assert lines, "no non-finite loss was reported"
     assert f"Last good checkpoint: {out / 'ckpt' / 'checkpoint_0000000'}" in lines[0], lines[0]
+
+
+def test_mit_variant_loads_an_exported_unimiss_mit(tmp_path):
+    """configs/mit.json (+ smoke_mit.json's MiT-tiny sizes): an exported UniMiSS-style MiT (both paths, decoder) loads
+    into the detector's MiT with every tensor of its 2D encoder matched and the 3D path and decoder ignored; the
+    inference network of the variant gives the metadata's 21 dense channels."""
+    from medssl.networks.mit import mit_tiny
+    from medssl.weights import write_encoder_files
+
+    kwargs = {"dims": [8, 16, 32, 64], "decoder_dims": [32, 16, 8], "img_size_2d": 64}
+    torch.manual_seed(0)
+    source = mit_tiny(decoder=True, spatial_dims=(2, 3), **kwargs)
+    record = {"format": "medssl-encoder/1", "weights": "mit.pt", "spatial_dims": None,
+              "backbone": {"_target_": "medssl.networks.mit.mit_tiny", "kwargs": kwargs}}
+    write_encoder_files(source.state_dict(), tmp_path / "mit.pt", record)
+
+    parser = ConfigParser()
+    parser.read_config([str(DETECTION / "configs" / c) for c in ("train.json", "mit.json", "smoke.json",
+                                                                 "smoke_mit.json")])
+    parser.update({"bundle_root": str(DETECTION), "finetune_mode": "finetune"})
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    report = load_pretrained_encoder(network, str(tmp_path / "mit.pt"), encoder_prefix=ENCODER_PREFIX,
+                                     spatial_dims=2, verbose=False)
+    target = network.feature_extractor.encoder.state_dict()
+    assert report.adapter == "mit" and sorted(report.loaded) == sorted(target) and not report.not_loaded
+    assert any("3D path" in k for k in report.ignored) and any("decoder" in k for k in report.ignored)
+    for key, value in target.items():
+        assert torch.equal(value, source.state_dict()[key]), key
+    task = DetectionTask(build_detector(network, parser.get_parsed_content("base_anchor_shapes")))
+    out = task.training_step([{"image": torch.rand(1, 64, 64), "boxes": torch.tensor([[8.0, 8.0, 20.0, 24.0]]),
+                               "labels": torch.tensor([2])}])
+    assert torch.isfinite(out["loss"])
+
+    inference = ConfigParser()
+    inference.read_config([str(DETECTION / "configs" / c) for c in ("inference.json", "mit.json", "smoke_mit.json")])
+    dense = inference.get_parsed_content("network_def", instantiate=True)
+    assert tuple(dense(torch.rand(1, 1, 64, 64)).shape[:2]) == (1, 21)

@@ -10,6 +10,8 @@
   ``(B, A * (K + 4), N)`` (the per-level maps, classification channels first, flattened and concatenated over
   levels: N = sum of H_l * W_l) so that MONAI's ``verify_net_in_out`` and the bundle metadata see a tensor.
   The detector always reads the per-level maps (:meth:`ResNetRetinaNet.level_maps`).
+- :class:`MiTFPN` / :class:`MiTRetinaNet`: the same on UniMiSS's MiT encoder (2D path, stage maps ``encoder1`` ..
+  ``encoder4``), the issue's MiT-through-an-adapter variant (``configs/mit.json``).
 - :func:`build_detector`: MONAI's ``RetinaNetDetector`` around it with MONAI's own training components (ATSS
   matcher, hard-negative sampler; the detector's defaults would be torchvision's ``Matcher`` /
   ``BalancedPositiveNegativeSampler``), anchors of ``AnchorGeneratorWithAnchorShape`` and the box selector's
@@ -35,15 +37,30 @@ from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from medssl.networks.backbones import ResNetBackbone
+from medssl.networks.mit import MIT_VARIANTS, MiT
 
-__all__ = ["ResNetFPN", "ResNetRetinaNet", "MedsslRetinaNetDetector", "build_detector", "ENCODER_PREFIX",
-           "DEFAULT_LEVELS"]
+__all__ = ["ResNetFPN", "ResNetRetinaNet", "MiTFPN", "MiTRetinaNet", "PyramidRetinaNet", "MedsslRetinaNetDetector",
+           "build_detector", "ENCODER_PREFIX", "DEFAULT_LEVELS", "MIT_LEVELS"]
 
 #: where the pretrained encoder sits in :class:`ResNetRetinaNet` (``load_pretrained_encoder``'s ``encoder_prefix``)
 ENCODER_PREFIX = "feature_extractor.encoder"
 #: the ResNet stage maps the pyramid is built on (strides 4, 8, 16, 32; the extra max-pool level has stride 64)
 DEFAULT_LEVELS = ("layer1", "layer2", "layer3", "layer4")
 _LEVEL_STRIDES = {"stem": 2, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+#: the MiT encoder stage maps the pyramid is built on (strides 4, 8, 16, 32)
+MIT_LEVELS = ("encoder1", "encoder2", "encoder3", "encoder4")
+_MIT_STRIDES = {"encoder1": 4, "encoder2": 8, "encoder3": 16, "encoder4": 32}
+
+
+def _match_channels(x: torch.Tensor, channels: int, owner: str) -> torch.Tensor:
+    """Grey inputs repeated to the encoder's channels (an RGB-pretrained trunk); other mismatches are errors."""
+    if x.dim() != 4:
+        raise ValueError(f"{owner}: input of shape {tuple(x.shape)}; expected (B, C, X, Y)")
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] != 1:
+        raise ValueError(f"{owner}: input with {x.shape[1]} channels; expected {channels} (or 1)")
+    return x.expand(-1, channels, *x.shape[2:])
 
 
 class ResNetFPN(nn.Module):
@@ -100,50 +117,95 @@ class ResNetFPN(nn.Module):
         self.strides = tuple(_LEVEL_STRIDES[name] for name in levels) + (2 * _LEVEL_STRIDES[levels[-1]],)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.dim() != 4:
-            raise ValueError(f"ResNetFPN: input of shape {tuple(x.shape)}; expected (B, C, X, Y)")
-        channels = self.encoder.in_channels
-        if x.shape[1] != channels:
-            if x.shape[1] != 1:
-                raise ValueError(f"ResNetFPN: input with {x.shape[1]} channels; expected {channels} (or 1)")
-            x = x.expand(-1, channels, *x.shape[2:])
+        x = _match_channels(x, self.encoder.in_channels, "ResNetFPN")
         features = self.encoder.forward_features(x, levels=self.levels, pooled=False)
         return self.fpn(OrderedDict((name, features[name]) for name in self.levels))
 
 
-class ResNetRetinaNet(RetinaNet):
-    """MONAI's 2D ``RetinaNet`` on :class:`ResNetFPN`.
+class MiTFPN(nn.Module):
+    """UniMiSS's MiT encoder (2D path, no decoder) + MONAI's feature pyramid: the adapter of the issue's MiT variant.
+    ``(B, C, X, Y) -> {level: (B, fpn_channels, X / s, Y / s)}`` for the encoder stage maps ``encoder1`` ..
+    ``encoder4`` (strides 4-32) and one extra max-pooled level (stride 64).
 
     Args:
+        in_channels: channels of the images given (1: grey; repeated to ``mit_in_channels``).
+        variant: ``"tiny"`` or ``"small"`` (``medssl.networks.MIT_VARIANTS``).
+        img_size: the 2D size the position embeddings are sized for (224: UniMiSS's 2D pretraining, so an exported
+            encoder's embeddings load with their shapes; other input sizes resample them).
+        mit_in_channels: the MiT 2D path's input channels (3 in UniMiSS).
+        levels: the encoder maps the pyramid uses (default all four).
+        fpn_channels: channels of every pyramid level.
+        mit_kwargs: more :class:`medssl.networks.MiT` arguments (``dims``, ``num_heads``, ...).
+
+    Every MiT parameter gets a gradient from the pyramid (the SSL token takes part in the stages' attention), so
+    DistributedDataParallel needs no ``find_unused_parameters``.
+    """
+
+    def __init__(self, in_channels: int = 1, variant: str = "small", img_size: int | Sequence[int] = 224,
+                 mit_in_channels: int = 3, levels: Sequence[str] = MIT_LEVELS, fpn_channels: int = 256,
+                 **mit_kwargs) -> None:
+        super().__init__()
+        if variant not in MIT_VARIANTS:
+            raise ValueError(f"MiTFPN: unknown variant {variant!r}; known: {sorted(MIT_VARIANTS)}")
+        levels = tuple(levels)
+        if not levels or any(name not in _MIT_STRIDES for name in levels):
+            raise ValueError(f"MiTFPN: levels={levels}; expected a non-empty subset of {MIT_LEVELS}")
+        config = dict(MIT_VARIANTS[variant])
+        config.update(mit_kwargs)
+        config.update(in_channels_2d=int(mit_in_channels), img_size_2d=img_size)
+        self.in_channels = int(in_channels)
+        self.mit_in_channels = int(mit_in_channels)
+        self.encoder = MiT(spatial_dims=2, decoder=False, **config)
+        dims = list(config.get("dims", (48, 128, 256, 512)))
+        self.levels = levels
+        self.fpn = FeaturePyramidNetwork(
+            spatial_dims=2,
+            in_channels_list=[dims[MIT_LEVELS.index(name)] for name in levels],
+            out_channels=int(fpn_channels),
+            extra_blocks=LastLevelMaxPool(2),
+        )
+        self.out_channels = int(fpn_channels)
+        self.strides = tuple(_MIT_STRIDES[name] for name in levels) + (2 * _MIT_STRIDES[levels[-1]],)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = _match_channels(x, self.mit_in_channels, "MiTFPN")
+        features = self.encoder.forward_features(x, decode=False)
+        return self.fpn(OrderedDict((name, features[name]) for name in self.levels))
+
+
+class PyramidRetinaNet(RetinaNet):
+    """MONAI's 2D ``RetinaNet`` on a pyramid feature extractor (:class:`ResNetFPN`, :class:`MiTFPN`: ``encoder``,
+    ``out_channels``, ``strides``).
+
+    Args:
+        feature_extractor: the extractor.
         num_classes: lesion classes K (no background class: RetinaNet scores each class with a sigmoid).
         num_anchors: anchors per location A (``len(base_anchor_shapes)`` of the detector's anchor generator).
         dense_output: ``forward`` returns one tensor ``(B, A * (K + 4), N)`` instead of MONAI's dict of per-level maps
             (module docstring); the detector reads the maps either way.
-        kwargs: :class:`ResNetFPN` arguments (``in_channels``, ``layers``, ``block_inplanes``, ``width``, ``levels``,
-            ``fpn_channels``, ...).
 
     Inputs ``(B, C, X, Y)`` with X and Y multiples of ``size_divisible`` (2 x the coarsest stride, 64 by default; the
     detector pads other sizes).
     """
 
-    def __init__(self, num_classes: int, num_anchors: int = 3, dense_output: bool = False, **kwargs) -> None:
-        extractor = ResNetFPN(**kwargs)
+    def __init__(self, feature_extractor: nn.Module, num_classes: int, num_anchors: int = 3,
+                 dense_output: bool = False) -> None:
         super().__init__(
             spatial_dims=2,
             num_classes=int(num_classes),
             num_anchors=int(num_anchors),
-            feature_extractor=extractor,
-            size_divisible=extractor.strides[-1],
+            feature_extractor=feature_extractor,
+            size_divisible=feature_extractor.strides[-1],
         )
         self.dense_output = bool(dense_output)
 
     @property
     def encoder(self) -> nn.Module:
-        """The ResNet trunk (``feature_extractor.encoder``)."""
+        """The pretrained trunk (``feature_extractor.encoder``)."""
         return self.feature_extractor.encoder
 
     @contextlib.contextmanager
-    def level_maps(self) -> Iterator["ResNetRetinaNet"]:
+    def level_maps(self) -> Iterator["PyramidRetinaNet"]:
         """Within the block ``forward`` returns MONAI's dict of per-level maps (what ``RetinaNetDetector`` reads)."""
         previous, self.dense_output = self.dense_output, False
         try:
@@ -159,6 +221,31 @@ class ResNetRetinaNet(RetinaNet):
             torch.cat([cls, box], dim=1).flatten(2) for cls, box in zip(out[self.cls_key], out[self.box_reg_key])
         ]
         return torch.cat(parts, dim=2)
+
+
+class ResNetRetinaNet(PyramidRetinaNet):
+    """:class:`PyramidRetinaNet` on :class:`ResNetFPN` (the default network of the bundle).
+
+    Args:
+        num_classes, num_anchors, dense_output: as :class:`PyramidRetinaNet`.
+        kwargs: :class:`ResNetFPN` arguments (``in_channels``, ``layers``, ``block_inplanes``, ``width``, ``levels``,
+            ``fpn_channels``, ...).
+    """
+
+    def __init__(self, num_classes: int, num_anchors: int = 3, dense_output: bool = False, **kwargs) -> None:
+        super().__init__(ResNetFPN(**kwargs), num_classes, num_anchors, dense_output)
+
+
+class MiTRetinaNet(PyramidRetinaNet):
+    """:class:`PyramidRetinaNet` on :class:`MiTFPN` (``configs/mit.json``: UniMiSS's MiT through the pyramid adapter).
+
+    Args:
+        num_classes, num_anchors, dense_output: as :class:`PyramidRetinaNet`.
+        kwargs: :class:`MiTFPN` arguments (``in_channels``, ``variant``, ``img_size``, ``dims``, ``fpn_channels``, ...).
+    """
+
+    def __init__(self, num_classes: int, num_anchors: int = 3, dense_output: bool = False, **kwargs) -> None:
+        super().__init__(MiTFPN(**kwargs), num_classes, num_anchors, dense_output)
 
 
 class MedsslRetinaNetDetector(RetinaNetDetector):
@@ -215,7 +302,7 @@ def build_detector(
     strides = getattr(getattr(network, "feature_extractor", None), "strides", None)
     if strides is None:
         raise ValueError(f"build_detector: {type(network).__name__} has no feature_extractor.strides (use "
-                         "medssl.detection.ResNetRetinaNet)")
+                         "medssl.detection.ResNetRetinaNet or MiTRetinaNet)")
     scales = tuple(s // strides[0] for s in strides)
     shapes = tuple(tuple(float(v) for v in shape) for shape in base_anchor_shapes)
     if any(len(shape) != 2 for shape in shapes):
