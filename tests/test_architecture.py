@@ -10,8 +10,8 @@ from conftest import REPO
 
 PACKAGE = REPO / "common" / "medssl"
 # bottom to top; a sub-package may import a lower one or itself ("" = the medssl package root: __version__)
-LAYERS = ["utils", "data", "transforms", "networks", "losses", "methods", "engines", "weights", "evaluation",
-          "downstream"]
+LAYERS = ["utils", "text", "data", "transforms", "networks", "losses", "methods", "engines", "weights", "evaluation",
+          "downstream", "detection"]
 SIDE = {"cli": 0, "bundle": 0, "": 0}  # beside utils at the bottom
 # (module file, imported module) pairs allowed inside functions, for a documented cycle: none now (data/demo/builder.py
 # imports data/learnability.py at its top; learnability imports only the demo's generators and writers)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOOLS
-from medssl.methods.medcoss_stages import start_encoder
+from medssl.engines.medcoss_stages import start_encoder
 from medssl.networks import MultiModalViT, MultiModalViTEmbedder
 from medssl.weights.convert_medcoss import convert_medcoss_checkpoint, convert_medcoss_state_dict
 

@@ -19,12 +19,14 @@ from typing import Any
 import torch
 from monai.transforms import MapTransform
 
-from medssl.data.pipeline import load_items
+from medssl.data.pipeline import load_items, make_dataset
 from medssl.data.seeded import SampleKey, item_seed
+from medssl.text import load_tokenizer, pack_text, read_labelled_reports, read_reports, train_wordpiece
+from medssl.utils.dist import is_main_process
 
 __all__ = [
     "TEXT_KIND", "stage_items", "FirstCropd", "RehearsalDataset", "read_buffers", "rehearsal_datasets",
-    "table_loaders",
+    "table_loaders", "labelled_text_items", "text_inputs", "PackTextd", "text_tokenizer", "save_tokenizer",
 ]
 
 TEXT_KIND = "text"
@@ -144,8 +146,6 @@ def rehearsal_datasets(
     ``CacheDataset``)."""
     from monai.transforms import Compose
 
-    from medssl.data.pipeline import make_dataset
-
     out = []
     for entry in read_buffers(previous_stage_dir):
         path = Path(entry["datalist"])
@@ -182,3 +182,79 @@ def table_loaders(
             dataset = Dataset(items, Compose(list(transforms_by_kind[spec["kind"]])))
             loaders[name] = DataLoader(dataset, batch_size=int(batch_size), num_workers=0)
     return loaders
+
+
+# --------------------------------------------------------------------------------------------- text downstream
+def labelled_text_items(
+    source: str, section: str = "training", classes: Sequence[str] | None = None, max_items: int | None = None
+) -> list[dict]:
+    """Labelled text items ``{"text", "label"}``: a medssl JSON datalist's ``section`` (items with ``"text"`` and an
+    int ``"label"``, e.g. the demo's ``datalist_sentences.json``), or a whole ``.csv`` / ``.jsonl`` file of labelled
+    sentences (:func:`medssl.text.read_labelled_reports`; labels are class names from ``classes`` or indices)."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a JSON datalist with text items, or a .csv / .jsonl file)")
+    if path.suffix.lower() == ".json":
+        raw = stage_items("text", section, text_datalist=str(path))  # checks every item has text
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        labels = [it.get("label") for it in doc.get(section, [])]
+        bad = [i for i, v in enumerate(labels) if isinstance(v, bool) or not isinstance(v, int)]
+        if bad:
+            raise ValueError(f"{path} [{section}]: item {bad[0]} has no int 'label' ({len(bad)} such items)")
+        items = [{"text": it["text"], "label": int(v)} for it, v in zip(raw, labels)]
+    else:
+        records, _ = read_labelled_reports(path, classes)
+        items = [{"text": str(r["text"]), "label": int(r["label"])} for r in records]
+    if classes is not None:
+        out_of_range = [it["label"] for it in items if not 0 <= it["label"] < len(classes)]
+        if out_of_range:
+            raise ValueError(f"{path}: label {out_of_range[0]} is outside the {len(classes)} classes {list(classes)}")
+    return items[: int(max_items)] if max_items is not None else items
+
+
+def text_tokenizer(
+    tokenizer_dir: str | None, texts: Sequence[str] | None = None, vocab_size: int = 30522, min_frequency: int = 2,
+    max_length: int = 112,
+) -> Any:
+    """A tokenizer folder (the MedCoSS stage's ``tokenizer/`` for a pretrained encoder), or, with ``tokenizer_dir``
+    null, a WordPiece vocabulary trained on ``texts`` (training from scratch)."""
+    if tokenizer_dir:
+        return load_tokenizer(tokenizer_dir, max_length)
+    if not texts:
+        raise ValueError("text_tokenizer: give tokenizer_dir (the pretrained encoder's tokenizer folder) or texts")
+    return train_wordpiece(texts, vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+                           max_length=int(max_length))
+
+
+class PackTextd:
+    """``input_ids`` and ``attention_mask`` (L,) -> ``data[key]`` (2, L) int64 (:func:`medssl.networks.pack_text`),
+    the single input tensor of :class:`medssl.networks.MultiModalClassifier`."""
+
+    def __init__(self, key: str = "image", ids_key: str = "input_ids", mask_key: str = "attention_mask") -> None:
+        self.key, self.ids_key, self.mask_key = key, ids_key, mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        out[self.key] = pack_text(torch.as_tensor(out.pop(self.ids_key)), torch.as_tensor(out.pop(self.mask_key)))
+        return out
+
+
+def text_inputs(source: str, section: str = "test") -> list[dict]:
+    """Texts to classify, each ``{"text", "case"}``: a JSON datalist's ``section`` (``case`` = the item's ``id`` or
+    ``<section>_<index>``), or a report file / folder (:func:`medssl.text.read_reports`: ``.txt`` one a line,
+    ``.jsonl`` / ``.csv`` with a text field, a folder of ``.txt``; ``case`` = ``<file stem>_<index>``)."""
+    path = Path(source)
+    if path.suffix.lower() == ".json" and path.is_file():
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        raw = doc.get(section, []) if isinstance(doc, Mapping) else []
+        items = stage_items("text", section, text_datalist=str(path))
+        return [{"text": it["text"], "case": str(r.get("id", f"{section}_{i:05d}"))} for i, (it, r) in
+                enumerate(zip(items, raw))]
+    return [{"text": t, "case": f"{path.stem}_{i:05d}"} for i, t in enumerate(read_reports(path))]
+
+
+def save_tokenizer(tokenizer: Any, folder: str) -> str:
+    """Save ``tokenizer`` into ``folder`` on rank 0 (the folder a trained network's inference reads); returns it."""
+    if is_main_process():
+        tokenizer.save(folder)
+    return folder

@@ -25,5 +25,13 @@ from .mit import MIT_VARIANTS, MiT, mit_small, mit_tiny, resample_position_embed
 from .segmentation import RESNET_SKIP_LEVELS, MiTSegmenter, ResNetUNet, SegmentationHead, SliceWiseResNetUNet
 from .classification import ClassificationHead, EncoderClassifier
 from .vit import VIT_VARIANTS, ViTBackbone, vit_base, vit_small
-from .multimodal_vit import KINDS as MULTIMODAL_KINDS, MultiModalEncoder, MultiModalViT, MultiModalViTEmbedder, random_masking
+from .multimodal_vit import (
+    KINDS as MULTIMODAL_KINDS,
+    MultiModalClassifier,
+    MultiModalEncoder,
+    MultiModalViT,
+    MultiModalViTEmbedder,
+    pack_text,
+    random_masking,
+)
 from .medcoss_heads import MAEDecoder, MLMHead

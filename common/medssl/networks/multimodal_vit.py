@@ -31,8 +31,12 @@ import torch
 import torch.nn as nn
 
 from medssl.networks.vit import _Block
+from medssl.text import pack_text
 
-__all__ = ["MultiModalViT", "MultiModalViTEmbedder", "MultiModalEncoder", "random_masking", "KINDS"]
+__all__ = [
+    "MultiModalViT", "MultiModalViTEmbedder", "MultiModalClassifier", "MultiModalEncoder", "random_masking", "KINDS",
+    "pack_text",
+]
 
 KINDS = ("text", "2d", "3d")
 
@@ -261,3 +265,41 @@ class MultiModalViTEmbedder(MultiModalViT):
             weights = attention_mask[..., None].to(tokens.dtype)
             return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return tokens.mean(dim=1)
+
+
+class MultiModalClassifier(nn.Module):
+    """MedCoSS's classification network: ``encoder`` (a :class:`MultiModalViTEmbedder`: the mean of its output tokens,
+    over the real tokens for text) and a head, as the MedCoSS appendix's Table 1: ``"mlp"`` = Linear(dim, dim) -
+    LayerNorm - GELU - Linear(dim, classes) (reports, 3D CT), ``"linear"`` = one Linear (X-ray, pathology).
+
+    Input: images (B, C, X, Y) / volumes (B, C, X, Y, Z) for the 2D / 3D kinds; for text the packed ids and attention
+    mask (B, 2, L) of :func:`pack_text`. Output: logits (B, num_classes)."""
+
+    def __init__(self, encoder: MultiModalViTEmbedder, num_classes: int, head: str = "mlp") -> None:
+        super().__init__()
+        if not isinstance(encoder, MultiModalViTEmbedder):
+            raise TypeError(f"MultiModalClassifier: encoder must be a MultiModalViTEmbedder, got {type(encoder).__name__}")
+        if head not in ("mlp", "linear"):
+            raise ValueError(f"MultiModalClassifier: head must be 'mlp' or 'linear', got {head!r}")
+        self.encoder, self.kind = encoder, encoder.kind
+        # the other kinds' tokenizers (and the class token, for text) take no part: frozen, so DistributedDataParallel
+        # sees no unused parameter
+        for name, tokenizer in encoder.tokenizers.items():
+            tokenizer.requires_grad_(name == self.kind)
+        encoder.cls_token.requires_grad_(self.kind != "text")
+        dim = encoder.dim
+        if head == "mlp":
+            self.head = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, int(num_classes)))
+        else:
+            self.head = nn.Linear(dim, int(num_classes))
+        self.feature_dim = dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "text":
+            if x.dim() != 3 or x.shape[1] != 2:
+                raise ValueError(f"MultiModalClassifier: text input is packed ids + mask (B, 2, L), got {tuple(x.shape)}")
+            return self.encoder(x[:, 0].long(), attention_mask=x[:, 1].long())
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

@@ -29,7 +29,7 @@ from .tokenizer import (
     load_tokenizer,
     train_wordpiece,
 )
-from .transforms import TokenizeTextd
+from .transforms import TokenizeTextd, pack_text
 
 __all__ = [
     "CLS",
@@ -49,5 +49,6 @@ __all__ = [
     "read_reports",
     "read_report_records",
     "read_labelled_reports",
+    "pack_text",
     "TokenizeTextd",
 ]

@@ -76,3 +76,12 @@ class TokenizeTextd:
         if self.drop_text:
             del item[self.key]
         return item
+
+
+def pack_text(input_ids, attention_mask):
+    """Ids and attention mask (L,) or (B, L) stacked as one int64 input (2, L) / (B, 2, L), so that text passes through
+    MONAI's engines, inferers and bundle checks as a single ``image``-like tensor
+    (:class:`medssl.networks.MultiModalClassifier`)."""
+    import torch
+
+    return torch.stack((torch.as_tensor(input_ids).long(), torch.as_tensor(attention_mask).long()), dim=-2)

@@ -1,7 +1,7 @@
 """Convert the published MedCoSS checkpoints (yeerwen/MedCoSS, the pretraining ``Unified_Model``) into the encoder
 file of the ``ssl_medcoss_continual_pretrain`` bundle: ``{"state_dict": MultiModalViT state dict, "stage":
 "converted", "kind": None, "config": MultiModalViT kwargs}``, the format every stage writes as ``encoder.pt``, so
-that :func:`medssl.methods.medcoss_stages.start_encoder` (a stage started from it) and
+that :func:`medssl.engines.medcoss_stages.start_encoder` (a stage started from it) and
 ``medssl.networks.MultiModalViTEmbedder(kind, **saved["config"])`` (embeddings, ``inference.json``) load it; plus a
 JSON manifest beside it (source name and sha256, mapped count, the keys that were not converted).
 
@@ -341,7 +341,7 @@ def convert_medcoss_checkpoint(
         "weights": out_path.name,
         "method": f"MedCoSS (published checkpoint, {SOURCE_REPOSITORY})",
         "model": {"_target_": "medssl.networks.MultiModalViT", "kwargs": kwargs},
-        "load_with": "medssl.methods.medcoss_stages.start_encoder (as <stage dir>/encoder.pt) or "
+        "load_with": "medssl.engines.medcoss_stages.start_encoder (as <stage dir>/encoder.pt) or "
         "medssl.networks.MultiModalViTEmbedder(kind, **torch.load(weights)['config'])",
         "layout_2d": "column-first (C, W, H), medssl's 2D layout (transpose_2d=True)" if transpose_2d
         else "rows first (C, H, W), as the reference (transpose_2d=False)",

@@ -135,6 +135,10 @@ register_encoder_adapter(
     EncoderAdapter("mit", ("MiT",), ("MiT",), optional_source=_mit_optional, dimension_free=True)
 )
 register_encoder_adapter(EncoderAdapter("hybrid_volume", _HYBRID, _HYBRID, optional_source=_hybrid_optional))
+# MedCoSS: a stage's encoder.pt (MultiModalViT with its text / 2D / 3D tokenizers) into the downstream embedder
+register_encoder_adapter(
+    EncoderAdapter("multimodal_vit", ("MultiModalViT",), ("MultiModalViT",), dimension_free=True)
+)
 # Nguyen et al. 2023: the f_intra trunk of a stage-3 (or stage-2) volume encoder as a 2D ResNet-50 (2D tasks,
 # slice-wise 3D)
 register_encoder_adapter(

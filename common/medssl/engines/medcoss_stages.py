@@ -2,7 +2,7 @@
 
 A chain runs its stages in order (reports -> X-ray -> CT -> MRI -> pathology by default), each a full bundle run of
 the same merged config with ``stage`` set, in ``<output_dir>/<stage>`` with checkpoints in ``<ckpt_dir>/<stage>``
-(:func:`run_stages`). A stage:
+(:func:`medssl.engines.chain.run_stages`). A stage:
 
 1. starts from the previous stage's exported encoder (:func:`start_encoder`) and tokenizer (:func:`stage_tokenizer`;
    the text stage trains a WordPiece vocabulary on its reports when no tokenizer folder is given);
@@ -20,7 +20,6 @@ from its last checkpoint.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -30,14 +29,16 @@ from typing import Any
 import torch
 
 from medssl.utils.dist import barrier, is_main_process
+from medssl.data.rehearsal import select_rehearsal_items, write_rehearsal_datalist
 from medssl.networks.medcoss_heads import MAEDecoder, MLMHead
 from medssl.networks.multimodal_vit import MultiModalViT
-from medssl.utils.io import atomic_write_text
+from medssl.text import load_tokenizer, train_wordpiece
+from medssl.utils.io import atomic_torch_save, atomic_write_text
 
-from .medcoss import MedCoSS, reconstruction_loss
+from medssl.methods.medcoss import MedCoSS, reconstruction_loss
 
 __all__ = [
-    "STAGE_DONE", "print_stage_table", "stage_tokenizer", "start_encoder", "finish_stage", "run_stages", "previous_stage", "stage_kinds",
+    "STAGE_DONE", "print_stage_table", "stage_tokenizer", "start_encoder", "finish_stage", "previous_stage", "stage_kinds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def stage_tokenizer(
     """The stage's :class:`medssl.text.TextTokenizer`: ``tokenizer_dir`` if given, else the previous stage's, else
     (text stage) a WordPiece vocabulary trained on ``texts``; ``None`` for an image stage with no text before it.
     Saved to ``<output_dir>/tokenizer`` (rank 0) for the next stage and for downstream use."""
-    from medssl.text import load_tokenizer, train_wordpiece
-
     tokenizer = None
     if tokenizer_dir:
         tokenizer = load_tokenizer(tokenizer_dir, max_length)
@@ -199,8 +198,6 @@ def finish_stage(
     model_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the stage's outputs (see the module docstring); returns the stage table row."""
-    from medssl.data.rehearsal import select_rehearsal_items, write_rehearsal_datalist
-
     out = Path(output_dir)
     device = torch.device(device)
     encoder = method.encoder
@@ -209,13 +206,15 @@ def finish_stage(
     kind = method.kind
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": encoder.state_dict(), "stage": stage, "kind": kind, "config": dict(model_config or {})},
-                   out / ENCODER_FILE)
+        atomic_torch_save(
+            {"state_dict": encoder.state_dict(), "stage": stage, "kind": kind, "config": dict(model_config or {})},
+            out / ENCODER_FILE,
+        )
         head = method.mlm_head if kind == "text" else method.decoder
         head_config = {} if kind == "text" else {
             "dim": head.embed.out_features, "depth": len(head.blocks), "heads": head.blocks[0].attn.num_heads,
         }
-        torch.save({"state_dict": head.state_dict(), "kind": kind, "config": head_config}, out / HEADS_FILE)
+        atomic_torch_save({"state_dict": head.state_dict(), "kind": kind, "config": head_config}, out / HEADS_FILE)
         # rehearsal buffer of this stage's training items
         feats = _mean_token_features(encoder, kind, buffer_loader, device).numpy()
         idx, clusters, dists = select_rehearsal_items(feats, cluster_fraction, keep_fraction, seed)
@@ -240,54 +239,6 @@ def finish_stage(
     encoder.train(was_training)
     barrier()
     return row
-
-
-# --------------------------------------------------------------------------------------------- the chain
-def run_stages(order: Sequence[str], run_only: Sequence[str] | None, output_dir: str, ckpt_dir: str,
-               resume: Any = False, stage_key: str = "stage", stage_run_key: str = "stage_run") -> list[str]:
-    """Run the chain's stages (see the module docstring) from the bundle config evaluating this call: for each stage
-    a new ``ConfigParser`` of the same merged config (command-line overrides included) with ``stage``,
-    ``output_dir``, ``ckpt_dir`` and ``previous_stage_dir`` set, whose ``stage_run`` list is evaluated. Returns the
-    stages run."""
-    from monai.bundle import ConfigParser
-
-    from medssl.bundle import as_bool
-    from medssl.engines.run_config import _active_config_parser
-
-    parser = _active_config_parser()
-    if parser is None:
-        raise ValueError("run_stages: call it from a bundle config expression ($medssl.methods.medcoss_stages...)")
-    order = list(order)
-    wanted = list(order if run_only in (None, "", []) else run_only)
-    unknown = [s for s in wanted if s not in order]
-    if unknown:
-        raise ValueError(f"MedCoSS: unknown stage(s) {unknown}; the stages are {order}")
-    resume = as_bool(resume, "resume")
-    root, ckpt_root = Path(output_dir), Path(ckpt_dir)
-    ran = []
-    for stage in order:
-        if stage not in wanted:
-            continue
-        prev = previous_stage(order, stage)
-        stage_dir = root / stage
-        if (stage_dir / STAGE_DONE).is_file():
-            if resume:
-                logger.info("stage %s is done (%s): skipped", stage, stage_dir / STAGE_DONE)
-                continue
-            raise FileExistsError(
-                f"{stage_dir}: stage {stage} already ran; pass --resume true to continue the chain, or another "
-                "--output_dir"
-            )
-        config = copy.deepcopy(parser.get())
-        config.update({
-            stage_key: stage, "output_dir": str(stage_dir), "ckpt_dir": str(ckpt_root / stage),
-            "previous_stage_dir": str(root / prev) if prev else None,
-        })
-        logger.info("MedCoSS stage %s (%d of %d) in %s", stage, order.index(stage) + 1, len(order), stage_dir)
-        sub = ConfigParser(config)
-        sub.get_parsed_content(stage_run_key)
-        ran.append(stage)
-    return ran
 
 
 def print_stage_table(output_dir: str, order: Sequence[str]) -> str | None:
