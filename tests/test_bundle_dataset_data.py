@@ -17,7 +17,13 @@ from medssl.data.bundle_datasets import with_defaults
 
 from conftest import BUNDLES, PYTHON, run_cmd
 
-TRAINING_BUNDLES = [b for b in find_bundles(BUNDLES) if (b / "configs" / "train.json").is_file()]
+# the MedCoSS chain runs five stages, each of its own modality and kind: its train#dataset is the rehearsal wrapper
+# around the stage's items (train#current#data), which a list of items for every stage would not fit; no MONAI Label
+# use either (it pretrains)
+NOT_SETTABLE = {"ssl_medcoss_continual_pretrain"}
+TRAINING_BUNDLES = [
+    b for b in find_bundles(BUNDLES) if (b / "configs" / "train.json").is_file() and b.name not in NOT_SETTABLE
+]
 
 
 def _items(demo_datalist: Path, n: int, *, dims=(2,), modalities=None, label=None, keys=None) -> list[dict]:
@@ -58,6 +64,13 @@ def _data_for(bundle: str, demo: Path) -> tuple[list[dict], bool]:
     if bundle in ("ssl_unimiss_pretrain", "ssl_joint_image_volume_pretrain"):
         return _items(demo, 6, keys=("image", "modality", "dim")) + _items(demo, 2, dims=(3,), keys=(
             "image", "modality", "dim")), False
+    if bundle == "xray_lesion_detection":
+        items = json.loads((demo.parent / "datalist_detection_2d.json").read_text())["training"][:4]
+        boxes = [{"image": str(demo.parent / it["image"]), "boxes": it["boxes"], "labels": it["labels"]} for it in items]
+        return boxes, True
+    if bundle == "report_classification":
+        items = json.loads((demo.parent / "datalist_sentences.json").read_text())["training"][:10]
+        return [{"text": it["text"], "label": it["label"]} for it in items], False
     raise AssertionError(f"no test data for the training bundle {bundle}: add it here")
 
 
