@@ -80,3 +80,27 @@ def test_argument_errors():
         tool.compare(methods="swav,byol")
     with pytest.raises(ValueError, match="--fractions"):
         tool.compare(methods="swav", fractions="0.1,2")
+
+
+def test_detection_column_builds_the_exported_architecture_and_shows_in_the_table():
+    tool = _tool()
+    overrides = tool._detection_overrides(RESNET)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / "xray_lesion_detection" / "configs" / "train.json")])
+    for key, value in overrides.items():
+        parser[key] = value
+    network = parser.get_parsed_content("network_def")
+    encoder_state = {k.split("encoder.", 1)[1]: v.shape for k, v in network.state_dict().items() if ".encoder." in k
+                     or k.startswith("encoder.")}
+    from medssl.networks import ResNetBackbone
+
+    exported = ResNetBackbone(**RESNET["backbone"]["kwargs"]).state_dict()
+    assert exported and all(encoder_state.get(k) == v.shape for k, v in exported.items())
+    with pytest.raises(ValueError, match="no detection mapping"):
+        tool._detection_overrides({"backbone": {"_target_": "x.MiT", "kwargs": {}}})
+    base = dict(_row("swav", 0.40, 0.02, random=True), detection_map50=0.61)
+    row = dict(_row("swav", 0.50, 0.03), detection_map50=0.68)
+    table = tool.format_table([row, base, _row("unimiss", 0.3, 0.01, arch="mit")], [0.1], 3, detection_epochs=40)
+    assert table.splitlines()[0].endswith("| detection mAP@0.5 (test) | beats random (linear 10 %, CIs apart) |")
+    assert "| 0.500 ± 0.030 | 0.680 | **yes** |" in table and "| 0.400 ± 0.020 | 0.610 | (baseline) |" in table
+    assert "| 0.300 ± 0.010 | — | n/a |" in table

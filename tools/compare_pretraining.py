@@ -3,7 +3,7 @@
 Usage:
     python tools/compare_pretraining.py [--dataset-dir demo_data] [--work-dir runs/compare] \\
         [--methods swav,deepcluster,unimiss,joint] [--fractions 0.01,0.1,1.0] [--seeds 3] \\
-        [--pretrain-seeds 1] [--finetune-epochs 20] [--out-dir runs/compare]
+        [--pretrain-seeds 1] [--finetune-epochs 20] [--detection-epochs 0] [--out-dir runs/compare]
 
 What it does (every pretraining / fine-tuning step is a ``python -m monai.bundle run`` or tool command, printed
 before it runs, so any row can be reproduced by hand; steps whose output exists are skipped, so an interrupted
@@ -24,6 +24,9 @@ comparison resumes):
    learnability set's flat classes, three per modality (chance within a modality 1/3);
 4. fine-tunes ``xray_classification`` on 10 % of the learnability set's X-ray items from each 2D ResNet and from
    scratch (``--finetune-epochs``, 0 = skip), one seed, and reports test accuracy;
+   with ``--detection-epochs N`` (default 0 = off) also trains ``xray_lesion_detection`` (its ``demo.json``: the
+   demo's detection phantoms) from each 2D ResNet and from scratch for N epochs, one seed, and reports the test
+   mAP@0.5;
 5. prints one markdown table -- with a verdict per method: does its linear probe at 10 % labels beat random with
    non-overlapping confidence intervals? -- and writes it with the raw numbers to ``--out-dir`` (``comparison.md``,
    ``comparison.json``).
@@ -35,7 +38,6 @@ how well it does at the papers' scale. The README gives the measured table, its 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -190,6 +192,41 @@ def finetune_and_evaluate(tag: str, manifest_path: Path, datalist: Path, dataset
     return json.loads(summary_file.read_text())
 
 
+def _detection_overrides(manifest: dict) -> dict[str, Any]:
+    """``xray_lesion_detection`` overrides that give its RetinaNet backbone the exported ResNet's architecture."""
+    target = manifest["backbone"]["_target_"]
+    if not target.endswith("ResNetBackbone"):
+        raise ValueError(f"compare_pretraining: no detection mapping for encoder {target}")
+    kwargs = manifest["backbone"]["kwargs"]
+    out = {"resnet_layers": list(kwargs["layers"]), "resnet_width": kwargs.get("width", 1),
+           "in_channels": kwargs.get("in_channels", 1)}
+    if kwargs.get("block_inplanes"):
+        out["resnet_block_inplanes"] = list(kwargs["block_inplanes"])
+    return out
+
+
+def detect_and_evaluate(tag: str, manifest_path: Path, dataset_dir: Path, work: Path, epochs: int,
+                        random_init: bool) -> dict[str, Any]:
+    """Train ``xray_lesion_detection`` (its ``demo.json``: the demo's detection phantoms) from the encoder (or from
+    scratch with its architecture) for ``epochs`` and evaluate on the test section; returns the evaluation summary."""
+    bundle = BUNDLES / "xray_lesion_detection"
+    out_dir = work / "detection" / tag
+    eval_dir = out_dir / "eval"
+    summary_file = eval_dir / "metrics_summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    common = {"dataset_dir": str(dataset_dir), "seed": 0, **_detection_overrides(json.loads(manifest_path.read_text()))}
+    configs = ["configs/train.json", "configs/demo.json"]
+    train = {**common, "epochs": epochs, "output_dir": str(out_dir), "ckpt_dir": str(out_dir / "ckpt"),
+             "finetune_mode": "scratch" if random_init else "finetune",
+             "pretrained_path": "" if random_init else str(manifest_path)}
+    if not (out_dir / "models" / "model.pt").is_file():
+        _bundle_run(bundle, configs, train, work / "logs" / f"detection_{tag}.log")
+    evaluate = {**common, "output_dir": str(eval_dir), "model_path": str(out_dir / "models" / "model.pt")}
+    _bundle_run(bundle, [*configs, "configs/evaluate.json"], evaluate, work / "logs" / f"detection_{tag}_eval.log")
+    return json.loads(summary_file.read_text())
+
+
 def compare(
     dataset_dir: str = "demo_data",
     work_dir: str = "runs/compare",
@@ -198,6 +235,7 @@ def compare(
     seeds: int = 3,
     pretrain_seeds: int = 1,
     finetune_epochs: int = 20,
+    detection_epochs: int = 0,
     out_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the comparison (see the module docstring); returns the table rows."""
@@ -246,11 +284,15 @@ def compare(
                     tag = f"{method}_random" if random_init else f"{method}_seed0"
                     summary = finetune_and_evaluate(tag, manifests[0], xr, dataset, work, finetune_epochs, random_init)
                     row["finetune@0.1"] = _metric(summary, "accuracy")
+                if int(detection_epochs) > 0 and dims == 2 and "ResNetBackbone" in arch:
+                    tag = f"{method}_random" if random_init else f"{method}_seed0"
+                    summary = detect_and_evaluate(tag, manifests[0], dataset, work, int(detection_epochs), random_init)
+                    row["detection_map50"] = float(summary["map50"])
                 rows.append(row)
                 print(f"[{label}, {dims}D] " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in row.items()
                                                        if isinstance(v, dict)), flush=True)
     minutes = (time.perf_counter() - started) / 60
-    table = format_table(rows, fractions, seeds, int(pretrain_seeds), finetune_epochs)
+    table = format_table(rows, fractions, seeds, int(pretrain_seeds), finetune_epochs, int(detection_epochs))
     print(table)
     print(f"comparison took {minutes:.0f} min")
     out = Path(out_dir or work_dir)
@@ -277,13 +319,14 @@ def beats_random(row: dict[str, Any], baseline: dict[str, Any], key: str = "line
 
 
 def format_table(rows: list[dict[str, Any]], fractions: list[float], seeds: int, pretrain_seeds: int = 1,
-                 finetune_epochs: int = 0) -> str:
+                 finetune_epochs: int = 0, detection_epochs: int = 0) -> str:
     """One markdown table: accuracy mean ± 95 % CI per probe and label fraction, and the verdict per method."""
     cols = [f"{m}@{f:g}" for m in ("knn", "linear") for f in fractions]
     names = [f"{'kNN' if c.startswith('knn') else 'linear'} {float(c.split('@')[1]) * 100:g} %" for c in cols]
     header = "| method | dims | encoder | " + " | ".join(names)
-    header += " | fine-tune 10 % (XR) | beats random (linear 10 %, CIs apart) |" if finetune_epochs else \
-        " | beats random (linear 10 %, CIs apart) |"
+    header += " | fine-tune 10 % (XR)" if finetune_epochs else ""
+    header += " | detection mAP@0.5 (test)" if detection_epochs else ""
+    header += " | beats random (linear 10 %, CIs apart) |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     baselines = {(r.get("arch"), r["dims"]): r for r in rows if r.get("random")}
     for r in rows:
@@ -295,6 +338,7 @@ def format_table(rows: list[dict[str, Any]], fractions: list[float], seeds: int,
             ok = beats_random(r, base) if base else None
             verdict = "n/a" if ok is None else ("**yes**" if ok else "no")
         ft = [f"{r['finetune@0.1']:.3f}" if "finetune@0.1" in r else "—"] if finetune_epochs else []
+        ft += [f"{r['detection_map50']:.3f}" if "detection_map50" in r else "—"] if detection_epochs else []
         lines.append(f"| {r['method']} | {r['dims']}D | {r['encoder']} | " + " | ".join(cells + ft + [verdict]) + " |")
     lines.append(f"\nAccuracy on the test items, mean ± 95 % CI over {seeds} label-subset seeds x {pretrain_seeds} "
                  "pretraining seed(s); chance within a modality 1/3.")
