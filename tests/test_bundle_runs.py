@@ -73,7 +73,33 @@ def _boolean_flags_as_text(bundle: Path, configs: list[str]) -> list[str]:
     return [arg for k, v in sorted(flags.items()) for arg in (f"--{k}", str(v).lower())]
 
 
-@pytest.mark.parametrize("bundle", RUN_BUNDLES, ids=IDS)
+# bundles whose smoke run another default-suite test makes through monai.bundle run (booleans as text included);
+# kept under -m slow to hold the suite under 15 min
+SMOKE_COVERED = {
+    "ssl_medcoss_continual_pretrain": "test_medcoss_bundle.py's chain fixture (train.json + smoke.json, --amp false)",
+    "report_classification": "test_report_classification.py::test_trained_network_evaluates_and_classifies_sentences"
+                             "_from_a_text_file (train.json + smoke.json, then evaluate and inference)",
+}
+SMOKE_PARAMS = [
+    pytest.param(b, id=b.name, marks=[pytest.mark.slow] if b.name in SMOKE_COVERED else []) for b in RUN_BUNDLES
+]
+
+
+def _check_health_records(out: Path, bundle: Path, stdout: str) -> None:
+    """The SwAV bundle's smoke run writes one health record and one console health line per epoch (issue 11 item 2)."""
+    from monai.bundle import ConfigParser
+
+    records = [json.loads(line) for line in (out / "health.jsonl").read_text().splitlines()]
+    epochs = ConfigParser.load_config_file(str(bundle / "configs" / "smoke.json"))["epochs"]
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
+    for r in records:
+        assert r["verdict"] in ("ok", "warning") and 0.0 < r["emb_std_sqrt_d"] and r["eff_rank"] >= 1.0
+        assert set(r["prototype_usage"]) and r["knn"]["knn_acc"] >= 0.0  # per-modality prototypes; kNN every epoch
+    health_lines = [line for line in stdout.splitlines() if " health: " in line]
+    assert len(health_lines) == epochs and all("prototypes used" in line for line in health_lines)
+
+
+@pytest.mark.parametrize("bundle", SMOKE_PARAMS)
 def test_smoke_run_on_demo_data(bundle, demo_datalist, tmp_path):
     """The smoke run, with every boolean parameter given on the command line as text ("--amp false")."""
     flags = _boolean_flags_as_text(bundle, ["train.json", "smoke.json"])
@@ -82,6 +108,8 @@ def test_smoke_run_on_demo_data(bundle, demo_datalist, tmp_path):
     assert _final_checkpoint(tmp_path, bundle).is_file()
     losses = _losses(_run_folder(tmp_path, bundle))
     assert losses and all(math.isfinite(v) for v in losses.values())
+    if bundle.name == "ssl_swav_multimodal_pretrain":
+        _check_health_records(tmp_path, bundle, proc.stdout)
 
 
 # bundles whose two-process path another default-suite test runs; kept under -m slow to hold the suite under 15 min
@@ -90,6 +118,11 @@ TWO_PROCESS_COVERED = {
     "xray_classification": "test_classification_bundles.py::test_xray_two_process_finetune_from_pretrained",
     "ct_volume_classification": "xray_classification's (the same trainer, validation and multi_gpu_train.json)",
     "xray_segmentation_2d": "test_segmentation_bundles.py::test_two_process_finetune_from_encoder",
+    "ct_mr_segmentation_3d": "test_segmentation_bundles.py::test_two_process_finetune_from_encoder (the same "
+                             "SupervisedTrainer, segmentation task and multi_gpu_train.json)",
+    "report_classification": "xray_classification's (the same SupervisedTrainer, SupervisedTask, validation and "
+                             "multi_gpu_train.json); the tokenizers DDP would find unused are frozen "
+                             "(test_report_classification.py)",
 }
 TWO_PROCESS_PARAMS = [
     pytest.param(b, id=b.name, marks=[pytest.mark.slow] if b.name in TWO_PROCESS_COVERED else []) for b in RUN_BUNDLES
@@ -130,6 +163,8 @@ def test_mlflow_tracking_records_the_loss(demo_datalist, tmp_path):
     assert rows and all(math.isfinite(v) for _, v in rows)
 
 
+@pytest.mark.slow  # covered by test_resume.py (exact resume after SIGKILL, the same CheckpointHandler) and
+# test_medcoss_bundle.py (--resume true through monai.bundle run)
 def test_resume_through_the_bundle_command_line(demo_datalist, tmp_path):
     """A finished 2-epoch run resumed with --resume true --epochs 3 continues at iteration 9 instead of restarting."""
     _bundle_run(TOY, ["train.json", "smoke.json"], demo_datalist, tmp_path)

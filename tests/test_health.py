@@ -305,6 +305,7 @@ def test_every_pretraining_config_lists_the_health_monitor(bundle, configs):
     )
 
 
+@pytest.mark.slow  # the same run and checks: test_bundle_runs.py::test_smoke_run_on_demo_data[ssl_swav_multimodal_pretrain]
 def test_swav_bundle_run_writes_health_lines(demo_datalist, tmp_path):
     bundle = BUNDLES / "ssl_swav_multimodal_pretrain"
     config_list = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in ("train.json", "smoke.json")) + "]"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from conftest import BUNDLES, PYTHON, run_cmd
 
@@ -36,7 +37,9 @@ def _ok(proc):
 @pytest.fixture(scope="module")
 def chain(demo_datalist, tmp_path_factory):
     out = tmp_path_factory.mktemp("medcoss_chain")
-    proc = _ok(_chain(demo_datalist, out))
+    # booleans as the command line gives them (text), as test_bundle_runs.py's smoke run does for the other bundles
+    proc = _ok(_chain(demo_datalist, out, "--amp", "false", "--find_unused_parameters", "false"))
+    assert "amp=True ignored" not in proc.stdout + proc.stderr
     return out, proc
 
 
@@ -84,8 +87,19 @@ def test_chain_stopped_after_stage_two_resumes_to_the_same_encoder(chain, demo_d
     full, _ = chain
     _ok(_chain(demo_datalist, tmp_path, "--run_only", "['1_reports','2_xray']"))
     assert (tmp_path / "2_xray" / "stage_done.json").is_file() and not (tmp_path / "3_ct").exists()
-    again = _chain(demo_datalist, tmp_path)
-    assert again.returncode != 0 and "--resume true" in again.stdout + again.stderr
+    # without --resume a finished stage is not run over: the chain stops, saying how to continue
+    import medssl.engines.chain
+
+    parser = ConfigParser(
+        {"run": f"$medssl.engines.chain.run_stages({STAGES}, None, '{tmp_path}', '{tmp_path}', False)"},
+        globals={"medssl": medssl},
+    )
+    with pytest.raises(RuntimeError) as error:
+        parser.get_parsed_content("run")
+    cause = error.value.__cause__
+    while cause is not None and not isinstance(cause, FileExistsError):
+        cause = cause.__cause__
+    assert isinstance(cause, FileExistsError) and "--resume true" in str(cause)
     _ok(_chain(demo_datalist, tmp_path, "--resume", "true"))
     a = torch.load(full / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]

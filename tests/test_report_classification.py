@@ -49,6 +49,11 @@ def test_medcoss_stage_encoder_loads_into_the_classifier(tmp_path):
     torch.save({"state_dict": pretrained.state_dict(), "stage": "1_reports", "kind": "text", "config": cfg},
                tmp_path / "encoder.pt")
     net = MultiModalClassifier(MultiModalViTEmbedder("text", **cfg), 5)
+    # only the text path trains: DistributedDataParallel would find the image tokenizers and the class token unused
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("encoder.tokenizers.2d.", "encoder.tokenizers.3d.", "encoder.cls_token"))
+                   for n in trainable)
+    assert any(n.startswith("encoder.tokenizers.text.") for n in trainable)
     net = prepare_network(net, str(tmp_path / "encoder.pt"), finetune_mode="finetune")
     mine = net.encoder.state_dict()
     assert mine.keys() == pretrained.state_dict().keys()
@@ -67,7 +72,7 @@ def test_medcoss_stage_encoder_loads_into_the_classifier(tmp_path):
         net(torch.zeros(1, 16, dtype=torch.long))
 
 
-def test_trained_network_classifies_sentences_from_a_text_file(demo_datalist, tmp_path):
+def test_trained_network_evaluates_and_classifies_sentences_from_a_text_file(demo_datalist, tmp_path):
     cfgs = f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'smoke.json'}']"
     common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(demo_datalist.parent)]
     train = [PYTHON, "-m", "monai.bundle", "run", "--config_file", cfgs, *common, "--output_dir", str(tmp_path / "run"),
@@ -76,6 +81,14 @@ def test_trained_network_classifies_sentences_from_a_text_file(demo_datalist, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     models = tmp_path / "run" / "models"
     assert (models / "model.pt").is_file() and (models / "tokenizer" / "tokenizer.json").is_file()
+    evaluate = [PYTHON, "-m", "monai.bundle", "run", "--config_file",
+                f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'smoke.json'}',"
+                f"'{BUNDLE / 'configs' / 'evaluate.json'}']", *common, "--model_path", str(models / "model.pt"),
+                "--output_dir", str(tmp_path / "test")]
+    proc = run_cmd(evaluate, cwd=BUNDLE, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "test" / "eval" / "metrics_summary.json").read_text())
+    assert summary["num_cases"] == 300 and 0.0 <= summary["accuracy"] <= 1.0 and "f1_macro" in summary
     (tmp_path / "mine.txt").write_text("Patients were scanned twice.\nThe method is accurate.\n")
     infer = [PYTHON, "-m", "monai.bundle", "run", "--config_file",
              f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'smoke.json'}']", *common,
