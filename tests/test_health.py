@@ -1,21 +1,20 @@
 """Collapse and health diagnostics (medssl.evaluation.health): the numbers on inputs whose answer is known, a
 collapsed (constant) encoder reported as collapsed through the real training step and engine while a random one is
-not, the handler leaving the training untouched, every pretraining bundle config listing the handler, and a bundle
-run writing the health lines."""
+not, the handler leaving the training untouched, and every pretraining bundle config listing the handler (the SwAV
+bundle's smoke run writing the health records and lines is checked in test_bundle_runs.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLES, PYTHON, run_cmd
+from conftest import BUNDLES
 from medssl.engines import DeepClusterEpochHandler, SSLTrainer
 from medssl.evaluation import health as health_module
 from medssl.evaluation.health import (
@@ -303,24 +302,3 @@ def test_every_pretraining_config_lists_the_health_monitor(bundle, configs):
     assert targets.index("medssl.evaluation.HealthMonitorHandler") > max(
         i for i, h in enumerate(handlers) if isinstance(h, dict) and h.get("handlers") == "@knn#handlers"
     )
-
-
-@pytest.mark.slow  # the same run and checks: test_bundle_runs.py::test_smoke_run_on_demo_data[ssl_swav_multimodal_pretrain]
-def test_swav_bundle_run_writes_health_lines(demo_datalist, tmp_path):
-    bundle = BUNDLES / "ssl_swav_multimodal_pretrain"
-    config_list = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in ("train.json", "smoke.json")) + "]"
-    cmd = [
-        PYTHON, "-m", "monai.bundle", "run", "--config_file", config_list, "--bundle_root", str(bundle),
-        "--dataset_dir", str(demo_datalist.parent), "--datalist", str(demo_datalist),
-        "--output_dir", str(tmp_path), "--ckpt_dir", str(tmp_path / "ckpt"),
-    ]
-    proc = run_cmd(cmd, cwd=bundle, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    records = [json.loads(line) for line in (tmp_path / "health.jsonl").read_text().splitlines()]
-    epochs = ConfigParser.load_config_file(str(bundle / "configs" / "smoke.json"))["epochs"]
-    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
-    for r in records:
-        assert r["verdict"] in ("ok", "warning") and 0.0 < r["emb_std_sqrt_d"] and r["eff_rank"] >= 1.0
-        assert set(r["prototype_usage"]) and r["knn"]["knn_acc"] >= 0.0  # per-modality prototypes; kNN every epoch
-    health_lines = [line for line in proc.stdout.splitlines() if " health: " in line]
-    assert len(health_lines) == epochs and all("prototypes used" in line for line in health_lines)
