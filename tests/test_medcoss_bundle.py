@@ -1,7 +1,7 @@
 """The MedCoSS bundle's five-stage chain (issue #15 items 4-5) through ``python -m monai.bundle run`` with smoke.json on
 the demo data: every stage's outputs, the buffers and the stage table, the tokenizer handed on, the encoder file
-loading into the inference network, and a chain stopped after stage 2 and resumed giving the same encoder as an
-uninterrupted one."""
+loading into the inference network, and a chain killed inside stage 3 and resumed giving the same encoder and stage
+table as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -83,11 +83,38 @@ def test_stage_encoder_loads_into_the_inference_network(chain):
     assert net(torch.rand(2, 3, size, size)).shape == (2, saved["config"]["dim"])
 
 
-def test_chain_stopped_after_stage_two_resumes_to_the_same_encoder(chain, demo_datalist, tmp_path):
+def test_chain_killed_inside_a_stage_resumes_to_the_same_encoder(chain, demo_datalist, tmp_path):
+    """SIGKILL once stage 3 has written its first checkpoint, then --resume true: stages 1-2 are skipped, stage 3
+    continues from its last checkpoint (teacher, decoder, optimiser, sampler and RNG state) and the chain ends with
+    the uninterrupted run's encoder, tensor for tensor."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import subprocess_env
+
     full, _ = chain
-    _ok(_chain(demo_datalist, tmp_path, "--run_only", "['1_reports','2_xray']"))
-    assert (tmp_path / "2_xray" / "stage_done.json").is_file() and not (tmp_path / "3_ct").exists()
-    # without --resume a finished stage is not run over: the chain stops, saying how to continue
+    cmd = [
+        PYTHON, "-m", "monai.bundle", "run",
+        "--config_file", f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'smoke.json'}']",
+        "--bundle_root", str(BUNDLE), "--dataset_dir", str(demo_datalist.parent), "--datalist", str(demo_datalist),
+        "--output_dir", str(tmp_path), "--ckpt_dir", str(tmp_path / "ckpt"),
+    ]
+    proc = subprocess.Popen(cmd, cwd=BUNDLE, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    stage3 = tmp_path / "ckpt" / "3_ct"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if stage3.is_dir() and any(stage3.glob("checkpoint_0*.pt")):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the chain ended before stage 3 could be killed"
+    assert (tmp_path / "2_xray" / "stage_done.json").is_file() and not (tmp_path / "3_ct" / "stage_done.json").exists()
+    assert not (stage3 / "checkpoint_final.pt").exists()
+    # without --resume a finished stage is not run over: the chain stops, saying how to continue (checked in process)
     import medssl.engines.chain
 
     parser = ConfigParser(
@@ -100,7 +127,8 @@ def test_chain_stopped_after_stage_two_resumes_to_the_same_encoder(chain, demo_d
     while cause is not None and not isinstance(cause, FileExistsError):
         cause = cause.__cause__
     assert isinstance(cause, FileExistsError) and "--resume true" in str(cause)
-    _ok(_chain(demo_datalist, tmp_path, "--resume", "true"))
+    out = _ok(_chain(demo_datalist, tmp_path, "--resume", "true"))
+    assert "stage 1_reports is done" in out.stdout + out.stderr
     a = torch.load(full / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
