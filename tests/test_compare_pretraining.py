@@ -24,14 +24,18 @@ RESNET = {"backbone": {"_target_": "medssl.networks.ResNetBackbone",
                                   "block_inplanes": [16, 32, 64, 128], "width": 1}}}
 
 
+def _parsed(bundle: str, overrides: dict, key: str):
+    """``key`` of ``bundle``'s train.json with the tool's ``overrides`` set."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / bundle / "configs" / "train.json")])
+    for name, value in overrides.items():
+        parser[name] = value
+    return parser.get_parsed_content(key)
+
+
 def test_resnet_overrides_build_the_exported_architecture():
     tool = _tool()
-    overrides = tool._encoder_overrides(RESNET)
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLES / "xray_classification" / "configs" / "train.json")])
-    for key, value in overrides.items():
-        parser[key] = value
-    encoder = parser.get_parsed_content("encoder")
+    encoder = _parsed("xray_classification", tool._encoder_overrides(RESNET), "encoder")
     assert type(encoder).__name__ == "ResNetBackbone" and encoder.feature_dim == 128 * 4
     with pytest.raises(ValueError, match="no fine-tuning mapping"):
         tool._encoder_overrides({"backbone": {"_target_": "x.DenseNet3D", "kwargs": {}}})
@@ -84,12 +88,7 @@ def test_argument_errors():
 
 def test_detection_column_builds_the_exported_architecture_and_shows_in_the_table():
     tool = _tool()
-    overrides = tool._detection_overrides(RESNET)
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLES / "xray_lesion_detection" / "configs" / "train.json")])
-    for key, value in overrides.items():
-        parser[key] = value
-    network = parser.get_parsed_content("network_def")
+    network = _parsed("xray_lesion_detection", tool._detection_overrides(RESNET), "network_def")
     encoder_state = {k.split("encoder.", 1)[1]: v.shape for k, v in network.state_dict().items() if ".encoder." in k
                      or k.startswith("encoder.")}
     from medssl.networks import ResNetBackbone
