@@ -35,3 +35,4 @@ from .multimodal_vit import (
     random_masking,
 )
 from .medcoss_heads import MAEDecoder, MLMHead
+from .multimodal_unetr import MultiModalUNETR

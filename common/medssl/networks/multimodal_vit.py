@@ -16,6 +16,10 @@ Tokenizers (each adds learned positions, then a LayerNorm):
   16 x 192 x 192 (D x H x W, depth first); here that crop is (X, Y, Z) = (192, 192, 16): a (12, 12, 1) grid, 144
   tokens. Tokens run row-major over the grid (X slowest), as :func:`medssl.losses.patchify` orders the patches.
 
+Other image / volume sizes (each side a multiple of the patch: a downstream task's 64-slice volumes) resample the
+stored position table on the fly (:func:`medssl.networks.mit_blocks.resample_position_embedding`, bicubic 2D /
+trilinear 3D), so a stage's encoder loads unchanged. ``kinds`` limits the tokenizers built (a 2D task: ``["2d"]``).
+
 Images are masked MAE-style (:func:`random_masking`: per-sample random shuffle, keep ``int(N * (1 - ratio))``), and
 the class token (no position) is prepended after masking: 2D at ratio 0.75 keeps 49 of 196 -> (B, 50, 768), 3D 36 of
 144 -> (B, 37, 768). Only ``encoder`` and the tokenizers carry over between MedCoSS stages; the MAE decoder and the
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from medssl.networks.mit_blocks import resample_position_embedding
 from medssl.networks.vit import _Block
 from medssl.text import pack_text
 
@@ -78,6 +83,18 @@ class MultiModalEncoder(nn.Module):
             tokens = block(tokens, attn_mask)
         return tokens
 
+    def forward_layers(self, tokens: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """The tokens after each block of ``layers`` (1-based: 12 = the last of ViT-B), in the order given."""
+        depth = len(self.blocks)
+        if not layers or any(not 1 <= int(i) <= depth for i in layers):
+            raise ValueError(f"MultiModalEncoder: layers {list(layers)} must be in 1..{depth}")
+        wanted, out = {int(i) for i in layers}, {}
+        for i, block in enumerate(self.blocks[: max(wanted)], start=1):
+            tokens = block(tokens)
+            if i in wanted:
+                out[i] = tokens
+        return [out[int(i)] for i in layers]
+
 
 class _TextTokenizer(nn.Module):
     def __init__(self, vocab_size: int, dim: int, max_len: int, positions: int) -> None:
@@ -119,12 +136,22 @@ class _PatchTokenizer(nn.Module):
     def patch_dim(self) -> int:
         return math.prod(self.patch) * self.in_channels
 
+    def grid_of(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The patch grid of input ``x``; its channels and dims checked, each side a multiple of the patch."""
+        n = len(self.img_size)
+        if x.dim() != n + 2 or x.shape[1] != self.in_channels or any(s % p for s, p in zip(x.shape[2:], self.patch)):
+            raise ValueError(
+                f"MultiModalViT: expected input (B, {self.in_channels}, {', '.join('XYZ'[:n])}) with every side a "
+                f"multiple of the patch {self.patch} (positions stored for {self.img_size}), got {tuple(x.shape)}"
+            )
+        return tuple(s // p for s, p in zip(x.shape[2:], self.patch))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expected = (self.in_channels, *self.img_size)
-        if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
-            shape = ", ".join(map(str, expected))
-            raise ValueError(f"MultiModalViT: expected input (B, {shape}), got {tuple(x.shape)}")
-        return self.norm(self.proj(x).flatten(2).transpose(1, 2) + self.pos_embed)
+        grid = self.grid_of(x)
+        pos = self.pos_embed
+        if grid != self.grid:  # another input size: the stored table resampled, as ViTBackbone / MiT do
+            pos = resample_position_embedding(torch.cat((pos[:, :1], pos), dim=1), self.grid, grid)[:, 1:]
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2) + pos)
 
 
 def _as_size(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
@@ -158,17 +185,22 @@ class MultiModalViT(nn.Module):
         img_size_3d: int | Sequence[int] = (192, 192, 16),
         patch_3d: int | Sequence[int] = 16,
         in_channels_3d: int = 1,
+        kinds: Sequence[str] = KINDS,
     ) -> None:
         super().__init__()
+        kinds = tuple(kinds)
+        if not kinds or any(k not in KINDS for k in kinds):
+            raise ValueError(f"MultiModalViT: kinds must be some of {KINDS}, got {list(kinds)}")
         self.dim, self.vocab_size, self.text_len = int(dim), int(vocab_size), int(text_len)
         self.encoder = MultiModalEncoder(dim, depth, heads, mlp_ratio, layer_scale_init, drop_path_rate)
-        self.tokenizers = nn.ModuleDict(
-            {
-                "text": _TextTokenizer(vocab_size, dim, text_len, text_positions),
-                "2d": _PatchTokenizer(2, in_channels_2d, img_size_2d, patch_2d, dim),
-                "3d": _PatchTokenizer(3, in_channels_3d, img_size_3d, patch_3d, dim),
-            }
-        )
+        builders = {
+            "text": lambda: _TextTokenizer(vocab_size, dim, text_len, text_positions),
+            "2d": lambda: _PatchTokenizer(2, in_channels_2d, img_size_2d, patch_2d, dim),
+            "3d": lambda: _PatchTokenizer(3, in_channels_3d, img_size_3d, patch_3d, dim),
+        }
+        # a downstream network builds only its input's tokenizer (kinds=["2d"]): the others' weights are then
+        # reported as ignored when a stage's encoder loads, and the text vocabulary size does not matter
+        self.tokenizers = nn.ModuleDict({k: builders[k]() for k in KINDS if k in kinds})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self._init_weights()
 
@@ -201,6 +233,8 @@ class MultiModalViT(nn.Module):
     def _tokenizer(self, kind: str) -> nn.Module:
         if kind not in KINDS:
             raise ValueError(f"MultiModalViT: kind must be one of {KINDS}, got {kind!r}")
+        if kind not in self.tokenizers:
+            raise ValueError(f"MultiModalViT: built for {list(self.tokenizers)} only (kinds), not {kind!r}")
         return self.tokenizers[kind]
 
     def tokenize(self, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -247,6 +281,17 @@ class MultiModalViT(nn.Module):
     def forward(self, x: torch.Tensor, kind: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Features of the whole input (no masking), as :meth:`forward_encoder`'s tokens."""
         return self.forward_encoder(x, kind, attention_mask=attention_mask)[0]
+
+    def forward_layers(self, x: torch.Tensor, kind: str, layers: Sequence[int]) -> tuple[list[torch.Tensor], tuple]:
+        """Image / volume features after the blocks ``layers`` (1-based; UNETR's 4, 7, 10, 12 of ViT-B), unmasked:
+        ``([tokens (B, 1 + N, dim) per layer, class token first], patch grid)``."""
+        if kind == "text":
+            raise ValueError("MultiModalViT.forward_layers: for images and volumes ('2d' / '3d'), not text")
+        tokenizer = self._tokenizer(kind)
+        grid = tokenizer.grid_of(x)
+        tokens = tokenizer(x)
+        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+        return self.encoder.forward_layers(tokens, layers), grid
 
 
 class MultiModalViTEmbedder(MultiModalViT):
