@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOOLS
+from medssl.downstream import multimodal_vit_encoder, prepare_network
 from medssl.engines.medcoss_stages import start_encoder
-from medssl.networks import MultiModalViT, MultiModalViTEmbedder
+from medssl.networks import MultiModalClassifier, MultiModalViT, MultiModalViTEmbedder
+from medssl.weights import MANIFEST_FORMAT
 from medssl.weights.convert_medcoss import convert_medcoss_checkpoint, convert_medcoss_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
@@ -174,6 +176,11 @@ def test_tiny_checkpoint_converts_to_the_stage_file_format(tiny):
     # a MedCoSS stage starts from it as from a previous stage's folder
     encoder = start_encoder(MultiModalViT(**saved["config"]), str(tiny["weights"].parent))
     assert torch.equal(encoder.state_dict()["encoder.blocks.1.ls2"], tiny["state"]["fused_encoder.layers.1.gamma_2"])
+    # and a downstream bundle's --pretrained_path loads it: the standard manifest, its 2D path into the classifier
+    assert manifest["format"] == MANIFEST_FORMAT and manifest["backbone"]["_target_"].endswith("MultiModalViT")
+    net = prepare_network(MultiModalClassifier(multimodal_vit_encoder(str(tiny["weights"]), "2d"), 3),
+                          str(tiny["weights"]), spatial_dims=2)
+    assert torch.equal(net.encoder.state_dict()["encoder.blocks.1.ls2"], encoder.state_dict()["encoder.blocks.1.ls2"])
 
 
 def test_text_tokens_equal_the_reference(tiny):

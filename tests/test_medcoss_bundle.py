@@ -12,6 +12,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from medssl.downstream import multimodal_vit_encoder, prepare_network
+from medssl.networks import MultiModalClassifier
+
 from conftest import BUNDLES, PYTHON, run_cmd
 
 BUNDLE = BUNDLES / "ssl_medcoss_continual_pretrain"
@@ -81,6 +84,11 @@ def test_stage_encoder_loads_into_the_inference_network(chain):
     net.eval()
     size = saved["config"]["img_size_2d"]
     assert net(torch.rand(2, 3, size, size)).shape == (2, saved["config"]["dim"])
+    # a downstream bundle's --pretrained_path: the manifest beside it rebuilds and loads the 3D path of the CT stage
+    ct = out / "3_ct" / "encoder.pt"
+    clf = prepare_network(MultiModalClassifier(multimodal_vit_encoder(str(ct), "3d"), 2), str(ct), spatial_dims=3)
+    ct_state = torch.load(ct, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, ct_state[k]) for k, v in clf.encoder.state_dict().items())
 
 
 def test_chain_killed_inside_a_stage_resumes_to_the_same_encoder(chain, demo_datalist, tmp_path):

@@ -23,7 +23,10 @@ from .evaluation import (
     predict_probabilities,
 )
 from .evaluation import __all__ as _EVALUATION_NAMES
-from .setup import as_float, cached_feature_items, encoder_network, no_pretrained, prepare_network, training_dataset
+from .setup import (
+    as_float, cached_feature_items, encoder_network, multimodal_vit_encoder, no_pretrained, prepare_network,
+    training_dataset,
+)
 from .subsets import label_fraction_subset, stratum_of
 from .task import FINETUNE_MODES, SupervisedTask, SupervisedTrainer, check_finetune_mode, get_submodule
 
@@ -38,6 +41,7 @@ __all__ = [
     "prepare_network",
     "training_dataset",
     "encoder_network",
+    "multimodal_vit_encoder",
     "cached_feature_items",
     "as_float",
     "no_pretrained",

@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 from medssl.data.bundle_datasets import with_defaults
 from medssl.data.pipeline import make_dataset
 from medssl.evaluation.cache import cached_embeddings, encoder_fingerprint
+from medssl.networks.multimodal_vit import MultiModalViTEmbedder
 from medssl.utils.imports import locate
 from medssl.weights import load_pretrained_encoder
 from medssl.weights.export import load_manifest, manifest_path_for
@@ -26,6 +28,7 @@ from .task import check_finetune_mode, get_submodule
 
 __all__ = [
     "prepare_network", "training_dataset", "cached_feature_items", "as_float", "no_pretrained", "encoder_network",
+    "multimodal_vit_encoder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -222,3 +225,22 @@ def encoder_network(model_path: str | os.PathLike | None = None, target: str = "
                     "are not used)")
         return locate(spec["_target_"], str(manifest_path))(**dict(spec.get("kwargs") or {}))
     return locate(target, "network_def")(**kwargs)
+
+
+def multimodal_vit_encoder(pretrained_path: str | os.PathLike | None = None, kind: str = "2d", **kwargs: Any) -> nn.Module:
+    """The :class:`~medssl.networks.MultiModalViTEmbedder` of a MedCoSS downstream network, with only ``kind``'s
+    tokenizer. When ``pretrained_path`` is a local stage ``encoder.pt`` (or converted encoder) with its manifest, the
+    architecture is the manifest's (the pretraining's width, depth, patch and position-table sizes), so the weights fit
+    whatever settings the chain ran with; otherwise (no path, a URL, no manifest) ``kwargs``."""
+    spec = dict(kwargs)
+    local = None if no_pretrained(pretrained_path) or "://" in str(pretrained_path) else Path(str(pretrained_path))
+    manifest_path = (local if local.suffix == ".json" else manifest_path_for(local)) if local else None
+    if manifest_path is not None and manifest_path.is_file():
+        backbone = load_manifest(manifest_path)["backbone"]
+        if not str(backbone["_target_"]).endswith(("MultiModalViT", "MultiModalViTEmbedder")):
+            raise ValueError(f"{manifest_path}: a {backbone['_target_']} encoder, not MedCoSS's MultiModalViT")
+        spec = dict(backbone.get("kwargs") or {})
+        logger.info(f"MedCoSS encoder as {manifest_path} describes it: {spec}")
+    spec.pop("kinds", None)
+    spec.pop("kind", None)
+    return MultiModalViTEmbedder(kind, kinds=[kind], **spec)

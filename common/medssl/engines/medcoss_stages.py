@@ -8,7 +8,7 @@ the same merged config with ``stage`` set, in ``<output_dir>/<stage>`` with chec
    the text stage trains a WordPiece vocabulary on its reports when no tokenizer folder is given);
 2. trains (the bundle's ``SSLTrainer``), rehearsing the earlier stages' buffers;
 3. finishes (:func:`finish_stage`, rank 0 writes, every rank waits): ``encoder.pt`` (the MultiModalViT with its
-   tokenizers), ``heads.pt`` (the stage's MAE decoder or MLM head, for the stage table), its rehearsal buffer
+   tokenizers) and its manifest ``encoder.json`` (a downstream bundle's ``--pretrained_path``), ``heads.pt`` (the stage's MAE decoder or MLM head, for the stage table), its rehearsal buffer
    (:mod:`medssl.data.rehearsal`) as ``buffer.json`` plus ``buffers.json`` (every buffer so far), the stage table
    (``stage_table.json`` / ``stage_table.md``: the reconstruction loss of every modality seen so far, with the
    current encoder and each modality's own stage heads, on its validation items under fixed masks, so forgetting
@@ -33,18 +33,19 @@ from medssl.data.rehearsal import select_rehearsal_items, write_rehearsal_datali
 from medssl.networks.medcoss_heads import MAEDecoder, MLMHead
 from medssl.networks.multimodal_vit import MultiModalViT
 from medssl.text import load_tokenizer, train_wordpiece
-from medssl.utils.io import atomic_torch_save, atomic_write_text
+from medssl.utils.io import ENCODER_MANIFEST_FORMAT, atomic_torch_save, atomic_write_text, file_sha256, json_safe
 
 from medssl.methods.medcoss import MedCoSS, reconstruction_loss
 
 __all__ = [
     "STAGE_DONE", "print_stage_table", "stage_tokenizer", "start_encoder", "finish_stage", "previous_stage", "stage_kinds",
+    "write_stage_encoder",
 ]
 
 logger = logging.getLogger(__name__)
 STAGE_DONE = "stage_done.json"
-ENCODER_FILE, HEADS_FILE, BUFFER_FILE, BUFFERS_FILE, TABLE_FILE = (
-    "encoder.pt", "heads.pt", "buffer.json", "buffers.json", "stage_table.json"
+ENCODER_FILE, ENCODER_MANIFEST, HEADS_FILE, BUFFER_FILE, BUFFERS_FILE, TABLE_FILE = (
+    "encoder.pt", "encoder.json", "heads.pt", "buffer.json", "buffers.json", "stage_table.json"
 )
 
 
@@ -116,6 +117,34 @@ def start_encoder(encoder: MultiModalViT, previous_stage_dir: str | None = None)
 
 
 # --------------------------------------------------------------------------------------------- end of a stage
+def write_stage_encoder(
+    encoder: MultiModalViT, out: str | Path, stage: str, kind: str | None, model_config: Mapping[str, Any] | None,
+    order: Sequence[str] = (),
+) -> Path:
+    """``<out>/encoder.pt`` (the next stage's start: state dict, stage, kind, model config) and its manifest
+    ``encoder.json``, with which a downstream bundle's ``--pretrained_path`` loads it (adapter ``multimodal_vit``) and
+    builds the encoder as the chain did (:func:`medssl.downstream.multimodal_vit_encoder`)."""
+    out = Path(out)
+    config = dict(model_config or {})
+    atomic_torch_save({"state_dict": encoder.state_dict(), "stage": stage, "kind": kind, "config": config},
+                      out / ENCODER_FILE)
+    # the backbone is the stage kind's embedder (mean of the output tokens: what tools/probe.py and inference embed);
+    # its state dict is the whole MultiModalViT's
+    manifest = {
+        "format": ENCODER_MANIFEST_FORMAT, "weights": ENCODER_FILE,
+        "method": f"MedCoSS continual pretraining, stage {stage} ({kind})",
+        "backbone": {"_target_": "medssl.networks.MultiModalViTEmbedder", "kwargs": json_safe({"kind": kind, **config})},
+        "feature_dim": encoder.dim, "stage": stage, "stage_order": list(order),
+        "num_tensors": len(encoder.state_dict()), "encoder_sha256": file_sha256(out / ENCODER_FILE),
+    }
+    if kind in ("2d", "3d"):
+        tokenizer = encoder.tokenizers[kind]
+        manifest["in_channels"] = tokenizer.in_channels
+        manifest["preprocessing"] = {f"input_size_{kind}": list(tokenizer.img_size)}
+    atomic_write_text(out / ENCODER_MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return out / ENCODER_FILE
+
+
 @torch.no_grad()
 def _mean_token_features(encoder: MultiModalViT, kind: str, loader: Any, device: torch.device) -> torch.Tensor:
     feats = []
@@ -206,10 +235,7 @@ def finish_stage(
     kind = method.kind
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(
-            {"state_dict": encoder.state_dict(), "stage": stage, "kind": kind, "config": dict(model_config or {})},
-            out / ENCODER_FILE,
-        )
+        write_stage_encoder(encoder, out, stage, kind, model_config, order)
         head = method.mlm_head if kind == "text" else method.decoder
         head_config = {} if kind == "text" else {
             "dim": head.embed.out_features, "depth": len(head.blocks), "heads": head.blocks[0].attn.num_heads,

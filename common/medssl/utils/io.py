@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "file_sha256", "json_safe"]
+__all__ = [
+    "atomic_write", "atomic_torch_save", "atomic_write_text", "file_sha256", "json_safe", "ENCODER_MANIFEST_FORMAT",
+]
+
+#: the ``format`` of an encoder manifest (``encoder.json`` beside ``encoder.pt``); read by medssl.weights, written
+#: there and by the stages that save encoders themselves (MedCoSS)
+ENCODER_MANIFEST_FORMAT = "medssl-encoder/1"
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:

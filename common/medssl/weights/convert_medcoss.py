@@ -66,7 +66,7 @@ import medssl
 from medssl.networks.multimodal_vit import MultiModalViT
 from medssl.utils.io import atomic_write, atomic_write_text, file_sha256
 from medssl.weights.convert_unimiss import load_published_checkpoint
-from medssl.weights.export import _listing, _strip_wrappers, load_encoder_state_dict
+from medssl.weights.export import MANIFEST_FORMAT, _listing, _strip_wrappers, load_encoder_state_dict
 
 __all__ = [
     "convert_medcoss_checkpoint",
@@ -74,13 +74,11 @@ __all__ = [
     "medcoss_model_kwargs",
     "medcoss_state_dict",
     "SOURCE_REPOSITORY",
-    "MANIFEST_FORMAT",
 ]
 
 logger = logging.getLogger(__name__)
 
 SOURCE_REPOSITORY = "https://github.com/yeerwen/MedCoSS"
-MANIFEST_FORMAT = "medssl-medcoss-encoder/1"
 HEAD_WIDTH = 64  # ViT-B: 768 / 12
 
 _TEXT = "token_embed."
@@ -340,7 +338,9 @@ def convert_medcoss_checkpoint(
         "format": MANIFEST_FORMAT,
         "weights": out_path.name,
         "method": f"MedCoSS (published checkpoint, {SOURCE_REPOSITORY})",
-        "model": {"_target_": "medssl.networks.MultiModalViT", "kwargs": kwargs},
+        # the standard encoder manifest: a downstream bundle's --pretrained_path loads it (adapter "multimodal_vit")
+        "backbone": {"_target_": "medssl.networks.MultiModalViT", "kwargs": kwargs},
+        "feature_dim": kwargs.get("dim", 768),
         "load_with": "medssl.engines.medcoss_stages.start_encoder (as <stage dir>/encoder.pt) or "
         "medssl.networks.MultiModalViTEmbedder(kind, **torch.load(weights)['config'])",
         "layout_2d": "column-first (C, W, H), medssl's 2D layout (transpose_2d=True)" if transpose_2d

@@ -46,7 +46,7 @@ import torch.nn as nn
 
 import medssl
 from medssl.utils.imports import locate
-from medssl.utils.io import atomic_write, atomic_write_text, file_sha256
+from medssl.utils.io import ENCODER_MANIFEST_FORMAT, atomic_write, atomic_write_text, file_sha256
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -60,7 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "medssl-encoder/1"
+MANIFEST_FORMAT = ENCODER_MANIFEST_FORMAT
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 10
 
@@ -395,6 +395,8 @@ def build_encoder_from_manifest(
         state = torch.load(weights_path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is reported with the file name
         raise ValueError(f"{weights_path}: cannot be read as a state dict ({type(e).__name__}: {e})") from e
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):  # a MedCoSS stage encoder.pt
+        state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{weights_path}: not a plain state dict of tensors")
     module = _instantiate(manifest, source)

@@ -115,6 +115,13 @@ def _hybrid_optional(key: str, target_keys: set[str]) -> str | None:
     return None
 
 
+def _multimodal_vit_optional(key: str, target_keys: set[str]) -> str | None:
+    parts = key.split(".")
+    if parts[0] == "tokenizers" and len(parts) > 1 and key not in target_keys:
+        return f"the {parts[1]} tokenizer, which the task's network does not build"
+    return None
+
+
 ENCODER_ADAPTERS: list[EncoderAdapter] = []
 
 
@@ -137,7 +144,10 @@ register_encoder_adapter(
 register_encoder_adapter(EncoderAdapter("hybrid_volume", _HYBRID, _HYBRID, optional_source=_hybrid_optional))
 # MedCoSS: a stage's encoder.pt (MultiModalViT with its text / 2D / 3D tokenizers) into the downstream embedder
 register_encoder_adapter(
-    EncoderAdapter("multimodal_vit", ("MultiModalViT",), ("MultiModalViT",), dimension_free=True)
+    EncoderAdapter(
+        "multimodal_vit", ("MultiModalViT",), ("MultiModalViT",), optional_source=_multimodal_vit_optional,
+        dimension_free=True,
+    )
 )
 # Nguyen et al. 2023: the f_intra trunk of a stage-3 (or stage-2) volume encoder as a 2D ResNet-50 (2D tasks,
 # slice-wise 3D)
