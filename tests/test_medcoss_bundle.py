@@ -6,6 +6,7 @@ table as an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,10 @@ STAGES = ["1_reports", "2_xray", "3_ct", "4_mri", "5_pathology"]
 KINDS = ["text", "2d", "3d", "3d", "2d"]
 
 
-def _chain(demo_datalist: Path, out: Path, *extra: str):
+def _chain(demo_datalist: Path, out: Path, *extra: str, configs: tuple[str, ...] = ("train.json", "smoke.json")):
     cmd = [
         PYTHON, "-m", "monai.bundle", "run",
-        "--config_file", f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'smoke.json'}']",
+        "--config_file", "[" + ",".join(f"'{BUNDLE / 'configs' / c}'" for c in configs) + "]",
         "--bundle_root", str(BUNDLE), "--dataset_dir", str(demo_datalist.parent), "--datalist", str(demo_datalist),
         "--output_dir", str(out), "--ckpt_dir", str(out / "ckpt"), *extra,
     ]
@@ -137,6 +138,22 @@ def test_chain_killed_inside_a_stage_resumes_to_the_same_encoder(chain, demo_dat
     assert isinstance(cause, FileExistsError) and "--resume true" in str(cause)
     out = _ok(_chain(demo_datalist, tmp_path, "--resume", "true"))
     assert "stage 1_reports is done" in out.stdout + out.stderr
+    a = torch.load(full / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda root: json.loads((root / "5_pathology" / "stage_table.json").read_text())["rows"]  # noqa: E731
+    assert rows(full) == rows(tmp_path)
+
+
+def test_one_stage_config_runs_that_stage_alone(chain, demo_datalist, tmp_path):
+    """configs/stages/5_pathology.json (run_only) in an output_dir holding stages 1-4: only stage 5 runs, and it ends
+    with the whole chain's encoder and stage table."""
+    full, _ = chain
+    for stage in STAGES[:4]:
+        shutil.copytree(full / stage, tmp_path / stage)
+    out = _ok(_chain(demo_datalist, tmp_path, configs=("train.json", "stages/5_pathology.json", "smoke.json")))
+    assert "stage 5_pathology (5 of 5)" in out.stdout + out.stderr and "(1 of 5)" not in out.stdout + out.stderr
+    assert not (tmp_path / "ckpt" / "4_mri").exists()  # stages 1-4 were not run again
     a = torch.load(full / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "5_pathology" / "encoder.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
