@@ -148,3 +148,33 @@ def test_segmentation_2d_and_classification_3d_bundles_from_a_stage_encoder(demo
     for key, value in pretrained.state_dict().items():  # linear mode: the stage encoder as it was loaded, frozen
         if key.startswith(("encoder.", "tokenizers.3d.", "cls_token")):
             assert torch.equal(state[f"encoder.{key}"], value), key
+
+
+TINY_SEG = {"medcoss_dim": 32, "medcoss_depth": 4, "medcoss_heads": 2, "medcoss_layers": [1, 2, 3, 4],
+            "medcoss_feature_size": 8}
+
+
+@pytest.mark.parametrize("bundle, size", [("xray_segmentation_2d", [64, 64]), ("ct_mr_segmentation_3d", [64, 64, 16])],
+                         ids=["2d", "3d"])
+def test_medcoss_segmentation_inference_contract(bundle, size, tmp_path, monkeypatch):
+    """verify_net_in_out (one tensor, K channels, sizes multiples of 16) and TorchScript export by tracing of the
+    MedCoSS segmentation variants (narrow encoder)."""
+    from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
+
+    root = BUNDLES / bundle
+    monkeypatch.chdir(root)
+    configs = _configs(root, "inference.json", "medcoss.json")
+    meta = str(root / "configs" / "metadata.json")
+    smoke = {**TINY_SEG, "medcoss_img_size": size, ("image_size" if len(size) == 2 else "patch_size"): size}
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=configs, device="cpu", n=2, any=16, **smoke)
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update(smoke)
+    net = parser.get_parsed_content("network_def")
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    shape = [1, 1, *size]
+    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
+                meta_file=meta, config_file=configs, use_trace=True, input_shape=shape, **smoke)
+    x = torch.rand(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(tmp_path / "model.ts"))(x), net.eval()(x), rtol=1e-4, atol=1e-5)
