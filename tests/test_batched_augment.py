@@ -19,6 +19,7 @@ from medssl.transforms.batched import (
     linear_intensity,
     resized_crops,
 )
+from medssl.transforms.energy import energy_bands
 from medssl.transforms.intensity import RandGammad, RandLinearIntensityd
 from medssl.transforms.views import MultiCropd
 
@@ -270,25 +271,80 @@ def test_bad_inputs_raise():
 
 
 # ------------------------------------------------------------------------------------------------ energy bands
-def energy_transform(prob=1.0):
+def energy_transform(prob=1.0, **kwargs):
     from medssl.transforms import EnergyBandAugmentd
 
-    return EnergyBandAugmentd(keys="image", prob=prob)
+    return EnergyBandAugmentd(keys="image", prob=prob, **kwargs)
 
 
+# a reference for "XR" only (factors e_ref / e: the energies matter), "CT" items take the per-image fallback
+XR_REFERENCE = {"sigmas": [1, 2, 4, 8, 16], "modalities": {"XR": {"mean": [0.4, 0.1, 0.08, 0.06, 0.05, 0.04],
+                                                                  "std": [0.05, 0.02, 0.02, 0.01, 0.01, 0.01], "n": 3}}}
+
+
+def energy_transform_float64(transform, image: torch.Tensor, seed: int, modality) -> torch.Tensor | None:
+    """The transform's definition for one image and seed evaluated in float64 (bands, energies, recombination), or
+    None where the draw does not apply it."""
+    from medssl.transforms.energy import band_energies, energy_bands, recombine_bands
+
+    transform.set_random_state(seed=seed)
+    transform.randomize(None)
+    if not transform._do_transform:
+        return None
+    bands = energy_bands(image.double().numpy(), sigmas=transform.sigmas, mode=transform.mode, dtype=np.float64)
+    factors = transform.scale_factors(band_energies(bands), modality, float(np.abs(bands[0]).max()))
+    return torch.as_tensor(recombine_bands(bands, factors))
+
+
+# border 'reflect' (the default) takes the transform-domain path on CPU, 'nearest' the bands path (as CUDA does)
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+@pytest.mark.parametrize("reference", [None, XR_REFERENCE], ids=["per-image", "reference"])
 @pytest.mark.parametrize("shape", [(2, 40, 36), (1, 16, 12, 10)])
-def test_batched_energy_bands_equal_the_per_item_transform(shape):
-    x = torch.rand((3,) + shape, generator=torch.Generator().manual_seed(5)) * 2 - 0.5
-    seeds, modalities = [101, 202, 303], ["XR", "CT", "XR"]
-    batched_t, item_t = energy_transform(prob=0.7), energy_transform(prob=0.7)
-    out = energy_band_augment(x, batched_t, seeds, modalities)
-    changed = 0
+def test_batched_energy_bands_equal_the_per_item_transform(shape, reference, mode):
+    """The tolerance, float32 rounding: the batched result equals the transform's definition evaluated in float64
+    within 2e-6 of the sample's largest |value| + 1e-5 relative (measured: at most 6e-7 of it). Without a reference
+    (set A's default; the factors 1 + 0.2 z do not depend on the energies' rounding) it equals the per-item float32
+    transform within 2e-6 + 1e-5 relative too; with one, the factors are e_ref / e and the per-item transform's
+    float32 energies of a band far below the image's values lose digits (the σ=16 residual of a 16x12x10 volume:
+    energy 1.6e-5, 5e-4 relative error, where the batched path's, from the float32 DCT by Parseval, keeps 1e-6).
+    Samples the draw does not transform (prob 0.7) are returned exactly."""
+    x = torch.rand((4,) + shape, generator=torch.Generator().manual_seed(5)) * 2 - 0.5
+    seeds, modalities = [101, 202, 303, 404], ["XR", "CT", "XR", "XR"]
+    options = {"prob": 0.7, "reference": reference, "sigma_unit": "voxel", "mode": mode}
+    out = energy_band_augment(x, energy_transform(**options), seeds, modalities)
+    item_t, definition_t = energy_transform(**options), energy_transform(**options)
+    changed = unchanged = 0
+    for b in range(4):
+        item_t.set_random_state(seed=seeds[b])
+        item = torch.as_tensor(item_t({"image": x[b], "modality": modalities[b]})["image"])
+        expected = energy_transform_float64(definition_t, x[b], seeds[b], modalities[b])
+        if expected is None:
+            unchanged += 1
+            assert torch.equal(out[b], x[b]) and torch.equal(item, x[b])
+            continue
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(out[b], expected.float(), atol=2e-6 * scale, rtol=1e-5)
+        if reference is None:
+            torch.testing.assert_close(out[b], item, atol=2e-6, rtol=1e-5)
+        changed += int(not torch.allclose(expected.float(), x[b], atol=1e-4))
+    assert changed >= 1 and unchanged >= 1
+
+
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+def test_batched_energy_bands_noise_floor_of_near_constant_crops(mode):
+    """Crops whose bands are at the transform's noise floor (1e-6 x max(largest energy, the residual's largest
+    |value|)): a constant crop, one with a 1e-6 ripple and an ordinary crop, against the per-item transform."""
+    y = torch.linspace(0, 1, 24)
+    ripple = 3.0 + 1e-6 * torch.sin(y * 40).reshape(1, -1, 1) * torch.cos(y * 30).reshape(1, 1, -1)
+    x = torch.stack([torch.full((1, 24, 24), 3.0), ripple, torch.rand((1, 24, 24), generator=torch.Generator())])
+    seeds = [7, 8, 9]
+    out = energy_band_augment(x, energy_transform(mode=mode), seeds, ["XR"] * 3)
+    item_t = energy_transform(mode=mode)
     for b in range(3):
         item_t.set_random_state(seed=seeds[b])
-        expected = torch.as_tensor(item_t({"image": x[b], "modality": modalities[b]})["image"])
+        expected = torch.as_tensor(item_t({"image": x[b], "modality": "XR"})["image"])
         torch.testing.assert_close(out[b], expected, atol=2e-6, rtol=1e-5)
-        changed += int(not torch.allclose(expected, x[b], atol=1e-4))
-    assert changed >= 1
+    assert torch.all(torch.isfinite(out))
 
 
 def test_views_with_energy_bands_do_not_depend_on_the_batch():
@@ -320,3 +376,22 @@ def test_collate_makes_the_views_in_the_workers_as_on_the_batch():
     expected = augment(x[3:], [it["seed"] for it in items[3:]])
     for a, b in zip(batches[1]["crops"], expected):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+def test_batched_energy_bands_pass_the_residuals_largest_value(mode):
+    """The factors get the low-pass residual's largest |value| (the transform's noise-floor input), which the
+    transform-domain path brackets by the crop's |mean| and largest |value| and computes where the bracket leaves the
+    factors open: here a transform whose factors are 1 + that value, so every crop needs it."""
+    from medssl.transforms import EnergyBandAugmentd
+
+    class PeakFactors(EnergyBandAugmentd):
+        def scale_factors(self, energies, modality, magnitude=0.0):
+            return np.full(len(energies), 1.0 + magnitude)
+
+    x = torch.rand((3, 2, 20, 18), generator=torch.Generator().manual_seed(2)) * 2 - 1.0
+    out = energy_band_augment(x, PeakFactors(mode=mode), [1, 2, 3], ["XR"] * 3)
+    for b in range(3):
+        peak = np.abs(energy_bands(x[b].numpy(), mode=mode)[0]).max()
+        assert 0.0 < peak < float(x[b].abs().max())  # strictly inside the bracket: the crop's own peak would differ
+        torch.testing.assert_close(out[b], x[b] * (1.0 + peak), atol=2e-6, rtol=1e-5)

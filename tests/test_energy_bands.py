@@ -14,6 +14,7 @@ import scipy.ndimage as ndi
 import torch
 from monai.data import MetaTensor
 
+from medssl.transforms.energy_decomposition import ReflectBandSpectra
 from medssl.transforms.energy import (
     BORDER_MODES,
     EnergyBandAugmentd,
@@ -300,6 +301,36 @@ def test_fallback_per_image_statistics_warns_once(caplog):
         with_reference({"image": image, "modality": "US"})
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "'US'" in messages[0]
+
+
+@pytest.mark.parametrize("shape, spacing", [((6, 40, 36), None), ((4, 12, 10, 9), (1.0, 1.0, 2.5))])
+def test_reflect_band_spectra_equal_the_bands_energies_and_recombination(shape, spacing):
+    """The transform-domain evaluation (the batched augmentation's CPU path) is the bands' math rearranged: in
+    float64 its energies per group of rows, its residual and any recombination equal band_energies / energy_bands /
+    recombine_bands to 1e-12 (float64 rounding; a wrong multiplier, band order or DC handling is off by > 1e-3)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=shape) + np.arange(shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))  # rows' means differ
+    bands = energy_bands(x, spacing=spacing, dtype=np.float64)
+    spectra = ReflectBandSpectra(x, SIGMAS, spacing)
+    groups = 2
+    per_group = shape[0] // groups
+    expected = np.stack([band_energies(bands[:, g * per_group:(g + 1) * per_group]) for g in range(groups)], axis=1)
+    np.testing.assert_allclose(spectra.energies(groups), expected, rtol=1e-12)
+    np.testing.assert_allclose(spectra.energies(shape[0]), band_energies(bands, per_channel=True), rtol=1e-12)
+    np.testing.assert_allclose(spectra.residual(), bands[0], atol=1e-12)
+    np.testing.assert_allclose(spectra.row_means(), x.reshape(shape[0], -1).mean(axis=1), atol=1e-12)
+    weights = rng.uniform(0.5, 1.5, size=(len(SIGMAS) + 1, shape[0]))
+    np.testing.assert_allclose(spectra.recombine(weights), np.einsum("br...,br->r...", bands, weights), atol=1e-12)
+    np.testing.assert_allclose(spectra.recombine(np.ones_like(weights)), x, atol=1e-12)  # the bands sum to x
+    float32 = ReflectBandSpectra(x.astype(np.float32), SIGMAS, spacing)
+    assert float32.recombine(weights).dtype == np.float32
+    np.testing.assert_allclose(float32.energies(groups), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not split into 5 equal groups"):
+        spectra.energies(5)
+    with pytest.raises(ValueError, match="weights of shape"):
+        spectra.recombine(weights[:3])
+    with pytest.raises(ValueError, match="2 or 3 spatial axes"):
+        ReflectBandSpectra(x.reshape(shape[0], -1))
 
 
 def test_constant_band_guard_and_prob_zero():

@@ -16,6 +16,10 @@ truncated at ``radius = int(truncate·σ + 0.5)``, truncate = 4) with the same b
   gathering, so any radius (even larger than the image) is handled as scipy does.
 
 Results are computed in float32 by default (``dtype=np.float64`` for double precision) and are not differentiable.
+
+:class:`ReflectBandSpectra` (the batched augmentation's CPU path, border 'reflect') never forms the bands: with the
+orthonormal DCT-II, band i of a row is ``c · H_i`` in the transform domain (H_i the band's multiplier), so its energy
+follows from Parseval's identity and ``Σ_i w_i · band_i`` is one inverse transform of ``c · Σ_i w_i H_i``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "band_energies",
     "recombine_bands",
     "image_spacing_for_sigmas",
+    "ReflectBandSpectra",
 ]
 
 DEFAULT_SIGMAS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
@@ -279,6 +284,95 @@ def energy_bands(
 # ----------------------------------------------------------------------------------------------------------------
 # Energies and recombination
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _reflect_band_multipliers(spatial: tuple[int, ...], level_sigmas: tuple[tuple[float, ...], ...],
+                              truncate: float) -> np.ndarray:
+    """(n_bands, prod(spatial)) float64, read-only: the DCT-II multipliers of ``[L_K, B_K, ..., B_1]`` (border
+    'reflect'): L_k's is the outer product of the per-axis cumulative eigenvalues, B_k's is L_{k-1}'s − L_k's."""
+    cumulative = [np.ones(n, dtype=np.float64) for n in spatial]
+    lowpasses = [np.ones(int(np.prod(spatial)), dtype=np.float64)]
+    for per_axis in level_sigmas:
+        for a, (n, sigma) in enumerate(zip(spatial, per_axis)):
+            cumulative[a] = cumulative[a] * _kernel_eigenvalues(float(sigma), float(truncate), n, "reflect", n)
+        lowpasses.append(functools.reduce(np.multiply.outer, cumulative).reshape(-1))
+    k = len(level_sigmas)
+    multipliers = np.stack([lowpasses[k]] + [lowpasses[j - 1] - lowpasses[j] for j in range(k, 0, -1)])
+    multipliers.setflags(write=False)
+    return multipliers
+
+
+class ReflectBandSpectra:
+    """The energy bands of a stack of images (border 'reflect'), held in the transform domain: band energies per
+    group of rows and any recombination ``Σ_i w_i · band_i``, without forming the bands.
+
+    ``x`` is ``(R, *spatial)`` (rows = images or channels; 2 or 3 spatial axes), float32 or float64 (the computation's
+    precision). One orthonormal DCT-II of every row (scipy.fft, one call for the stack); band i of row r is
+    ``c_r · H_i`` with H_i its multiplier (:func:`energy_bands`' 'spectral' operator: the same bands, σ, truncation
+    and border). Energies (float64): with the orthonormal transform ``Σ_v band² = Σ_f (c_f H_i,f)²`` (Parseval) and
+    the band's mean is its DC coefficient / √N, so a row's centred sum of squares is the sum over the non-DC
+    coefficients -- no cancellation; rows of a group are pooled as one population (ddof 0, as
+    :func:`band_energies` over channels and voxels). :meth:`recombine` is one inverse transform per row. Cost: 2
+    transforms instead of ``len(sigmas) + 1``, and no ``(n_bands, R, *spatial)`` array.
+    """
+
+    def __init__(self, x: np.ndarray, sigmas: Sequence[float] = DEFAULT_SIGMAS,
+                 spacing: Sequence[float] | None = None, truncate: float = 4.0) -> None:
+        if x.ndim not in (3, 4) or x.dtype not in (np.float32, np.float64):
+            raise ValueError(f"ReflectBandSpectra: x must be a float32 / float64 array (R, *spatial) with 2 or 3 "
+                             f"spatial axes, got {x.dtype} {tuple(x.shape)}")
+        self.spatial = tuple(int(n) for n in x.shape[1:])
+        self.axes = tuple(range(1, x.ndim))
+        self.dtype = x.dtype
+        level_sigmas = tuple(tuple(v) for v in _voxel_sigmas(sigmas, spacing, len(self.spatial)))
+        self.multipliers = _reflect_band_multipliers(self.spatial, level_sigmas, float(truncate))
+        self.coeffs = scipy.fft.dctn(x, type=2, norm="ortho", axes=self.axes).reshape(x.shape[0], -1)
+
+    @property
+    def n_bands(self) -> int:
+        return self.multipliers.shape[0]
+
+    def energies(self, n_groups: int) -> np.ndarray:
+        """(n_bands, n_groups) float64: the population std of each band over each of ``n_groups`` equal groups of
+        consecutive rows (e.g. the channels of one sample)."""
+        rows, n = self.coeffs.shape
+        if n_groups < 1 or rows % n_groups:
+            raise ValueError(f"ReflectBandSpectra.energies: {rows} rows do not split into {n_groups} equal groups")
+        squared = np.square(self.multipliers).T  # (F, bands)
+        centred = np.empty((rows, self.n_bands), dtype=np.float64)
+        step = max(1, (1 << 16) // n)  # rows per block: float64 temporaries of ~0.5 MB, not one of R x F
+        for start in range(0, rows, step):
+            power = np.square(self.coeffs[start:start + step], dtype=np.float64)
+            power[:, 0] = 0.0  # the DC coefficient is the row's mean, not its spread
+            centred[start:start + step] = power @ squared
+        centred = centred.reshape(n_groups, -1, self.n_bands)  # (G, rows / G, bands)
+        means = (self.coeffs[:, 0].astype(np.float64)[:, None] * self.multipliers[:, 0] / math.sqrt(n))
+        means = means.reshape(n_groups, -1, self.n_bands)
+        spread = n * np.square(means - means.mean(axis=1, keepdims=True)).sum(axis=1)  # between the group's rows
+        variance = (centred.sum(axis=1) + spread) / (centred.shape[1] * n)
+        return np.sqrt(np.maximum(variance, 0.0)).T
+
+    def row_means(self) -> np.ndarray:
+        """(R,) float64: each row's mean (the residual's mean too: every band but the residual has mean 0)."""
+        return self.coeffs[:, 0].astype(np.float64) / math.sqrt(self.coeffs.shape[1])
+
+    def residual(self, rows: Any = slice(None)) -> np.ndarray:
+        """The low-pass residual L_K of ``rows`` (an index or slice), ``(r, *spatial)`` in the input's dtype."""
+        coeffs = self.coeffs[rows] * self.multipliers[0].astype(self.dtype)
+        return scipy.fft.idctn(coeffs.reshape((-1,) + self.spatial), type=2, norm="ortho", axes=self.axes,
+                               overwrite_x=True)
+
+    def recombine(self, weights: np.ndarray) -> np.ndarray:
+        """``Σ_i weights[i, r] · band_i`` of every row r (``weights`` (n_bands, R)), ``(R, *spatial)``."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (self.n_bands, self.coeffs.shape[0]):
+            raise ValueError(f"ReflectBandSpectra.recombine: weights of shape {weights.shape}, expected "
+                             f"{(self.n_bands, self.coeffs.shape[0])}")
+        combined = (weights.T @ self.multipliers).astype(self.dtype)  # (R, F): Σ_i w_i H_i per row
+        combined *= self.coeffs
+        return scipy.fft.idctn(combined.reshape((-1,) + self.spatial), type=2, norm="ortho", axes=self.axes,
+                               overwrite_x=True)
 
 
 def band_energies(bands: ArrayLike, mask: ArrayLike | None = None, per_channel: bool = False) -> ArrayLike:
