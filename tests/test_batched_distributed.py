@@ -59,8 +59,9 @@ def _run(demo_datalist: Path, out: Path, configs: list[str], batch_size: int, la
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # about 40 s (two bundle runs, one under torchrun); the default suite covers the parts: the batched
-# views' independence of the batch (test_batched_augment.py) and the engine's 2 processes = 1 process (test_distributed_engine)
+# about 40 s (two bundle runs, one under torchrun); the default suite covers the parts: the batched views'
+# independence of the batch (test_batched_augment.py) and the engine's 2 processes = 1 process (test_distributed_engine)
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_process_batched_views_run_equals_one_process_run(demo_datalist, tmp_path):
     """train.json + smoke.json + batched_views.json (set A, energy bands included, made on each rank's batch by
