@@ -184,3 +184,16 @@ def test_fire_tools_all_run_through_medssl_cli():
         assert "import fire" not in text and "fire.Fire(" not in text, path.name
     for name in FIRE_TOOLS:
         assert "from medssl.cli import run" in (TOOLS / f"{name}.py").read_text(), name
+
+
+@pytest.mark.parametrize("name", FIRE_TOOLS)
+def test_help_prints_the_tools_usage(name, monkeypatch, capsys):
+    """``--help`` prints the tool's docstring (its usage), also for commands taking ``**kwargs`` (probe.py,
+    compare_pretraining.py), which python-fire would otherwise call with ``help=True``."""
+    path = TOOLS / f"{name}.py"
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(path), run_name="__main__")
+    assert exit_info.value.code == 0
+    doc = runpy.run_path(str(path))["__doc__"]
+    assert capsys.readouterr().out.strip().splitlines()[0] == doc.strip().splitlines()[0]
