@@ -158,3 +158,16 @@ def test_densenet3d_options_and_small_inputs():
         DenseNet3D(out_dim=1023)
     with pytest.raises(ValueError, match="depth last"):
         plain(torch.randn(1, 1, 32, 32))
+
+
+def test_resnet_norm_reaches_every_residual_block():
+    """MONAI's ResNet builds its blocks with BatchNorm whatever ``norm`` says; ResNetBackbone passes it on (a
+    GroupNorm ResNet has no BatchNorm left, the same parameter count, and one sample's output does not depend on the
+    rest of the batch)."""
+    kw = dict(in_channels=1, layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64])
+    group = ResNetBackbone(norm=("group", {"num_groups": 4}), **kw).train()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in group.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in group.modules()) > 5
+    assert sum(p.numel() for p in group.parameters()) == sum(p.numel() for p in ResNetBackbone(**kw).parameters())
+    x = torch.rand(4, 1, 32, 32)
+    torch.testing.assert_close(group(x)[:1], group(x[:1]))

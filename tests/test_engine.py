@@ -473,3 +473,25 @@ def test_mlflow_tracking_handler_logs_the_loss(tmp_path):
     run = client.search_runs([client.get_experiment_by_name("toy").experiment_id])[0]
     history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
     assert history == pytest.approx(losses)
+
+
+def test_sync_batchnorm_converts_in_place_on_cuda_runs_only():
+    """sync_batchnorm: in a distributed CUDA run every BatchNorm becomes a SyncBatchNorm holding the same parameter
+    objects (the optimiser built before keeps stepping them); one process, or a CPU run, is left as it is."""
+    from medssl.engines.trainer import sync_batchnorm_layers
+
+    def method():
+        net = torch.nn.Module()
+        net.backbone = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        net.head = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        return net
+
+    m = method()
+    weight = m.backbone[1].weight
+    assert sync_batchnorm_layers(m, True, torch.device("cpu"), distributed=True) == 0
+    assert sync_batchnorm_layers(m, True, torch.device("cuda"), distributed=False) == 0
+    assert sync_batchnorm_layers(m, False, torch.device("cuda"), distributed=True) == 0
+    assert isinstance(m.backbone[1], torch.nn.BatchNorm2d)
+    assert sync_batchnorm_layers(m, True, torch.device("cuda"), distributed=True) == 2  # conversion only: no forward
+    assert isinstance(m.backbone[1], torch.nn.SyncBatchNorm) and isinstance(m.head[1], torch.nn.SyncBatchNorm)
+    assert m.backbone[1].weight is weight

@@ -68,6 +68,7 @@ from medssl.utils.dist import all_reduce_sum, get_world_size, is_distributed
 __all__ = [
     "SSLTrainer",
     "StepOutput",
+    "sync_batchnorm_layers",
     "default_prepare_batch",
     "to_device",
     "get_output_value",
@@ -254,6 +255,26 @@ def _resolve_amp_dtype(amp_dtype: str | torch.dtype) -> torch.dtype:
     return _AMP_DTYPES[key]
 
 
+def sync_batchnorm_layers(method: nn.Module, enabled: bool, device: torch.device, distributed: bool | None = None) -> int:
+    """Turn ``method``'s BatchNorm layers into ``torch.nn.SyncBatchNorm`` in place (same parameters and statistics, so
+    the optimiser's references stay valid) when ``enabled`` in a distributed run on CUDA; returns how many were
+    converted. torch's SyncBatchNorm runs on GPUs only: on CPU (gloo) nothing changes, with a log line."""
+    distributed = is_distributed() if distributed is None else distributed
+    if not enabled or not distributed:
+        return 0
+    if torch.device(device).type != "cuda":
+        logger.info("sync_batchnorm: needs CUDA; on %s each rank normalises over its own batch", torch.device(device))
+        return 0
+    count = 0
+    for name, child in list(method.named_children()):
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+        count += sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+        if converted is not child:  # a BatchNorm child itself is replaced; deeper ones are converted in place
+            setattr(method, name, converted)
+    logger.info("sync_batchnorm: %d BatchNorm layers normalise over the global batch", count)
+    return count
+
+
 def _optional_bool(value: Any, key: str) -> bool | None:
     """None stays None (= the device's default); anything else through :func:`medssl.bundle.as_bool`."""
     return None if value is None else as_bool(value, key)
@@ -284,6 +305,9 @@ class SSLTrainer(Trainer):
         accumulate_grad_batches: batches whose gradients are summed (loss / window) before one optimiser step;
             windows restart at each epoch (the last one of an epoch may be shorter).
         find_unused_parameters: passed to ``DistributedDataParallel``.
+        sync_batchnorm: in a distributed CUDA run, BatchNorm layers normalise over the global batch
+            (:func:`sync_batchnorm`, torch's ``SyncBatchNorm``, as the SwAV reference's ``--sync_bn``); default False:
+            each rank over its own batch, so N processes do not equal one. Ignored, with a log line, on CPU.
         handlers: objects with ``attach(engine)``, attached in order after the engine is set up.
         prepare_batch: ``f(batchdata, device, non_blocking) -> batch`` given to the method; default moves all tensors.
         non_blocking: passed to ``prepare_batch``.
@@ -311,6 +335,7 @@ class SSLTrainer(Trainer):
         clip_grad_norm: float | None = None,
         accumulate_grad_batches: int = 1,
         find_unused_parameters: bool = False,
+        sync_batchnorm: bool | str = False,
         handlers: Sequence | None = None,
         prepare_batch: Callable = default_prepare_batch,
         non_blocking: bool = False,
@@ -362,6 +387,7 @@ class SSLTrainer(Trainer):
             target = target if isinstance(target, nn.Module) else method
             compiled = compile_backbone(target, **dict(compile_kwargs or {}))
         network: nn.Module = method
+        self.sync_batchnorm = sync_batchnorm_layers(method, as_bool(sync_batchnorm, "sync_batchnorm"), device)
         if is_distributed():
             kwargs = dict(ddp_kwargs or {})
             kwargs.setdefault("find_unused_parameters", find_unused_parameters)

@@ -70,6 +70,11 @@ class _MultiLevelFeatures:
         else:
             self.feature_dim = self.level_dims["pool"]
 
+    def _make_layer(self, *args, **kwargs) -> nn.Sequential:
+        """MONAI's stage builder with the backbone's ``norm`` (MONAI's ``ResNet.__init__`` does not pass it on)."""
+        kwargs["norm"] = self._block_norm
+        return super()._make_layer(*args, **kwargs)
+
     def _stages(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -159,6 +164,9 @@ class ResNetBackbone(_MultiLevelFeatures, ResNet):
     ) -> None:
         if width <= 0:
             raise ValueError(f"ResNetBackbone: width must be positive, got {width}")
+        # MONAI's ResNet builds its residual blocks with BatchNorm whatever ``norm`` says (only the stem gets it):
+        # read by _make_layer below, set before nn.Module.__init__ runs
+        object.__setattr__(self, "_block_norm", norm)
         super().__init__(
             block=block,
             layers=list(layers),
