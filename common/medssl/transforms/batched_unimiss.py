@@ -228,7 +228,7 @@ class BatchedUniMiSSViews:
             region = np.asarray(self.size_3d, dtype=np.float64)
             low, high = np.minimum(n - region, 0), np.maximum(n - region, 0)
             start = np.minimum(low + np.floor(u_start * (high - low + 1)), high)  # integer uniform in [low, high]
-        flip = u_flip < self.flip_prob[dims]
+        flip = (u_flip < self.flip_prob[dims]) & (np.arange(dims) == 0 if dims == 2 else True)  # 2D: left-right only
         b_prob, b_width = self.brightness[dims]
         c_prob, c_width = self.contrast[dims]
         brightness = 1.0 + (2.0 * b_val - 1.0) * b_width if b_do < b_prob else 1.0

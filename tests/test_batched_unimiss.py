@@ -1,0 +1,260 @@
+"""medssl.transforms.batched_unimiss (issue #12): UniMiSS's views made on a batch equal the per-item transforms for
+fixed parameters, have their parameter distributions over many draws, and do not depend on the batch an item is
+in. CPU only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import AdjustContrast, Flip, GaussianSmooth, ScaleIntensity, ScaleIntensityFixedMean
+from scipy import stats
+
+from medssl.transforms.batched_unimiss import (
+    BatchedUniMiSSViews,
+    UniMiSSViewParams,
+    UniMiSSViewsCollate,
+    UniMiSSWorkingSized,
+    contrast_about_mean,
+    plain_crops,
+)
+from medssl.transforms.batched import resized_crops
+from medssl.transforms.unimiss_views import unimiss_augmentations_2d, unimiss_augmentations_3d, unimiss_views
+
+N_DRAWS = 3000
+SEEDS = np.arange(N_DRAWS) * 7919 + 11
+
+
+def rand(*shape, seed=0):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def params(size, **values):
+    b = len(values["start"])
+    dims = len(size)
+    defaults = {"region": [list(size)] * b, "flip": np.zeros((b, dims), bool), "brightness": np.ones(b),
+                "contrast": np.ones(b), "gamma": np.ones(b), "blur_sigma": np.zeros((b, dims)),
+                "noise_std": np.zeros(b), "noise_seed": np.zeros(b, int)}
+    defaults.update(values)
+    return UniMiSSViewParams(size=tuple(size), **{k: np.asarray(v) for k, v in defaults.items()})
+
+
+# ------------------------------------------------------------------------------------------------ fixed parameters
+def test_plain_crops_equal_multicropd_extract_with_min_padding():
+    multicrop = unimiss_views(size_3d=(8, 8, 4))
+    small = rand(1, 6, 10, 3, seed=1) + 0.5  # smaller than the crop on X and Z: padded with its minimum
+    large = rand(1, 12, 9, 7, seed=2)
+    starts = [[-1, 2, 0], [3, 1, 2]]
+    out = plain_crops([small, large], starts, (8, 8, 4))
+    for b, item in enumerate((small, large)):
+        expected = multicrop.extract(item, starts[b], (8, 8, 4), (8, 8, 4))
+        assert torch.equal(out[b], torch.as_tensor(expected))
+
+
+def test_3d_view_equals_the_per_item_monai_chain():
+    vols = rand(2, 1, 10, 12, 8, seed=3)
+    p = params((6, 6, 4), start=[[1, 2, 3], [4, 0, 1]], flip=[[True, False, True], [False, True, False]],
+               blur_sigma=[[0.6, 0.9, 0.7], [0.0, 0.0, 0.0]], brightness=[1.2, 0.8], contrast=[0.8, 1.2],
+               gamma=[1.4, 0.75])
+    out = BatchedUniMiSSViews().apply(vols, p)
+    for b in range(2):
+        x = vols[b, :, p.start[b, 0]:p.start[b, 0] + 6, p.start[b, 1]:p.start[b, 1] + 6, p.start[b, 2]:p.start[b, 2] + 4]
+        axes = [a for a in range(3) if p.flip[b, a]]
+        x = Flip(spatial_axis=axes)(x)
+        if p.blur_sigma[b].any():
+            x = GaussianSmooth(sigma=p.blur_sigma[b].tolist())(x)
+        x = ScaleIntensity(minv=None, maxv=None, factor=p.brightness[b] - 1.0)(x)
+        x = ScaleIntensityFixedMean(factor=p.contrast[b] - 1.0, fixed_mean=True, preserve_range=True)(x)
+        x = AdjustContrast(gamma=p.gamma[b])(x)
+        torch.testing.assert_close(out[b], torch.as_tensor(x), atol=2e-6, rtol=1e-5)
+
+
+def test_2d_view_equals_the_per_item_monai_chain_inside_the_extent():
+    images = torch.zeros(2, 1, 40, 40)
+    content = rand(2, 1, 40, 28, seed=4)
+    images[..., :28] = content  # padded working images: extent (40, 28)
+    p = params((16, 16), start=[[2.0, 1.5], [10.0, 4.0]], region=[[20.0, 20.0], [24.0, 24.0]],
+               flip=[[True, False], [False, False]], brightness=[1.3, 1.0], contrast=[0.7, 1.1],
+               blur_sigma=[[1.2, 0.4], [0.0, 0.0]])
+    out = BatchedUniMiSSViews().apply(images, p)
+    for b in range(2):
+        x = resized_crops(content[b:b + 1], p.start[b:b + 1], p.region[b:b + 1], (16, 16), p.flip[b:b + 1])[0]
+        x = ScaleIntensity(minv=None, maxv=None, factor=p.brightness[b] - 1.0)(x)
+        x = ScaleIntensityFixedMean(factor=p.contrast[b] - 1.0, fixed_mean=True)(x)
+        if p.blur_sigma[b].any():
+            x = GaussianSmooth(sigma=p.blur_sigma[b].tolist())(x)
+        torch.testing.assert_close(out[b], torch.as_tensor(x), atol=2e-6, rtol=1e-5)
+
+
+def test_unit_factors_leave_samples_exactly_unchanged():
+    x = rand(3, 2, 9, 9, seed=5)
+    out = contrast_about_mean(x, [1.0, 1.5, 1.0], preserve_range=True)
+    assert torch.equal(out[0], x[0]) and torch.equal(out[2], x[2]) and not torch.equal(out[1], x[1])
+    assert out[1].min() >= x[1].min() and out[1].max() <= x[1].max()
+
+
+# ------------------------------------------------------------------------------------------------ distributions
+def per_item_values(transform, attr, n=N_DRAWS):
+    """``n`` draws of the inner MONAI transform's parameter ``attr`` (factor, gamma_value, ...)."""
+    transform.set_random_state(0)
+    values = []
+    for _ in range(n):
+        transform.randomize(torch.zeros(1, 4, 4))
+        values.append(float(getattr(transform, attr)))
+    return np.asarray(values)
+
+
+def assert_rate(flags, prob):
+    flags = np.asarray(flags, dtype=bool).ravel()
+    assert stats.binomtest(int(flags.sum()), len(flags), prob).pvalue > 1e-3, (flags.mean(), prob)
+
+
+def assert_same_distribution(ours, theirs):
+    assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+
+
+@pytest.fixture(scope="module")
+def draws_2d():
+    return BatchedUniMiSSViews().draw(SEEDS, [[200.0, 120.0]] * N_DRAWS)
+
+
+@pytest.fixture(scope="module")
+def draws_3d():
+    return BatchedUniMiSSViews(size_3d=(96, 96, 16)).draw(SEEDS, [[120.0, 90.0, 40.0]] * N_DRAWS)
+
+
+def test_2d_crop_region_matches_multicropd(draws_2d):
+    extent = np.array([200.0, 120.0])
+    multicrop = unimiss_views()
+    multicrop.set_random_state(0)
+    theirs = np.asarray([multicrop.draw_region(tuple(int(v) for v in extent), (224, 224), (0.14, 1.0))[1]
+                         for _ in range(N_DRAWS)], dtype=float)
+    for view in draws_2d:
+        assert np.all(view.region >= 1) and np.all(view.region <= extent + 1e-9)
+        assert np.all(view.start >= 0) and np.all(view.start + view.region <= extent + 1e-9)
+        assert np.allclose(view.region[:, 1], np.minimum(view.region[:, 0], extent[1]))  # square unless clipped
+        for axis in range(2):  # MultiCropd rounds the region to whole pixels
+            assert_same_distribution(np.round(view.region[:, axis]), theirs[:, axis])
+        free = extent - view.region
+        inside = free[:, 0] > 1
+        assert stats.kstest(view.start[inside, 0] / free[inside, 0], "uniform").pvalue > 1e-3
+    # area fraction s ~ U(0.14, 1); the square side sqrt(s * 200 * 120) is clipped to 120 where s > 0.6
+    fraction = np.prod(draws_2d[0].region, axis=1) / np.prod(extent)
+    unclipped = draws_2d[0].region[:, 0] < extent[1] - 1e-9
+    assert abs(unclipped.mean() - (0.6 - 0.14) / 0.86) < 0.03
+    assert stats.kstest(fraction[unclipped], stats.uniform(0.14, 0.6 - 0.14).cdf).pvalue > 1e-3
+
+
+def test_2d_flip_jitter_and_blur_match_the_per_item_transforms(draws_2d):
+    flip, brightness, contrast, blur = unimiss_augmentations_2d().transforms
+    view = np.concatenate  # both views together
+    assert_rate(view([v.flip[:, 0] for v in draws_2d]), flip.prob)
+    assert not any(v.flip[:, 1].any() for v in draws_2d)  # left-right only
+    b = view([v.brightness for v in draws_2d])
+    assert_rate(b != 1.0, brightness.prob)
+    assert_same_distribution(b[b != 1.0] - 1.0, per_item_values(brightness.scaler, "factor"))
+    c = view([v.contrast for v in draws_2d])
+    assert_rate(c != 1.0, contrast.prob)
+    assert_same_distribution(c[c != 1.0] - 1.0, per_item_values(contrast.scaler, "factor"))
+    assert abs(np.corrcoef(b[(b != 1) & (c != 1)], c[(b != 1) & (c != 1)])[0, 1]) < 0.1  # independent draws
+    sigma = np.concatenate([v.blur_sigma for v in draws_2d])
+    assert_rate(sigma[:, 0] > 0, blur.prob)
+    blurred = sigma[sigma[:, 0] > 0]
+    lo, hi = blur.rand_smooth.sigma_x
+    for axis in range(2):
+        assert stats.kstest(blurred[:, axis], stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3
+    assert all(np.all(v.gamma == 1.0) and np.all(v.noise_std == 0.0) for v in draws_2d)  # 3D-only steps
+
+
+def test_3d_crop_start_matches_multicropd(draws_3d):
+    multicrop = unimiss_views(size_3d=(96, 96, 16))
+    multicrop.set_random_state(0)
+    theirs = np.asarray([multicrop.draw_region((120, 90, 40), (96, 96, 16), None)[0] for _ in range(N_DRAWS)])
+    for view in draws_3d:
+        assert np.array_equal(view.start, np.round(view.start)) and np.all(view.region == [96, 96, 16])
+        for axis in range(3):
+            ours, ref = view.start[:, axis], theirs[:, axis]
+            assert ours.min() == ref.min() and ours.max() == ref.max()  # [min(0, n - c), max(0, n - c)]
+            assert_same_distribution(ours, ref)
+
+
+def test_3d_augmentation_parameters_match_the_per_item_transforms(draws_3d):
+    fx, fy, fz, noise, blur, brightness, contrast, gamma = unimiss_augmentations_3d().transforms
+    flips = np.concatenate([v.flip for v in draws_3d])
+    for axis, t in enumerate((fx, fy, fz)):
+        assert_rate(flips[:, axis], t.prob)
+    assert abs(np.corrcoef(flips[:, 0], flips[:, 1])[0, 1]) < 0.1
+    std = np.concatenate([v.noise_std for v in draws_3d])
+    assert_rate(std > 0, noise.prob)
+    assert stats.kstest(std[std > 0], stats.uniform(0, noise.rand_gaussian_noise.std).cdf).pvalue > 1e-3
+    sigma = np.concatenate([v.blur_sigma for v in draws_3d])
+    assert_rate(sigma[:, 0] > 0, blur.prob)
+    lo, hi = blur.rand_smooth.sigma_z
+    assert stats.kstest(sigma[sigma[:, 2] > 0, 2], stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3
+    for values, t, inner, attr in ((np.concatenate([v.brightness for v in draws_3d]) - 1, brightness, "scaler",
+                                    "factor"),
+                                   (np.concatenate([v.contrast for v in draws_3d]) - 1, contrast, "scaler", "factor")):
+        assert_rate(values != 0, t.prob)
+        assert_same_distribution(values[values != 0], per_item_values(getattr(t, inner), attr))
+    g = np.concatenate([v.gamma for v in draws_3d])
+    assert_rate(g != 1.0, gamma.prob)
+    assert_same_distribution(g[g != 1.0], per_item_values(gamma.adjuster, "gamma_value"))
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+def test_a_2d_item_gets_the_same_views_alone_or_in_any_batch():
+    augment = BatchedUniMiSSViews(size_2d=32, blur_prob_2d=1.0)
+    images, extents, seeds = rand(4, 1, 48, 48, seed=6), [[48, 30], [40, 48], [48, 48], [20, 48]], [5, 6, 7, 8]
+    batch = augment(images, seeds, extents)
+    order = [2, 0, 3, 1]
+    shuffled = augment(images[order], [seeds[i] for i in order], [extents[i] for i in order])
+    for i in range(4):
+        alone = augment(images[i:i + 1], seeds[i:i + 1], extents[i:i + 1])
+        for v in range(2):
+            assert torch.equal(alone[v][0], batch[v][i]) and torch.equal(shuffled[v][order.index(i)], batch[v][i])
+    assert not torch.equal(batch[0][0], batch[1][0])  # two different views
+
+
+def test_a_3d_item_gets_the_same_views_alone_or_in_any_batch():
+    augment = BatchedUniMiSSViews(size_3d=(12, 12, 6), noise_prob=1.0, blur_prob_3d=1.0, gamma_prob=1.0)
+    vols = [rand(1, 16, 14, 8, seed=7), rand(1, 10, 20, 5, seed=8), rand(1, 16, 14, 8, seed=9)]
+    batch = augment(vols, torch.tensor([1, 2, 3]))
+    for i in range(3):
+        alone = augment([vols[i]], [i + 1])
+        for v in range(2):
+            assert torch.equal(alone[v][0], batch[v][i])
+    stacked = augment(torch.stack([vols[2], vols[0]]), [3, 1])  # same-shape volumes as one tensor: same views
+    assert all(torch.equal(stacked[v][0], batch[v][2]) and torch.equal(stacked[v][1], batch[v][0]) for v in range(2))
+
+
+def test_collate_makes_the_views_of_the_working_size_items():
+    front = UniMiSSWorkingSized(working_size=40)
+    items = [front({"image": rand(1, 60, 30, seed=10), "seed": 3, "modality": "XR"}),
+             front({"image": rand(1, 40, 40, seed=11), "seed": 4, "modality": "XR"})]
+    assert items[0]["image"].shape == (1, 40, 40) and items[0]["extent"].tolist() == [40, 20]
+    augment = BatchedUniMiSSViews(size_2d=24)
+    batch = UniMiSSViewsCollate(augment)(items)
+    assert "image" not in batch and "extent" not in batch and batch["modality"] == ["XR", "XR"]
+    stacked = torch.stack([torch.as_tensor(it["image"]) for it in items])
+    expected = augment(stacked, [3, 4], [[40, 20], [40, 40]])
+    assert all(torch.equal(a, b) for a, b in zip(batch["crops"], expected))
+    vol = front({"image": rand(1, 20, 18, 9, seed=12), "seed": 5})
+    assert vol["extent"].tolist() == [20, 18, 9] and vol["image"].shape == (1, 20, 18, 9)  # 3D left as it is
+    with pytest.raises(ValueError, match="mixes 2D and 3D"):
+        UniMiSSViewsCollate(augment)([items[0], vol])
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="n_views"):
+        BatchedUniMiSSViews(n_views=1)
+    with pytest.raises(ValueError, match="scale_2d"):
+        BatchedUniMiSSViews(scale_2d=(0.5, 1.5))
+    with pytest.raises(ValueError, match="jitter_prob"):
+        BatchedUniMiSSViews(jitter_prob=2.0)
+    augment = BatchedUniMiSSViews(size_2d=8)
+    with pytest.raises(ValueError, match="seeds"):
+        augment(rand(2, 1, 16, 16), [1])
+    with pytest.raises(ValueError, match="extents"):
+        augment(rand(1, 1, 16, 16), [1], [[20, 16]])
+    with pytest.raises(ValueError, match="3D volumes"):
+        augment([rand(1, 16, 16)], [1])
