@@ -496,7 +496,9 @@ def _map_keys(state: Mapping[str, torch.Tensor], adapter: EncoderAdapter | None)
 def _emit(report: LoadReport, verbose: bool) -> None:
     if verbose and get_rank() == 0:
         print(report.summary(), flush=True)
-    logger.info(report.summary())
+        logger.debug(report.summary())  # printed already: an INFO record would show it twice on a bundle's console
+    else:
+        logger.info(report.summary())
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
