@@ -4,11 +4,18 @@ in. CPU only."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import AdjustContrast, Flip, GaussianSmooth, ScaleIntensity, ScaleIntensityFixedMean
 from scipy import stats
+
+from conftest import BUNDLES, PYTHON, run_cmd
 
 from medssl.transforms.batched_unimiss import (
     BatchedUniMiSSViews,
@@ -21,7 +28,7 @@ from medssl.transforms.batched_unimiss import (
 from medssl.transforms.batched import resized_crops
 from medssl.transforms.unimiss_views import unimiss_augmentations_2d, unimiss_augmentations_3d, unimiss_views
 
-N_DRAWS = 3000
+N_DRAWS = 2000
 SEEDS = np.arange(N_DRAWS) * 7919 + 11
 
 
@@ -258,3 +265,75 @@ def test_bad_inputs_raise_clear_errors():
         augment(rand(1, 1, 16, 16), [1], [[20, 16]])
     with pytest.raises(ValueError, match="3D volumes"):
         augment([rand(1, 16, 16)], [1])
+
+
+# ------------------------------------------------------------------------------------------------ the bundle
+BUNDLE_CONFIGS = [str(BUNDLES / "ssl_unimiss_pretrain" / "configs" / c)
+                  for c in ("train.json", "smoke.json", "batched_views.json")]
+
+
+def _bundle_parser(demo_datalist: Path, out: Path, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_CONFIGS)
+    settings = {"bundle_root": str(Path(BUNDLE_CONFIGS[0]).parents[1]), "dataset_dir": str(demo_datalist.parent),
+                "datalist": str(demo_datalist), "output_dir": str(out), "ckpt_dir": str(out / "ckpt"),
+                "working_size": 64, "device": "cpu", **overrides}
+    for key, value in settings.items():
+        parser[key] = value
+    return parser
+
+
+def test_the_bundle_trains_in_process_with_batched_views(demo_datalist, tmp_path):
+    """train.json + smoke.json + batched_views.json, one 2D and one 3D step in this process (no kNN monitor)."""
+    parser = _bundle_parser(demo_datalist, tmp_path, epochs=1, **{"train#sampler#num_batches": 2, "knn#handlers": []})
+    parser.get_parsed_content("initialize")
+    loader = parser.get_parsed_content("train#dataloader")
+    assert isinstance(loader.collate_fn, UniMiSSViewsCollate) and loader.collate_fn.augment is not None
+    batches = list(loader)
+    shapes = [[tuple(v.shape) for v in b["crops"]] for b in batches]
+    assert shapes == [[(2, 1, 64, 64)] * 2, [(1, 1, 64, 64, 16)] * 2]  # smoke.json: 2 images, then 1 volume
+    parser.get_parsed_content("train#trainer").run()
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [int(r["dim"]) for r in records] == [2, 3]
+    assert all(np.isfinite(r["loss"]) for r in records) and "loss_slice" in records[1]
+
+
+def _run(demo_datalist: Path, out: Path, num_workers: int, *extra: str) -> list[dict]:
+    bundle = BUNDLES / "ssl_unimiss_pretrain"
+    cmd = [
+        PYTHON, "-m", "monai.bundle", "run", "--config_file", "[" + ",".join(f"'{c}'" for c in BUNDLE_CONFIGS) + "]",
+        "--bundle_root", str(bundle), "--dataset_dir", str(demo_datalist.parent), "--datalist", str(demo_datalist),
+        "--output_dir", str(out), "--ckpt_dir", str(out / "ckpt"), "--working_size", "64",
+        "--num_workers", str(num_workers), *extra,
+    ]
+    proc = run_cmd(cmd, cwd=bundle, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # 25 s (two bundle runs); covered in the default suite by the in-process run and the batch-independence tests above
+def test_batched_views_train_do_not_depend_on_workers(demo_datalist, tmp_path):
+    """The UniMiSS bundle with batched_views.json: 0 and 2 DataLoader workers give the same losses, bit for bit, in
+    its 2D and 3D steps."""
+    serial = _run(demo_datalist, tmp_path / "w0", 0)
+    parallel = _run(demo_datalist, tmp_path / "w2", 2)
+    assert len(serial) == len(parallel) > 0 and {int(r["dim"]) for r in serial} == {2, 3}
+    assert [r["loss"] for r in serial] == [r["loss"] for r in parallel]
+    assert all(np.isfinite(r["loss"]) for r in serial)
+
+
+@pytest.mark.slow  # 25 s (two bundle runs)
+@pytest.mark.xfail(strict=True, reason="the UniMiSS bundle does not resume exactly on either data path: train.json + "
+                   "smoke.json (per-item views) resumed from checkpoint_00000006.pt logs 1.5465 at iteration 7 where "
+                   "the straight run logs 1.5304 (2026-12-06); not caused by the batched views")
+def test_batched_views_resume_exactly(demo_datalist, tmp_path):
+    """A run with batched_views.json resumed from the mid-epoch checkpoint of iteration 6 continues the same
+    losses."""
+    serial = _run(demo_datalist, tmp_path / "w0", 0)
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "ckpt").mkdir(parents=True)
+    shutil.copy(tmp_path / "w0" / "ckpt" / "checkpoint_00000006.pt", resumed_dir / "ckpt")
+    resumed = _run(demo_datalist, resumed_dir, 0, "--resume", "true")
+    tail = {r["iteration"]: r["loss"] for r in resumed}
+    assert sorted(tail) == [r["iteration"] for r in serial if r["iteration"] > 6]
+    assert [tail[i] for i in sorted(tail)] == [r["loss"] for r in serial if r["iteration"] > 6]
