@@ -234,6 +234,18 @@ def test_a_3d_item_gets_the_same_views_alone_or_in_any_batch():
     assert all(torch.equal(stacked[v][0], batch[v][2]) and torch.equal(stacked[v][1], batch[v][0]) for v in range(2))
 
 
+def test_partly_blurred_batches_give_each_item_its_views_alone():
+    """Blur applied to the blurred samples only: the batch's other items and the blurred ones equal their views alone."""
+    augment = BatchedUniMiSSViews(size_3d=(10, 10, 6), blur_prob_3d=0.5)
+    vols, seeds = list(rand(6, 1, 12, 12, 8, seed=13)), list(range(20, 26))
+    sigma = np.stack([v.blur_sigma for v in augment.draw(seeds, [[12, 12, 8]] * 6)])  # (views, items, 3)
+    assert np.any(sigma[0].max(axis=1) > 0) and np.any(sigma[0].max(axis=1) == 0)  # a mixed batch
+    batch = augment(vols, seeds)
+    for i in range(6):
+        alone = augment([vols[i]], [seeds[i]])
+        assert all(torch.equal(alone[v][0], batch[v][i]) for v in range(2))
+
+
 def test_collate_makes_the_views_of_the_working_size_items():
     front = UniMiSSWorkingSized(working_size=40)
     items = [front({"image": rand(1, 60, 30, seed=10), "seed": 3, "modality": "XR"}),
