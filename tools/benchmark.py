@@ -41,7 +41,10 @@ loader — items per second of a pretraining bundle's data path with its full ``
     one decomposition per crop index for the batch). Two rows per ``num_workers``: set A in full, and set A
     without the energy bands (both paths without them). Batches are drawn by a ``ModalityBatchSampler`` (the
     config's batch size and parts unless ``batch_size`` is given). Torch threads in the main process: ``threads``
-    (1 by default, as in a DataLoader worker). Prints a table with the ratio new / today.
+    (1 by default, as in a DataLoader worker). Prints a table with the ratio new / today. A UniMiSS bundle
+    (``train#views``, bundles/ssl_unimiss_pretrain) is measured per dimension instead: its 2D and its 3D training
+    items, ``unimiss_views`` per item (today; and with the decoded front cached, to show the cache's share) against
+    the cache + ``medssl.transforms.batched_unimiss.BatchedUniMiSSViews`` in ``UniMiSSViewsCollate``.
 
 Exit status 0 when the benchmarks ran (a missed speed goal is reported, not an error).
 """
@@ -541,7 +544,7 @@ def loader(
 
     Args:
         bundle: a pretraining bundle with ``train#items``, ``train#preprocessing`` and ``train#multicrop`` (default:
-            bundles/ssl_swav_multimodal_pretrain).
+            bundles/ssl_swav_multimodal_pretrain), or UniMiSS's (``train#views``; see :func:`_loader_unimiss`).
         config: its full training config (no override files: the configuration measured is the config's own).
         dataset_dir: dataset folder; default: the demo dataset built in a temporary folder.
         datalist: datalist file; default ``dataset_dir/datalist.json``.
@@ -589,6 +592,9 @@ def loader(
         parser["bundle_root"] = str(bundle_path)
         parser["dataset_dir"] = str(data_dir)
         parser["datalist"] = str(datalist_path)
+        if "train#multicrop" not in parser and "train#views" in parser:  # UniMiSS: 2D and 3D views, see the doc
+            return _loader_unimiss(parser, bundle_path, config_path, tmp_path, int(repeat), batch_size,
+                                   worker_counts, int(working_size), cache_dir)
         parser["dims"] = [2]
         items = [it for it in parser.get_parsed_content("train#items") if int(it.get("dim", 2)) == 2]
         if not items:
@@ -663,6 +669,81 @@ def loader(
                   f"{row['ratio']:.2f}x |")
     return {"bundle": str(bundle_path), "items": len(repeated), "batch_size": size, "working_size": int(working_size),
             "cache_fill_s": fill_s, "rows": rows}
+
+
+def _loader_unimiss(parser: Any, bundle_path: Path, config_path: Path, tmp_path: Path, repeat: int,
+                    batch_size: int | None, worker_counts: list[int], working_size: int, cache_dir: str | None) -> dict:
+    """``loader`` for a UniMiSS bundle (``train#views`` = ``unimiss_views``): one row per ``num_workers`` and spatial
+    dimension, over that dimension's training items repeated ``repeat`` times, batched by the bundle's
+    ``DimensionAlternatingBatchSampler`` (``batch_size`` / ``batch_size_3d``; ``batch_size`` here replaces the 2D
+    one). Today: the bundle's ``train#preprocessing`` per item (decode, preset, ``unimiss_views``). Cache + per-item:
+    the same with the decoded front cached on disk (``make_dataset(cache_dir=...)``), to separate the cache's share.
+    New: the bundle's ``loading`` + ``UniMiSSWorkingSized(working_size)`` cached on disk, the views made on each
+    collated batch by ``BatchedUniMiSSViews`` (train.json's view sizes and 2D scale) in ``UniMiSSViewsCollate``."""
+    import warnings
+
+    from monai.transforms import Compose
+
+    from medssl.data import DimensionAlternatingBatchSampler
+    from medssl.data.pipeline import make_dataset
+    from medssl.transforms import PlainTensord
+    from medssl.transforms.batched_unimiss import BatchedUniMiSSViews, UniMiSSViewsCollate, UniMiSSWorkingSized
+
+    items = list(parser.get_parsed_content("train#items"))
+    per_item = parser.get_parsed_content("train#preprocessing")
+    batched = BatchedUniMiSSViews(
+        n_views=int(parser.get_parsed_content("n_views")), size_2d=parser.get_parsed_content("image_size_2d"),
+        size_3d=parser.get_parsed_content("volume_size"), scale_2d=parser.get_parsed_content("crop_scale_2d"))
+    sizes = {2: int(batch_size) if batch_size is not None else int(parser.get_parsed_content("batch_size")),
+             3: int(parser.get_parsed_content("batch_size_3d"))}
+    front = Compose(list(parser.get_parsed_content("loading")) + [
+        UniMiSSWorkingSized(keys="image", working_size=working_size), PlainTensord(keys="image")])
+    cache = Path(cache_dir) if cache_dir else tmp_path / "cache"
+    print(f"== data path throughput: bundle {bundle_path.name}, {config_path.name} ({batched.n_views} views: 2D "
+          f"{batched.size_2d} scale {batched.scale_2d}, 3D {batched.size_3d}); training items x {repeat} per epoch, "
+          f"batches 2D {sizes[2]} / 3D {sizes[3]}; 2D working size {working_size}; main-process torch threads "
+          f"{_torch_threads()}", flush=True)
+    rows = []
+    for dim in (2, 3):
+        unique = [it for it in items if int(it.get("dim", 2)) == dim]
+        if len(unique) * repeat < sizes[dim]:
+            print(f"  {dim}D: {len(unique)} items x {repeat} < one batch of {sizes[dim]}: skipped", flush=True)
+            continue
+        repeated = [dict(it) for _ in range(repeat) for it in unique]
+        new_ds = make_dataset(repeated, front, cache_dir=cache / f"batched_{dim}d", seed_key="seed")
+        cached_ds = make_dataset(repeated, per_item, cache_dir=cache / f"per_item_{dim}d")
+        started = time.perf_counter()
+        for index in range(len(unique)):  # fill both caches once (the repeats are the same entries)
+            new_ds[index]
+            cached_ds[index]
+        fill_s = time.perf_counter() - started
+        today_ds = make_dataset(repeated, per_item)
+
+        def sampler() -> Any:
+            with warnings.catch_warnings():  # one dimension on purpose: "the epoch is single-dimension"
+                warnings.simplefilter("ignore")
+                return DimensionAlternatingBatchSampler([dim] * len(repeated), batch_size_2d=sizes[2],
+                                                        batch_size_3d=sizes[3], first=dim, seed=0)
+
+        print(f"  {dim}D: {len(unique)} items x {repeat} = {len(repeated)} per epoch; caches filled in {fill_s:.1f} s",
+              flush=True)
+        for workers in worker_counts:
+            today = _epoch_items_per_second(today_ds, sampler(), workers)
+            cached = _epoch_items_per_second(cached_ds, sampler(), workers)
+            new = _epoch_items_per_second(new_ds, sampler(), workers, collate_fn=UniMiSSViewsCollate(batched))
+            rows.append({"num_workers": workers, "variant": f"{dim}D", "today": today, "cached": cached, "new": new,
+                         "ratio": new / today, "cache_fill_s": fill_s})
+            print(f"  num_workers {workers}, {dim}D: today {today:.1f} items/s, cache + per-item {cached:.1f}, new "
+                  f"{new:.1f} items/s, ratio {new / today:.2f}x", flush=True)
+    print()
+    print("| num_workers | items | today (items/s) | cache + per-item views (items/s) | new: cache + batched (items/s) "
+          "| new / today |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['cached']:.1f} | {row['new']:.1f} "
+              f"| {row['ratio']:.2f}x |")
+    return {"bundle": str(bundle_path), "batch_size": sizes[2], "batch_size_3d": sizes[3],
+            "working_size": working_size, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------------------------------
