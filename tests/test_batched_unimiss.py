@@ -263,6 +263,24 @@ def test_collate_makes_the_views_of_the_working_size_items():
         UniMiSSViewsCollate(augment)([items[0], vol])
 
 
+def test_on_device_path_gives_the_collate_views():
+    """UniMiSSAugmentOnDevice (GPU arrangement; here on the CPU) on a batch collated without views = the views the
+    CPU collate makes, for 2D working-size items and 3D volumes of different shapes."""
+    from medssl.transforms.batched_unimiss import UniMiSSAugmentOnDevice
+
+    augment = BatchedUniMiSSViews(size_2d=16, size_3d=(8, 8, 4), noise_prob=1.0, blur_prob_3d=0.5)
+    front = UniMiSSWorkingSized(working_size=24)
+    batches = [[front({"image": rand(1, 30, 18, seed=14), "seed": 1}), front({"image": rand(1, 24, 24, seed=15),
+                                                                             "seed": 2})],
+               [front({"image": rand(1, 12, 10, 6, seed=16), "seed": 3}), front({"image": rand(1, 7, 9, 5, seed=17),
+                                                                                "seed": 4})]]
+    for items in batches:
+        on_cpu = UniMiSSViewsCollate(augment)(items)
+        on_device = UniMiSSAugmentOnDevice(augment)(UniMiSSViewsCollate()(items), "cpu")
+        assert "image" not in on_device and "extent" not in on_device
+        assert all(torch.equal(a, b) for a, b in zip(on_cpu["crops"], on_device["crops"]))
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="n_views"):
         BatchedUniMiSSViews(n_views=1)
@@ -299,6 +317,8 @@ def test_the_bundle_trains_in_process_with_batched_views(demo_datalist, tmp_path
     """train.json + smoke.json + batched_views.json, one 2D and one 3D step in this process (no kNN monitor)."""
     parser = _bundle_parser(demo_datalist, tmp_path, epochs=1, **{"train#sampler#num_batches": 2, "knn#handlers": []})
     parser.get_parsed_content("initialize")
+    parser_gpu = _bundle_parser(demo_datalist, tmp_path, on_cpu=False)  # the GPU arrangement: views in prepare_batch
+    assert parser_gpu.get_parsed_content("train#dataloader#collate_fn").augment is None
     loader = parser.get_parsed_content("train#dataloader")
     assert isinstance(loader.collate_fn, UniMiSSViewsCollate) and loader.collate_fn.augment is not None
     batches = list(loader)
