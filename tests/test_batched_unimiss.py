@@ -19,6 +19,7 @@ from conftest import BUNDLES, PYTHON, run_cmd
 
 from medssl.transforms.batched_unimiss import (
     BatchedUniMiSSViews,
+    UniMiSSAugmentOnDevice,
     UniMiSSViewParams,
     UniMiSSViewsCollate,
     UniMiSSWorkingSized,
@@ -266,8 +267,6 @@ def test_collate_makes_the_views_of_the_working_size_items():
 def test_on_device_path_gives_the_collate_views():
     """UniMiSSAugmentOnDevice (GPU arrangement; here on the CPU) on a batch collated without views = the views the
     CPU collate makes, for 2D working-size items and 3D volumes of different shapes."""
-    from medssl.transforms.batched_unimiss import UniMiSSAugmentOnDevice
-
     augment = BatchedUniMiSSViews(size_2d=16, size_3d=(8, 8, 4), noise_prob=1.0, blur_prob_3d=0.5)
     front = UniMiSSWorkingSized(working_size=24)
     batches = [[front({"image": rand(1, 30, 18, seed=14), "seed": 1}), front({"image": rand(1, 24, 24, seed=15),
@@ -319,6 +318,7 @@ def test_the_bundle_trains_in_process_with_batched_views(demo_datalist, tmp_path
     parser.get_parsed_content("initialize")
     parser_gpu = _bundle_parser(demo_datalist, tmp_path, on_cpu=False)  # the GPU arrangement: views in prepare_batch
     assert parser_gpu.get_parsed_content("train#dataloader#collate_fn").augment is None
+    assert isinstance(parser_gpu.get_parsed_content("train#trainer#prepare_batch"), UniMiSSAugmentOnDevice)
     loader = parser.get_parsed_content("train#dataloader")
     assert isinstance(loader.collate_fn, UniMiSSViewsCollate) and loader.collate_fn.augment is not None
     batches = list(loader)
