@@ -369,3 +369,25 @@ def test_batched_views_resume_exactly(demo_datalist, tmp_path):
     tail = {r["iteration"]: r["loss"] for r in resumed}
     assert sorted(tail) == [r["iteration"] for r in serial if r["iteration"] > 6]
     assert [tail[i] for i in sorted(tail)] == [r["loss"] for r in serial if r["iteration"] > 6]
+
+
+@pytest.mark.slow  # 10 s (the full train.json's per-item views of the demo items, three times per dimension); the default suite runs the SwAV branch of the same command (test_benchmark_loader.py)
+def test_loader_benchmark_measures_the_unimiss_bundle_per_dimension(demo_datalist, tmp_path, capsys):
+    """tools/benchmark.py loader on UniMiSS's full train.json: one row per dimension, three paths, the ratio printed
+    (figures are not asserted: speed is a benchmark figure)."""
+    import importlib.util
+
+    from conftest import TOOLS
+
+    spec = importlib.util.spec_from_file_location("medssl_benchmark_tool_unimiss", TOOLS / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    result = tool.loader(bundle=str(BUNDLES / "ssl_unimiss_pretrain"), dataset_dir=str(demo_datalist.parent),
+                         datalist=str(demo_datalist), repeat=1, batch_size=8, num_workers=0, working_size=64,
+                         cache_dir=str(tmp_path / "cache"))
+    out = capsys.readouterr().out
+    assert "| num_workers | items | today (items/s) | cache + per-item views (items/s) |" in out
+    assert [row["variant"] for row in result["rows"]] == ["2D", "3D"]
+    for row in result["rows"]:
+        assert min(row["today"], row["cached"], row["new"]) > 0 and abs(row["ratio"] - row["new"] / row["today"]) < 1e-9
+    assert any((tmp_path / "cache").rglob("*.pt"))
