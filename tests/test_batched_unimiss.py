@@ -391,3 +391,39 @@ def test_loader_benchmark_measures_the_unimiss_bundle_per_dimension(demo_datalis
     for row in result["rows"]:
         assert min(row["today"], row["cached"], row["new"]) > 0 and abs(row["ratio"] - row["new"] / row["today"]) < 1e-9
     assert any((tmp_path / "cache").rglob("*.pt"))
+
+
+@pytest.mark.slow  # about 60 s (two bundle runs, one under torchrun); the default suite covers the parts: the views' independence of the batch (above) and the engine's 2 processes = 1 process (test_distributed_engine.py)
+@pytest.mark.distributed
+def test_two_process_batched_views_run_equals_one_process_run(demo_datalist, tmp_path):
+    """train.json + smoke.json + batched_views.json: 1 process with batches of 4 images / 2 volumes against 2
+    processes (gloo, + multi_gpu_train.json) with 2 / 1 per rank: the same losses (MiT and DINO head have no batch
+    statistics; tolerance as the SwAV bundle's test: sums in another order across ranks)."""
+    from medssl.engines.checkpoint import FINAL_CHECKPOINT_NAME, load_checkpoint
+
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    multi_gpu = str(BUNDLES / "ssl_unimiss_pretrain" / "configs" / "multi_gpu_train.json")
+
+    def run(out: Path, launcher: list[str], configs: list[str], b2: int, b3: int) -> list[dict]:
+        bundle = BUNDLES / "ssl_unimiss_pretrain"
+        cmd = launcher + [
+            "-m", "monai.bundle", "run", "--config_file", "[" + ",".join(f"'{c}'" for c in configs) + "]",
+            "--bundle_root", str(bundle), "--dataset_dir", str(demo_datalist.parent), "--datalist",
+            str(demo_datalist), "--output_dir", str(out), "--ckpt_dir", str(out / "ckpt"), "--working_size", "64",
+            "--num_workers", "0", "--batch_size", str(b2), "--batch_size_3d", str(b3),
+        ]
+        proc = run_cmd(cmd, cwd=bundle, timeout=600)
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+    single = run(tmp_path / "single", [PYTHON], BUNDLE_CONFIGS, 4, 2)
+    double = run(tmp_path / "ddp", torchrun, BUNDLE_CONFIGS + [multi_gpu], 2, 1)
+    assert len(single) > 0 and [r["iteration"] for r in double] == [r["iteration"] for r in single]
+    assert {int(r["dim"]) for r in single} == {2, 3}
+    for a, b in zip(double, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["iteration"], a["dim"], a["loss"], b["loss"])
+    final = {name: load_checkpoint(tmp_path / name / "ckpt" / FINAL_CHECKPOINT_NAME) for name in ("single", "ddp")}
+    assert final["ddp"]["world_size"] == 2 and final["single"]["world_size"] == 1
+    for name, value in final["single"]["method"].items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(final["ddp"]["method"][name], value, rtol=1e-5, atol=5e-6, msg=name)
