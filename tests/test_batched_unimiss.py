@@ -19,13 +19,13 @@ from conftest import BUNDLES, PYTHON, run_cmd
 
 from medssl.transforms.batched_unimiss import (
     BatchedUniMiSSViews,
-    UniMiSSAugmentOnDevice,
     UniMiSSViewParams,
     UniMiSSViewsCollate,
     UniMiSSWorkingSized,
     contrast_about_mean,
     plain_crops,
 )
+from medssl.engines import UniMiSSAugmentOnDevice
 from medssl.transforms.batched import resized_crops
 from medssl.transforms.unimiss_views import unimiss_augmentations_2d, unimiss_augmentations_3d, unimiss_views
 

@@ -42,8 +42,10 @@ from .teacher import (
     ema_update_,
 )
 from .trainer import (
+    AugmentOnDevice,
     SSLTrainer,
     StepOutput,
+    UniMiSSAugmentOnDevice,
     default_prepare_batch,
     epoch_sampler,
     epoch_started_fresh,

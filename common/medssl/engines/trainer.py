@@ -63,6 +63,7 @@ from monai.engines.utils import IterationEvents
 from medssl.bundle.params import as_bool
 from medssl.engines.speed import _params_channels_last, compile_backbone, has_conv2d, to_channels_last
 from medssl.transforms.batched import BatchedMultiCrop
+from medssl.transforms.batched_unimiss import BatchedUniMiSSViews, make_views
 from medssl.utils.dist import all_reduce_sum, get_world_size, is_distributed
 
 __all__ = [
@@ -79,6 +80,7 @@ __all__ = [
     "has_conv2d",
     "compile_backbone",
     "AugmentOnDevice",
+    "UniMiSSAugmentOnDevice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,6 +170,23 @@ class AugmentOnDevice:
         if not self.keep_source:
             batch.pop(self.image_key)
         return batch
+
+
+class UniMiSSAugmentOnDevice:
+    """A ``prepare_batch`` for :class:`medssl.engines.SSLTrainer` that makes the UniMiSS views on the training device:
+    the batch (collated by :class:`UniMiSSViewsCollate` without ``augment``) moved to the device, then
+    :func:`make_views` outside autocast -- :class:`medssl.engines.trainer.AugmentOnDevice` for batches with extents
+    and 3D lists."""
+
+    def __init__(self, augment: BatchedUniMiSSViews, image_key: str = "image", seed_key: str = "seed",
+                 extent_key: str = "extent", out_key: str = "crops") -> None:
+        self.augment = augment
+        self.image_key, self.seed_key, self.extent_key, self.out_key = image_key, seed_key, extent_key, out_key
+
+    def __call__(self, batchdata: Any, device: torch.device | str, non_blocking: bool = False, **kwargs) -> Any:
+        batch = dict(to_device(batchdata, device, non_blocking))
+        with torch.no_grad():
+            return make_views(batch, self.augment, self.image_key, self.seed_key, self.extent_key, self.out_key)
 
 
 def output_is_finite(output: Any, key: str = "loss") -> bool:

@@ -27,7 +27,7 @@ from .views import (
 from .labels import UNLABELLED, ClassLabeld
 from .utility import PlainTensord
 from .unimiss_views import ByDimensiond, unimiss_augmentations_2d, unimiss_augmentations_3d  # unimiss_views: by module path
-from .batched_unimiss import BatchedUniMiSSViews, UniMiSSAugmentOnDevice, UniMiSSViewsCollate, UniMiSSWorkingSized
+from .batched_unimiss import BatchedUniMiSSViews, UniMiSSViewsCollate, UniMiSSWorkingSized
 
 
 def __getattr__(name: str):

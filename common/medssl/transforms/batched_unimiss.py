@@ -46,7 +46,7 @@ from .unimiss_views import UNIMISS_SCALE_2D, UNIMISS_VIEW_SIZE_2D, UNIMISS_VIEW_
 from .views import expand_crop_size
 
 __all__ = ["UniMiSSViewParams", "BatchedUniMiSSViews", "UniMiSSWorkingSized", "UniMiSSViewsCollate",
-           "UniMiSSAugmentOnDevice", "contrast_about_mean", "make_views", "plain_crops"]
+           "contrast_about_mean", "make_views", "plain_crops"]
 
 
 @dataclass
@@ -365,7 +365,7 @@ class UniMiSSViewsCollate:
     but ``image_key``, which is stacked when its items share a shape (2D working-size images) and kept as a list
     otherwise (3D volumes of different shapes). With ``augment`` (a :class:`BatchedUniMiSSViews`) it then makes the
     views (``out_key``) from ``seed_key`` and ``extent_key`` and drops the images and extents (CPU training: the views
-    are made in the DataLoader workers); without, the batch goes to :class:`UniMiSSAugmentOnDevice`. Picklable."""
+    are made in the DataLoader workers); without, the batch goes to :class:`medssl.engines.UniMiSSAugmentOnDevice`. Picklable."""
 
     def __init__(self, augment: BatchedUniMiSSViews | None = None, image_key: str = "image", seed_key: str = "seed",
                  extent_key: str = "extent", out_key: str = "crops") -> None:
@@ -403,23 +403,4 @@ def make_views(batch: dict, augment: BatchedUniMiSSViews, image_key: str = "imag
     is_2d = isinstance(images, torch.Tensor) and images.ndim == 4
     batch[out_key] = augment(images, batch[seed_key], extents if is_2d else None)
     return batch
-
-
-class UniMiSSAugmentOnDevice:
-    """A ``prepare_batch`` for :class:`medssl.engines.SSLTrainer` that makes the UniMiSS views on the training device:
-    the batch (collated by :class:`UniMiSSViewsCollate` without ``augment``) moved to the device, then
-    :func:`make_views` outside autocast -- :class:`medssl.engines.trainer.AugmentOnDevice` for batches with extents
-    and 3D lists."""
-
-    def __init__(self, augment: BatchedUniMiSSViews, image_key: str = "image", seed_key: str = "seed",
-                 extent_key: str = "extent", out_key: str = "crops") -> None:
-        self.augment = augment
-        self.image_key, self.seed_key, self.extent_key, self.out_key = image_key, seed_key, extent_key, out_key
-
-    def __call__(self, batchdata: Any, device: torch.device | str, non_blocking: bool = False, **kwargs) -> Any:
-        from medssl.engines.trainer import to_device  # here: medssl.engines imports the transforms
-
-        batch = dict(to_device(batchdata, device, non_blocking))
-        with torch.no_grad():
-            return make_views(batch, self.augment, self.image_key, self.seed_key, self.extent_key, self.out_key)
 
