@@ -355,13 +355,9 @@ def test_batched_views_train_do_not_depend_on_workers(demo_datalist, tmp_path):
 
 
 @pytest.mark.slow  # 25 s (two bundle runs)
-@pytest.mark.xfail(strict=True, reason="the UniMiSS bundle does not resume exactly on either data path: train.json lists "
-                   "the CheckpointHandler before the EMA teacher handler, so a periodic checkpoint holds the teacher "
-                   "before that iteration's EMA step (per-item views: 1.5465 at iteration 7 resumed vs 1.5304; exact "
-                   "with the CheckpointHandler moved last, 2026-12-06); not caused by the batched views")
 def test_batched_views_resume_exactly(demo_datalist, tmp_path):
     """A run with batched_views.json resumed from the mid-epoch checkpoint of iteration 6 continues the same
-    losses."""
+    losses (the EMA teacher included: the checkpoint is saved after every handler of the iteration)."""
     serial = _run(demo_datalist, tmp_path / "w0", 0)
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "ckpt").mkdir(parents=True)

@@ -495,3 +495,22 @@ def test_sync_batchnorm_converts_in_place_on_cuda_runs_only():
     assert sync_batchnorm_layers(m, True, torch.device("cuda"), distributed=True) == 2  # conversion only: no forward
     assert isinstance(m.backbone[1], torch.nn.SyncBatchNorm) and isinstance(m.head[1], torch.nn.SyncBatchNorm)
     assert m.backbone[1].weight is weight
+
+
+def test_a_checkpoint_holds_the_state_after_every_handler_of_its_iteration(tmp_path):
+    """A handler attached after the CheckpointHandler (an EMA teacher's update, listed after it in a config) still
+    runs before the save: the periodic checkpoint of iteration i holds the state after iteration i's update."""
+    net = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(0.0)})
+    CheckpointHandler(tmp_path, objects={"net": net}, save_every_iters=1).attach(trainer)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def update(engine):  # attached after the checkpoint handler
+        with torch.no_grad():
+            net.weight.add_(1.0)
+
+    trainer.run([0, 0, 0], max_epochs=1)
+    for iteration, path in list_checkpoints(tmp_path):
+        assert load_checkpoint(path)["net"]["weight"].item() == float(iteration), path.name
+    assert len(list_checkpoints(tmp_path)) >= 1

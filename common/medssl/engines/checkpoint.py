@@ -298,9 +298,10 @@ class CheckpointHandler:
             self.load(engine, path)
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._on_get_batch_completed)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self._on_completed)
+        # the saves are registered at Events.STARTED (_on_started), after every handler of the run is attached, so a
+        # checkpoint holds the state after all of an iteration's handlers (an EMA teacher's update listed after this
+        # handler in a config was otherwise saved one update behind, and a resumed run diverged)
 
     def _choose_resume_path(self) -> Path | None:
         """Rank 0 decides, every rank gets the same answer (a path, None, or an error to raise)."""
@@ -423,6 +424,10 @@ class CheckpointHandler:
 
     # ------------------------------------------------------------------ events
     def _on_started(self, engine: Engine) -> None:
+        for event, save in ((Events.ITERATION_COMPLETED, self._on_iteration_completed),
+                            (Events.EPOCH_COMPLETED, self._on_epoch_completed)):
+            if not engine.has_event_handler(save, event):
+                engine.add_event_handler(event, save)
         if self._pending_rng is not None and self._rng_at_start:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
