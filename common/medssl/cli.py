@@ -1,7 +1,7 @@
 """Command-line plumbing shared by the tools in ``tools/``: one-line user errors and sha256 arguments.
 
-- :func:`run` runs a python-fire command (a function or a dict of commands); ``--help`` / ``-h`` prints the calling
-  script's docstring (its usage). A user mistake -- a missing file, a
+- :func:`run` runs a python-fire command (a function or a dict of commands); for a function, ``--help`` / ``-h``
+  prints the calling script's docstring (its usage). A user mistake -- a missing file, a
   datalist that is not JSON, a bad fraction, an unknown modality -- is printed as one line ``error: <message>`` on
   stderr with exit status 2 instead of a traceback; ``--debug`` anywhere on the command line shows the traceback.
   What counts as a user mistake is :data:`USER_ERRORS` (the exceptions the project raises for bad input, with
@@ -71,8 +71,9 @@ def run(component: Any, argv: Sequence[str] | None = None, name: str | None = No
     args = [a for a in args if a != DEBUG_FLAG]
     name = name or os.path.basename(sys.argv[0] or "") or None
     usage = getattr(sys.modules.get("__main__"), "__doc__", None)
-    if usage and ("--help" in args or "-h" in args):
-        # the tool's own docstring (its usage and options): a command taking **kwargs would get --help as an option
+    if usage and callable(component) and ("--help" in args or "-h" in args):
+        # one command: the tool's own docstring (its usage and options); python-fire would pass --help to a command
+        # taking **kwargs as an option. A dict of commands keeps fire's help, which lists each command's flags.
         print(usage.strip())
         sys.exit(0)
     try:

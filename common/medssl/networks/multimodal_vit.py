@@ -144,7 +144,13 @@ class _PatchTokenizer(nn.Module):
                 f"MultiModalViT: expected input (B, {self.in_channels}, {', '.join('XYZ'[:n])}) with every side a "
                 f"multiple of the patch {self.patch} (positions stored for {self.img_size}), got {tuple(x.shape)}"
             )
-        return tuple(s // p for s, p in zip(x.shape[2:], self.patch))
+        grid = tuple(s // p for s, p in zip(x.shape[2:], self.patch))
+        if grid != self.grid and sorted(grid) == sorted(self.grid):  # resampling would hide an axis-order mistake
+            raise ValueError(
+                f"MultiModalViT: expected input (B, {self.in_channels}, {', '.join('XYZ'[:n])}) (depth last), got "
+                f"{tuple(x.shape)}: its patch grid {grid} is the stored {self.grid} in another axis order"
+            )
+        return grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.grid_of(x)
