@@ -123,6 +123,13 @@ TWO_PROCESS_COVERED = {
     "report_classification": "xray_classification's (the same SupervisedTrainer, SupervisedTask, validation and "
                              "multi_gpu_train.json); the tokenizers DDP would find unused are frozen "
                              "(test_report_classification.py)",
+    "ssl_swav_multimodal_pretrain": "test_swav_method.py::test_two_ranks_train_in_sync (DDP of the method: queue, "
+                                    "per-modality prototypes, classifier), test_sinkhorn.py / test_swav_loss.py "
+                                    "(2 processes = 1), test_distributed_engine.py; the bundle's own torchrun run: "
+                                    "test_batched_distributed.py (slow)",
+    "ssl_unimiss_pretrain": "test_unimiss_method.py::test_two_process_ddp_leaves_the_other_path_untouched, "
+                            "test_teacher.py / test_dino_loss.py (2 processes = 1: EMA teacher, centre); the bundle's "
+                            "own torchrun run: test_batched_unimiss.py (slow)",
 }
 TWO_PROCESS_PARAMS = [
     pytest.param(b, id=b.name, marks=[pytest.mark.slow] if b.name in TWO_PROCESS_COVERED else []) for b in RUN_BUNDLES
@@ -177,12 +184,19 @@ def test_resume_through_the_bundle_command_line(demo_datalist, tmp_path):
 
 
 def test_fresh_run_refuses_a_checkpoint_folder_in_use(demo_datalist, tmp_path):
-    _bundle_run(TOY, ["train.json", "smoke.json"], demo_datalist, tmp_path)
-    config_list = "[" + ",".join(f"'{TOY / 'configs' / c}'" for c in ("train.json", "smoke.json")) + "]"
-    proc = run_cmd(
-        [PYTHON, "-m", "monai.bundle", "run", "--config_file", config_list, "--dataset_dir", str(demo_datalist.parent),
-         "--datalist", str(demo_datalist), "--output_dir", str(tmp_path), "--ckpt_dir", str(tmp_path / "ckpt")],
-        cwd=TOY,
-    )
-    assert proc.returncode != 0
-    assert str(tmp_path / "ckpt") in (proc.stdout + proc.stderr)
+    """A second fresh run into the same ckpt_dir stops, naming the folder (in this process: the smoke runs above run
+    the same bundle as a command)."""
+    from monai.bundle import run
+
+    kwargs = dict(config_file=[str(TOY / "configs" / c) for c in ("train.json", "smoke.json")], bundle_root=str(TOY),
+                  dataset_dir=str(demo_datalist.parent), datalist=str(demo_datalist), output_dir=str(tmp_path),
+                  ckpt_dir=str(tmp_path / "ckpt"))
+    run(**kwargs)
+    assert (tmp_path / "ckpt" / "checkpoint_final.pt").is_file()
+    with pytest.raises(Exception) as error:
+        run(**kwargs)
+    chain, cause = [], error.value
+    while cause is not None:
+        chain.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    assert any("FileExistsError" in c and str(tmp_path / "ckpt") in c for c in chain), chain

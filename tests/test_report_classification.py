@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import BUNDLES, PYTHON, run_cmd
+from conftest import BUNDLES
 
 BUNDLE = BUNDLES / "report_classification"
 ROLES = ["background", "objective", "methods", "results", "conclusions"]
@@ -73,29 +73,26 @@ def test_medcoss_stage_encoder_loads_into_the_classifier(tmp_path):
 
 
 def test_trained_network_evaluates_and_classifies_sentences_from_a_text_file(demo_datalist, tmp_path):
-    cfgs = f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'smoke.json'}']"
-    common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(demo_datalist.parent)]
-    train = [PYTHON, "-m", "monai.bundle", "run", "--config_file", cfgs, *common, "--output_dir", str(tmp_path / "run"),
-             "--ckpt_dir", str(tmp_path / "run" / "ckpt")]
-    proc = run_cmd(train, cwd=BUNDLE, OMP_NUM_THREADS="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """train -> evaluate -> inference through monai.bundle.run, in this process (the generic smoke run,
+    test_bundle_runs.py, runs train.json as a command)."""
+    from monai.bundle import run
+
+    def configs(*names):
+        return [str(BUNDLE / "configs" / n) for n in names]
+
+    common = {"bundle_root": str(BUNDLE), "dataset_dir": str(demo_datalist.parent)}
+    run(config_file=configs("train.json", "smoke.json"), output_dir=str(tmp_path / "run"),
+        ckpt_dir=str(tmp_path / "run" / "ckpt"), **common)
     models = tmp_path / "run" / "models"
     assert (models / "model.pt").is_file() and (models / "tokenizer" / "tokenizer.json").is_file()
-    evaluate = [PYTHON, "-m", "monai.bundle", "run", "--config_file",
-                f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'smoke.json'}',"
-                f"'{BUNDLE / 'configs' / 'evaluate.json'}']", *common, "--model_path", str(models / "model.pt"),
-                "--output_dir", str(tmp_path / "test")]
-    proc = run_cmd(evaluate, cwd=BUNDLE, OMP_NUM_THREADS="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(config_file=configs("train.json", "smoke.json", "evaluate.json"), model_path=str(models / "model.pt"),
+        output_dir=str(tmp_path / "test"), **common)
     summary = json.loads((tmp_path / "test" / "eval" / "metrics_summary.json").read_text())
     assert summary["num_cases"] == 300 and 0.0 <= summary["accuracy"] <= 1.0 and "f1_macro" in summary
     (tmp_path / "mine.txt").write_text("Patients were scanned twice.\nThe method is accurate.\n")
-    infer = [PYTHON, "-m", "monai.bundle", "run", "--config_file",
-             f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'smoke.json'}']", *common,
-             "--input", str(tmp_path / "mine.txt"), "--model_path", str(models / "model.pt"),
-             "--tokenizer_dir", str(models / "tokenizer"), "--output_dir", str(tmp_path / "eval")]
-    proc = run_cmd(infer, cwd=BUNDLE, OMP_NUM_THREADS="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(config_file=configs("inference.json", "smoke.json"), input=str(tmp_path / "mine.txt"),
+        model_path=str(models / "model.pt"), tokenizer_dir=str(models / "tokenizer"),
+        output_dir=str(tmp_path / "eval"), **common)
     rows = list(csv.DictReader((tmp_path / "eval" / "probabilities.csv").open()))
     assert [r["case"] for r in rows] == ["mine_00000", "mine_00001"]
     assert all(r["predicted"] in ROLES for r in rows)
