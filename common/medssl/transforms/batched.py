@@ -333,19 +333,21 @@ def gaussian_noise(images: torch.Tensor, std: Any, seeds: Any) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ the transform
-def _check_pair(name: str, value: Any, low_bound: float | None = None) -> tuple[float, float]:
+def _check_pair(name: str, value: Any, low_bound: float | None = None, owner: str = "BatchedMultiCrop"
+                ) -> tuple[float, float]:
     if not (isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, numbers.Real) for v in value)):
-        raise ValueError(f"BatchedMultiCrop: {name} must be a (low, high) pair, got {value!r}")
+        raise ValueError(f"{owner}: {name} must be a (low, high) pair, got {value!r}")
     low, high = float(value[0]), float(value[1])
     if low > high or (low_bound is not None and low <= low_bound):
-        raise ValueError(f"BatchedMultiCrop: {name}={value!r} must satisfy {low_bound} < low <= high")
+        bound = f"{low_bound} < low <= high" if low_bound is not None else "low <= high"
+        raise ValueError(f"{owner}: {name}={value!r} must satisfy {bound}")
     return low, high
 
 
-def _check_prob(name: str, value: float) -> float:
+def _check_prob(name: str, value: float, owner: str = "BatchedMultiCrop") -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"BatchedMultiCrop: {name} must be in [0, 1], got {value!r}")
+        raise ValueError(f"{owner}: {name} must be in [0, 1], got {value!r}")
     return value
 
 

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from monai.data import list_data_collate
 from monai.transforms import MapTransform, Resized, SpatialPadd
 
-from .batched import adjust_gamma, gaussian_blur, gaussian_noise, linear_intensity, resized_crops
+from .batched import (
+    _check_pair, _check_prob, adjust_gamma, gaussian_blur, gaussian_noise, linear_intensity, resized_crops,
+)
 from .unimiss_views import UNIMISS_SCALE_2D, UNIMISS_VIEW_SIZE_2D, UNIMISS_VIEW_SIZE_3D
 from .views import expand_crop_size
 
@@ -143,19 +145,11 @@ def _flip(images: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
 
 
 def _pair(name: str, value: Any, positive: bool = False) -> tuple[float, float]:
-    if not (isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, numbers.Real) for v in value)):
-        raise ValueError(f"BatchedUniMiSSViews: {name} must be a (low, high) pair, got {value!r}")
-    low, high = float(value[0]), float(value[1])
-    if low > high or (positive and low <= 0):
-        raise ValueError(f"BatchedUniMiSSViews: {name}={value!r} needs low <= high" + (" and low > 0" if positive else ""))
-    return low, high
+    return _check_pair(name, value, 0.0 if positive else None, owner="BatchedUniMiSSViews")
 
 
 def _prob(name: str, value: Any) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"BatchedUniMiSSViews: {name} must be in [0, 1], got {value!r}")
-    return value
+    return _check_prob(name, value, owner="BatchedUniMiSSViews")
 
 
 class BatchedUniMiSSViews:
@@ -204,7 +198,8 @@ class BatchedUniMiSSViews:
             raise ValueError(f"BatchedUniMiSSViews: scale_2d must be within (0, 1], got {scale_2d!r}")
         self.flip_prob = {2: _prob("flip_prob_2d", flip_prob_2d), 3: _prob("flip_prob_3d", flip_prob_3d)}
         self.blur_prob = {2: _prob("blur_prob_2d", blur_prob_2d), 3: _prob("blur_prob_3d", blur_prob_3d)}
-        self.blur_sigma = {2: _pair("blur_sigma_2d", blur_sigma_2d, True), 3: _pair("blur_sigma_3d", blur_sigma_3d, True)}
+        self.blur_sigma = {2: _pair("blur_sigma_2d", blur_sigma_2d, True),
+                           3: _pair("blur_sigma_3d", blur_sigma_3d, True)}
         # brightness / contrast: (probability, half-width of the factor range) per dimension
         self.brightness = {2: (_prob("jitter_prob", jitter_prob), float(brightness_2d)),
                            3: (_prob("brightness_prob_3d", brightness_prob_3d), float(brightness_3d))}
@@ -365,7 +360,8 @@ class UniMiSSViewsCollate:
     but ``image_key``, which is stacked when its items share a shape (2D working-size images) and kept as a list
     otherwise (3D volumes of different shapes). With ``augment`` (a :class:`BatchedUniMiSSViews`) it then makes the
     views (``out_key``) from ``seed_key`` and ``extent_key`` and drops the images and extents (CPU training: the views
-    are made in the DataLoader workers); without, the batch goes to :class:`medssl.engines.UniMiSSAugmentOnDevice`. Picklable."""
+    are made in the DataLoader workers); without, the batch goes to
+    :class:`medssl.engines.UniMiSSAugmentOnDevice`. Picklable."""
 
     def __init__(self, augment: BatchedUniMiSSViews | None = None, image_key: str = "image", seed_key: str = "seed",
                  extent_key: str = "extent", out_key: str = "crops") -> None:
