@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import fire
 import pytest
@@ -296,3 +297,19 @@ def test_export_after_a_bundle_run_reads_the_run_config(demo_datalist, tmp_path,
     with pytest.raises(Exception, match="missing"):
         _load_tool().main(str(bundle), str(run / "ckpt"), str(tmp_path / "old.pt"))
     assert f"no {RUN_CONFIG_NAME} beside {run / 'ckpt'}" in capsys.readouterr().err
+
+
+def test_config_hash_does_not_depend_on_where_the_bundle_lies(tmp_path):
+    """provenance's config_sha256: the same config read from two checkouts hashes the same (bundle_root left out);
+    any training setting changes it."""
+    from monai.bundle import ConfigParser
+
+    tool = _load_tool()
+
+    def sha(root, **overrides):
+        parser = ConfigParser({"epochs": 2, "lr": 0.1, "bundle_root": str(root), "_meta_": {"version": "1"}})
+        parser.update(overrides)
+        return tool.provenance(parser, Path(root))["config_sha256"]
+
+    assert sha(tmp_path / "a") == sha(tmp_path / "b")
+    assert sha(tmp_path / "a") != sha(tmp_path / "a", lr=0.2)

@@ -150,10 +150,11 @@ def build_manifest(
 
 
 def provenance(parser: Any, bundle: Path) -> dict[str, Any]:
-    """Where an export comes from: a hash of the resolved config (every key and override, ``_meta_`` left out), the
-    git commit of the bundle's checkout when there is one, and the datalist's name with its training items per
-    modality when the config names a readable datalist."""
-    config = {k: v for k, v in (parser.get() or {}).items() if k != "_meta_"}
+    """Where an export comes from: a hash of the resolved config (every key and override; ``_meta_`` and
+    ``bundle_root``, where the checkout happens to lie, left out, so the same run exported from another folder hashes
+    the same), the git commit of the bundle's checkout when there is one, and the datalist's name with its training
+    items per modality when the config names a readable datalist."""
+    config = {k: v for k, v in (parser.get() or {}).items() if k not in ("_meta_", "bundle_root")}
     record: dict[str, Any] = {
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "git_commit": _git_commit(bundle),
