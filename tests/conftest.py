@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,27 @@ def write_unlabelled_datalist(demo_datalist: Path, out: Path) -> Path:
             item.pop("label", None)
     out.write_text(json.dumps(datalist))
     return out
+
+
+def bundle_train_log(bundle: Path, configs: list[str], demo_datalist: Path, out: Path, *extra: str) -> list[dict]:
+    """``python -m monai.bundle run`` of ``bundle``'s ``configs`` on the demo data into ``out`` (its ckpt_dir inside);
+    the records of its train_log.jsonl."""
+    config_list = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in configs) + "]"
+    cmd = [
+        PYTHON, "-m", "monai.bundle", "run", "--config_file", config_list, "--bundle_root", str(bundle),
+        "--dataset_dir", str(demo_datalist.parent), "--datalist", str(demo_datalist), "--output_dir", str(out),
+        "--ckpt_dir", str(out / "ckpt"), *extra,
+    ]
+    proc = run_cmd(cmd, cwd=bundle, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def assert_resume_continues(run, serial: list[dict], serial_dir: Path, resumed_dir: Path, iteration: int) -> None:
+    """A run resumed (``run(resumed_dir, "--resume", "true")``) from ``serial_dir``'s checkpoint of ``iteration`` logs
+    the rest of the straight run's losses, bit for bit."""
+    (resumed_dir / "ckpt").mkdir(parents=True)
+    shutil.copy(serial_dir / "ckpt" / f"checkpoint_{iteration:08d}.pt", resumed_dir / "ckpt")
+    tail = {r["iteration"]: r["loss"] for r in run(resumed_dir, "--resume", "true")}
+    assert sorted(tail) == [r["iteration"] for r in serial if r["iteration"] > iteration]
+    assert [tail[i] for i in sorted(tail)] == [r["loss"] for r in serial if r["iteration"] > iteration]

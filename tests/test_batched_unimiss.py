@@ -5,7 +5,6 @@ in. CPU only."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import AdjustContrast, Flip, GaussianSmooth, ScaleIntensity, ScaleIntensityFixedMean
 from scipy import stats
 
-from conftest import BUNDLES, PYTHON, run_cmd
+from conftest import BUNDLES, PYTHON, assert_resume_continues, bundle_train_log, run_cmd
 
 from medssl.transforms.batched_unimiss import (
     BatchedUniMiSSViews,
@@ -331,16 +330,8 @@ def test_the_bundle_trains_in_process_with_batched_views(demo_datalist, tmp_path
 
 
 def _run(demo_datalist: Path, out: Path, num_workers: int, *extra: str) -> list[dict]:
-    bundle = BUNDLES / "ssl_unimiss_pretrain"
-    cmd = [
-        PYTHON, "-m", "monai.bundle", "run", "--config_file", "[" + ",".join(f"'{c}'" for c in BUNDLE_CONFIGS) + "]",
-        "--bundle_root", str(bundle), "--dataset_dir", str(demo_datalist.parent), "--datalist", str(demo_datalist),
-        "--output_dir", str(out), "--ckpt_dir", str(out / "ckpt"), "--working_size", "64",
-        "--num_workers", str(num_workers), *extra,
-    ]
-    proc = run_cmd(cmd, cwd=bundle, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return bundle_train_log(BUNDLES / "ssl_unimiss_pretrain", [Path(c).name for c in BUNDLE_CONFIGS], demo_datalist,
+                            out, "--working_size", "64", "--num_workers", str(num_workers), *extra)
 
 
 @pytest.mark.slow  # 25 s (two bundle runs); covered in the default suite by the in-process run and the batch-independence tests above
@@ -359,13 +350,8 @@ def test_batched_views_resume_exactly(demo_datalist, tmp_path):
     """A run with batched_views.json resumed from the mid-epoch checkpoint of iteration 6 continues the same
     losses (the EMA teacher included: the checkpoint is saved after every handler of the iteration)."""
     serial = _run(demo_datalist, tmp_path / "w0", 0)
-    resumed_dir = tmp_path / "resumed"
-    (resumed_dir / "ckpt").mkdir(parents=True)
-    shutil.copy(tmp_path / "w0" / "ckpt" / "checkpoint_00000006.pt", resumed_dir / "ckpt")
-    resumed = _run(demo_datalist, resumed_dir, 0, "--resume", "true")
-    tail = {r["iteration"]: r["loss"] for r in resumed}
-    assert sorted(tail) == [r["iteration"] for r in serial if r["iteration"] > 6]
-    assert [tail[i] for i in sorted(tail)] == [r["loss"] for r in serial if r["iteration"] > 6]
+    assert_resume_continues(lambda out, *extra: _run(demo_datalist, out, 0, *extra), serial, tmp_path / "w0",
+                            tmp_path / "resumed", 6)
 
 
 @pytest.mark.slow  # 10 s (the full train.json's per-item views of the demo items, three times per dimension); the default suite runs the SwAV branch of the same command (test_benchmark_loader.py)
