@@ -227,7 +227,9 @@ def encoder_network(model_path: str | os.PathLike | None = None, target: str = "
     return locate(target, "network_def")(**kwargs)
 
 
-def multimodal_vit_encoder(pretrained_path: str | os.PathLike | None = None, kind: str = "2d", **kwargs: Any) -> nn.Module:
+def multimodal_vit_encoder(
+    pretrained_path: str | os.PathLike | None = None, kind: str = "2d", **kwargs: Any
+) -> nn.Module:
     """The :class:`~medssl.networks.MultiModalViTEmbedder` of a MedCoSS downstream network, with only ``kind``'s
     tokenizer. When ``pretrained_path`` is a local stage ``encoder.pt`` (or converted encoder) with its manifest, the
     architecture is the manifest's (the pretraining's width, depth, patch and position-table sizes), so the weights fit

@@ -8,7 +8,8 @@ the same merged config with ``stage`` set, in ``<output_dir>/<stage>`` with chec
    the text stage trains a WordPiece vocabulary on its reports when no tokenizer folder is given);
 2. trains (the bundle's ``SSLTrainer``), rehearsing the earlier stages' buffers;
 3. finishes (:func:`finish_stage`, rank 0 writes, every rank waits): ``encoder.pt`` (the MultiModalViT with its
-   tokenizers) and its manifest ``encoder.json`` (a downstream bundle's ``--pretrained_path``), ``heads.pt`` (the stage's MAE decoder or MLM head, for the stage table), its rehearsal buffer
+   tokenizers) and its manifest ``encoder.json`` (a downstream bundle's ``--pretrained_path``), ``heads.pt`` (the
+   stage's MAE decoder or MLM head, for the stage table), its rehearsal buffer
    (:mod:`medssl.data.rehearsal`) as ``buffer.json`` plus ``buffers.json`` (every buffer so far), the stage table
    (``stage_table.json`` / ``stage_table.md``: the reconstruction loss of every modality seen so far, with the
    current encoder and each modality's own stage heads, on its validation items under fixed masks, so forgetting
@@ -38,8 +39,8 @@ from medssl.utils.io import ENCODER_MANIFEST_FORMAT, atomic_torch_save, atomic_w
 from medssl.methods.medcoss import MedCoSS, reconstruction_loss
 
 __all__ = [
-    "STAGE_DONE", "print_stage_table", "stage_tokenizer", "start_encoder", "finish_stage", "previous_stage", "stage_kinds",
-    "write_stage_encoder",
+    "STAGE_DONE", "print_stage_table", "stage_tokenizer", "start_encoder", "finish_stage", "previous_stage",
+    "stage_kinds", "write_stage_encoder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ def write_stage_encoder(
     manifest = {
         "format": ENCODER_MANIFEST_FORMAT, "weights": ENCODER_FILE,
         "method": f"MedCoSS continual pretraining, stage {stage} ({kind})",
-        "backbone": {"_target_": "medssl.networks.MultiModalViTEmbedder", "kwargs": json_safe({"kind": kind, **config})},
+        "backbone": {
+            "_target_": "medssl.networks.MultiModalViTEmbedder", "kwargs": json_safe({"kind": kind, **config}),
+        },
         "feature_dim": encoder.dim, "stage": stage, "stage_order": list(order),
         "num_tensors": len(encoder.state_dict()), "encoder_sha256": file_sha256(out / ENCODER_FILE),
     }

@@ -274,7 +274,9 @@ def _resolve_amp_dtype(amp_dtype: str | torch.dtype) -> torch.dtype:
     return _AMP_DTYPES[key]
 
 
-def sync_batchnorm_layers(method: nn.Module, enabled: bool, device: torch.device, distributed: bool | None = None) -> int:
+def sync_batchnorm_layers(
+    method: nn.Module, enabled: bool, device: torch.device, distributed: bool | None = None
+) -> int:
     """Turn ``method``'s BatchNorm layers into ``torch.nn.SyncBatchNorm`` in place (same parameters and statistics, so
     the optimiser's references stay valid) when ``enabled`` in a distributed run on CUDA; returns how many were
     converted. torch's SyncBatchNorm runs on GPUs only: on CPU (gloo) nothing changes, with a log line."""

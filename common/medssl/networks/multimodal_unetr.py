@@ -75,9 +75,10 @@ class MultiModalUNETR(nn.Module):
         d, f, n = encoder.dim, int(feature_size), self.spatial_dims
         common = dict(kernel_size=3, norm_name=norm_name, res_block=res_block)
         self.skip0 = UnetrBasicBlock(n, self.in_channels, f, stride=1, **common)
-        self.skip1 = UnetrPrUpBlock(n, d, 2 * f, num_layer=2, stride=1, upsample_kernel_size=2, conv_block=True, **common)
-        self.skip2 = UnetrPrUpBlock(n, d, 4 * f, num_layer=1, stride=1, upsample_kernel_size=2, conv_block=True, **common)
-        self.skip3 = UnetrPrUpBlock(n, d, 8 * f, num_layer=0, stride=1, upsample_kernel_size=2, conv_block=True, **common)
+        pr_up = dict(stride=1, upsample_kernel_size=2, conv_block=True, **common)  # layer 4 / 7 / 10: x8 / x4 / x2
+        self.skip1 = UnetrPrUpBlock(n, d, 2 * f, num_layer=2, **pr_up)
+        self.skip2 = UnetrPrUpBlock(n, d, 4 * f, num_layer=1, **pr_up)
+        self.skip3 = UnetrPrUpBlock(n, d, 8 * f, num_layer=0, **pr_up)
         self.up3 = UnetrUpBlock(n, d, 8 * f, upsample_kernel_size=2, **common)
         self.up2 = UnetrUpBlock(n, 8 * f, 4 * f, upsample_kernel_size=2, **common)
         self.up1 = UnetrUpBlock(n, 4 * f, 2 * f, upsample_kernel_size=2, **common)

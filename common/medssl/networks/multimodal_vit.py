@@ -301,9 +301,9 @@ class MultiModalViT(nn.Module):
 
 
 class MultiModalViTEmbedder(MultiModalViT):
-    """:class:`MultiModalViT` whose ``forward(x)`` is one input kind's embedding: the mean of all output tokens (B, dim),
-    as MedCoSS's rehearsal buffer pools them (text: over the real tokens, ``attention_mask`` given). Same state dict as
-    :class:`MultiModalViT`, so a stage's ``encoder.pt`` loads as it is (inference, MONAI Label)."""
+    """:class:`MultiModalViT` whose ``forward(x)`` is one input kind's embedding: the mean of all output tokens
+    (B, dim), as MedCoSS's rehearsal buffer pools them (text: over the real tokens, ``attention_mask`` given). Same
+    state dict as :class:`MultiModalViT`, so a stage's ``encoder.pt`` loads as it is (inference, MONAI Label)."""
 
     def __init__(self, kind: str = "2d", **kwargs) -> None:
         super().__init__(**kwargs)
