@@ -44,7 +44,11 @@ loader — items per second of a pretraining bundle's data path with its full ``
     (1 by default, as in a DataLoader worker). Prints a table with the ratio new / today. A UniMiSS bundle
     (``train#views``, bundles/ssl_unimiss_pretrain) is measured per dimension instead: its 2D and its 3D training
     items, ``unimiss_views`` per item (today; and with the decoded front cached, to show the cache's share) against
-    the cache + ``medssl.transforms.batched_unimiss.BatchedUniMiSSViews`` in ``UniMiSSViewsCollate``.
+    the cache + ``medssl.transforms.batched_unimiss.BatchedUniMiSSViews`` in ``UniMiSSViewsCollate``. The joint
+    image-volume bundle (``train#volume_transform``, bundles/ssl_joint_image_volume_pretrain) is measured on its stage-1
+    slice dataset (every selected slice of the training volumes plus the 2D images, the volumes cached in memory by
+    both paths): its per-slice multi-crop views against its ``configs/batched_views.json`` (see
+    :func:`_loader_joint`).
 
 Exit status 0 when the benchmarks ran (a missed speed goal is reported, not an error).
 """
@@ -544,7 +548,8 @@ def loader(
 
     Args:
         bundle: a pretraining bundle with ``train#items``, ``train#preprocessing`` and ``train#multicrop`` (default:
-            bundles/ssl_swav_multimodal_pretrain), or UniMiSS's (``train#views``; see :func:`_loader_unimiss`).
+            bundles/ssl_swav_multimodal_pretrain), or UniMiSS's (``train#views``; see :func:`_loader_unimiss`), or
+            the joint image-volume bundle (``train#volume_transform``; see :func:`_loader_joint`).
         config: its full training config (no override files: the configuration measured is the config's own).
         dataset_dir: dataset folder; default: the demo dataset built in a temporary folder.
         datalist: datalist file; default ``dataset_dir/datalist.json``.
@@ -595,6 +600,9 @@ def loader(
         if "train#multicrop" not in parser and "train#views" in parser:  # UniMiSS: 2D and 3D views, see the doc
             return _loader_unimiss(parser, bundle_path, config_path, tmp_path, int(repeat), batch_size,
                                    worker_counts, int(working_size), cache_dir)
+        if "train#volume_transform" in parser:  # the joint bundle's stage 1: slices of volumes + 2D images
+            return _loader_joint(parser, bundle_path, config_path, int(repeat), batch_size, worker_counts,
+                                 int(working_size))
         parser["dims"] = [2]
         items = [it for it in parser.get_parsed_content("train#items") if int(it.get("dim", 2)) == 2]
         if not items:
@@ -744,6 +752,85 @@ def _loader_unimiss(parser: Any, bundle_path: Path, config_path: Path, tmp_path:
               f"| {row['ratio']:.2f}x |")
     return {"bundle": str(bundle_path), "batch_size": sizes[2], "batch_size_3d": sizes[3],
             "working_size": working_size, "rows": rows}
+
+
+def _loader_joint(parser: Any, bundle_path: Path, config_path: Path, repeat: int, batch_size: int | None,
+                  worker_counts: list[int], working_size: int) -> dict:
+    """``loader`` for the joint image-volume bundle's stage 1 (``train#volume_transform``,
+    bundles/ssl_joint_image_volume_pretrain): its ``train#dataset`` (``bundle_slice_dataset``: every selected slice of
+    the training volumes and every 2D image, the preset volumes cached in memory, ``cache_rate``) over the training
+    items repeated ``repeat`` times, batched by ``make_slice_batch_sampler``. Today: the config's per-slice
+    ``train#view_transform`` (``multicrop_views`` with set A on each crop) in the DataLoader workers. New: the bundle's
+    ``configs/batched_views.json`` layered on the config -- each slice resized to ``working_size`` with its seed, the
+    views made on the collated batch by its ``batched_views`` (``BatchedMultiCrop``) in ``BatchedViewsCollate``. Two
+    rows per ``num_workers``: set A in full, and set A without the energy bands (both paths without them). No disk
+    cache: both paths read the same in-memory volume cache, built (and timed) before the measurement."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from medssl.data import make_slice_batch_sampler
+    from medssl.data.bundle_datasets import bundle_slice_dataset
+    from medssl.transforms import EnergyBandAugmentd
+    from medssl.transforms.batched import BatchedViewsCollate
+
+    overlay = bundle_path / "configs" / "batched_views.json"
+    batched_parser = ConfigParser()
+    batched_parser.read_config([str(config_path), str(overlay)])
+    for key in ("bundle_root", "dataset_dir", "datalist"):
+        batched_parser[key] = parser[key]
+    batched_parser["working_size"] = working_size
+    batched_parser["device"] = "cpu"
+
+    items = list(parser.get_parsed_content("train#items"))
+    repeated = [dict(it) for _ in range(repeat) for it in items]
+    size = int(batch_size) if batch_size is not None else int(parser.get_parsed_content("batch_size"))
+    slice_kwargs = {"slices_per_volume": parser.get_parsed_content("slices_per_volume"),
+                    "cache_rate": parser.get_parsed_content("cache_rate"), "index_key": "index"}
+    multicrop = parser.get_parsed_content("train#multicrop")
+    original_augment = multicrop.augment
+    without_energy = Compose([t for t in getattr(original_augment, "transforms", [])
+                              if not isinstance(t, EnergyBandAugmentd)])
+    batched = batched_parser.get_parsed_content("batched_views")
+    batched_plain = copy.copy(batched)
+    batched_plain.energy = None
+
+    started = time.perf_counter()
+    today_ds = bundle_slice_dataset(repeated, parser.get_parsed_content("train#volume_transform"),
+                                    parser.get_parsed_content("train#view_transform"), **slice_kwargs)
+    new_ds = bundle_slice_dataset(repeated, batched_parser.get_parsed_content("train#volume_transform"),
+                                  batched_parser.get_parsed_content("train#view_transform"), **slice_kwargs)
+    fill_s = time.perf_counter() - started
+    n_volumes = sum(1 for it in items if int(it.get("dim", 2)) == 3)
+
+    def sampler(dataset: Any) -> Any:
+        return make_slice_batch_sampler(dataset, size, seed=0)
+
+    groups = " + ".join(f"{count}x{crop}" for count, crop in batched.groups)
+    print(f"== data path throughput: bundle {bundle_path.name}, {config_path.name} + {overlay.name} (stage 1, crops "
+          f"{groups}, scale {batched.scales[0]}); {len(items)} training items ({n_volumes} volumes cut into slices) x "
+          f"{repeat} = {len(today_ds)} samples per epoch, batch {size}; working size {working_size}; volume caches "
+          f"built in {fill_s:.1f} s (both paths); main-process torch threads {_torch_threads()}", flush=True)
+    rows = []
+    for workers in worker_counts:
+        for variant, with_energy in (("set A", True), ("set A without energy bands", False)):
+            multicrop.augment = original_augment if with_energy else without_energy
+            try:
+                today = _epoch_items_per_second(today_ds, sampler(today_ds), workers)
+            finally:
+                multicrop.augment = original_augment
+            new = _epoch_items_per_second(new_ds, sampler(new_ds), workers,
+                                          collate_fn=BatchedViewsCollate(batched if with_energy else batched_plain))
+            rows.append({"num_workers": workers, "variant": variant, "today": today, "new": new, "ratio": new / today})
+            print(f"  num_workers {workers}, {variant}: today {today:.1f} items/s, new {new:.1f} items/s, "
+                  f"ratio {new / today:.2f}x", flush=True)
+    print()
+    print("| num_workers | augmentations | today (items/s) | new: batched (items/s) | new / today |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['new']:.1f} | "
+              f"{row['ratio']:.2f}x |")
+    return {"bundle": str(bundle_path), "items": len(today_ds), "batch_size": size, "working_size": working_size,
+            "cache_fill_s": fill_s, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------------------------------
