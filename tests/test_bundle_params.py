@@ -9,7 +9,7 @@ import shutil
 import pytest
 from monai.bundle import ConfigParser
 
-from medssl.bundle import as_bool, find_bundles, verify_bundle
+from medssl.bundle import as_bool, find_bundles, require, verify_bundle
 
 from conftest import BUNDLES, PYTHON, run_cmd
 
@@ -87,3 +87,9 @@ def test_a_bad_boolean_on_the_command_line_stops_the_run_naming_the_key(demo_dat
     assert proc.returncode != 0
     assert "bundle parameter 'amp': 'maybe' is not a boolean" in proc.stdout + proc.stderr
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_require_passes_or_stops_with_the_reason():
+    assert require(1 == 1, "never shown") is True
+    with pytest.raises(ValueError, match="^stage 2 does not take this file$"):
+        require(2 == 1, "stage 2 does not take this file")

@@ -10,4 +10,4 @@ from .contract import (
     verify_bundle,
     verify_metadata,
 )
-from .params import FALSE_WORDS, TRUE_WORDS, as_bool
+from .params import FALSE_WORDS, TRUE_WORDS, as_bool, require

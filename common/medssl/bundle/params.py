@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["as_bool", "TRUE_WORDS", "FALSE_WORDS"]
+__all__ = ["as_bool", "require", "TRUE_WORDS", "FALSE_WORDS"]
 
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
@@ -37,3 +37,14 @@ def as_bool(value: Any, key: str = "value") -> bool:
     raise ValueError(
         f"bundle parameter {key!r}: {value!r} is not a boolean; give one of true / false (also yes / no, on / off, 1 / 0)"
     )
+
+
+def require(condition: Any, message: str) -> bool:
+    """``True`` when ``condition`` holds; otherwise stop the run with ``message`` as a one-line ``ValueError``.
+
+    For a config that only fits some settings (``"$medssl.bundle.require(int(@stage) == 1, 'why')"``): MONAI's
+    parser has no expression that raises, and a failed lookup would show a ``KeyError`` instead of the reason.
+    """
+    if not condition:
+        raise ValueError(message)
+    return True
