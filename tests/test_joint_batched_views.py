@@ -100,7 +100,7 @@ def test_the_batched_views_are_the_per_item_views_configuration(demo_datalist, t
 
     stage2 = _parser(demo_datalist, tmp_path, ["train.json", "train_stage2.json", "smoke.json", "batched_views.json"])
     with pytest.raises(RuntimeError) as refused:
-        stage2.get_parsed_content("train#transforms")
+        stage2.get_parsed_content("train#dataloader")
     cause = refused.value.__cause__
     assert isinstance(cause, ValueError) and "makes the views of stage 1" in str(cause)
 
