@@ -78,6 +78,8 @@ def _data_for(bundle: str, demo: Path) -> tuple[list[dict], bool]:
 SLOW = {
     "dvme_classification": "a plain MONAI Dataset whose data MONAI's config override sets as in the others",
     "report_classification": "medssl.data.bundle_datasets.bundle_dataset, as xray_classification's",
+    "ssl_joint_image_volume_pretrain": "medssl.data.bundle_datasets.bundle_slice_dataset, whose data key MONAI's "
+                                       "config override sets as bundle_dataset's in the others",
     "ssl_swav_multimodal_pretrain": "medssl.data.bundle_datasets.bundle_dataset, as xray_lesion_detection's",
     "ssl_unimiss_pretrain": "medssl.data.bundle_datasets.bundle_dataset, as xray_lesion_detection's",
 }

@@ -127,6 +127,12 @@ TWO_PROCESS_COVERED = {
                                     "per-modality prototypes, classifier), test_sinkhorn.py / test_swav_loss.py "
                                     "(2 processes = 1), test_distributed_engine.py; the bundle's own torchrun run: "
                                     "test_batched_distributed.py (slow)",
+    "xray_lesion_detection": "xray_classification's (the same medssl.downstream.SupervisedTrainer wraps the task in "
+                             "DDP, the same batch sampler and multi_gpu_train.json); the detection task's own "
+                             "steps: test_detection*.py",
+    "ssl_joint_image_volume_pretrain": "test_joint_volume_bundle.py::test_stages_2_and_3_under_torchrun (the bundle "
+                                       "under torchrun, stages 2-3), test_swav_method.py::test_two_ranks_train_in_sync "
+                                       "(stage 1's SwAV method under DDP)",
     "ssl_unimiss_pretrain": "test_unimiss_method.py::test_two_process_ddp_leaves_the_other_path_untouched, "
                             "test_teacher.py / test_dino_loss.py (2 processes = 1: EMA teacher, centre); the bundle's "
                             "own torchrun run: test_batched_unimiss.py (slow)",

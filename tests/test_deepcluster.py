@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_sinkhorn import run_two_processes
+from two_processes import run_two_processes
 
 from medssl.losses.deepcluster import (
     IGNORE_INDEX,

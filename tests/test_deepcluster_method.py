@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
-from test_sinkhorn import run_two_processes
+from two_processes import run_two_processes
 from test_swav_method import CropDataset, TinyBackbone, loader_for, make_batch
 
 from medssl.engines.checkpoint import CheckpointHandler

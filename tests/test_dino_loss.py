@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
-from test_sinkhorn import run_two_processes
+from ignite.engine import Engine
+from two_processes import run_two_processes
 
 from medssl.engines.handlers import CosineScheduleHandler
 from medssl.losses.dino import DINOLoss

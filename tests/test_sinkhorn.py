@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from medssl.utils import dist as _dist
 from medssl.losses.sinkhorn import sinkhorn_knopp
+
+from two_processes import run_two_processes
 
 
 def toy_scores() -> torch.Tensor:
@@ -106,25 +103,6 @@ def test_rejects_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------- 2 processes
-
-
-def _entry(rank: int, world_size: int, tmp: str, worker, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
-    )
-    try:
-        torch.save(worker(rank, world_size, *args), os.path.join(tmp, f"rank{rank}.pt"))
-        # both ranks done before teardown: a rank tearing gloo down while the other still talks to it aborted once
-        # ("terminate called without an active exception", SIGABRT) in a full-suite run
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def run_two_processes(tmp_path, worker, *args) -> list:
-    mp.spawn(_entry, args=(2, str(tmp_path), worker, args), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def _sinkhorn_worker(rank, world_size, scores, splits):

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_sinkhorn import reference_sinkhorn, run_two_processes, toy_scores
+from test_sinkhorn import reference_sinkhorn, toy_scores
+from two_processes import run_two_processes
 
 from medssl.losses.sinkhorn import sinkhorn_knopp
 from medssl.losses.swav import (

@@ -400,7 +400,7 @@ def _two_rank_worker(rank, world_size):
 
 @pytest.mark.distributed
 def test_two_ranks_train_in_sync(tmp_path):
-    from test_sinkhorn import run_two_processes
+    from two_processes import run_two_processes
 
     r0, r1 = run_two_processes(tmp_path, _two_rank_worker)
     assert len(r0["losses"]) == 8 and torch.isfinite(r0["losses"]).all()

@@ -3,14 +3,13 @@ per-parameter clipping, and the DINO weight-decay schedule with the existing Cos
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 from ignite.engine import Events
-from test_sinkhorn import run_two_processes
+from two_processes import run_two_processes
 
 from medssl.engines.checkpoint import CheckpointHandler
 from medssl.engines.handlers import CosineScheduleHandler

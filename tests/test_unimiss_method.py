@@ -243,7 +243,7 @@ def _ddp_worker(rank, world_size):
 
 @pytest.mark.distributed
 def test_two_process_ddp_leaves_the_other_path_untouched(tmp_path):
-    from test_sinkhorn import run_two_processes
+    from two_processes import run_two_processes
 
     results = run_two_processes(tmp_path, _ddp_worker)
     for res in results:
