@@ -422,10 +422,10 @@ def step(
         if len(runs) > 1:
             print("  num_workers comparison (baseline: the first), mean ms per iteration:")
             base = runs[0]["summary"]["total"]["mean"]
-            for run in runs:
-                s = run["summary"]
+            for measured in runs:
+                s = measured["summary"]
                 print(
-                    f"    num_workers {run['num_workers']}: data wait {1e3 * s['data_wait']['mean']:.2f}, "
+                    f"    num_workers {measured['num_workers']}: data wait {1e3 * s['data_wait']['mean']:.2f}, "
                     f"total {1e3 * s['total']['mean']:.2f} (speed {base / s['total']['mean']:.2f}x the first), "
                     f"data wait fraction {100.0 * s['data_wait_fraction']:.1f}%"
                 )
@@ -500,7 +500,8 @@ def mit(
                 step(x)
                 sync()
                 times.append(time.perf_counter() - start)
-            row = {"input": name, "attention": attention, "ms": 1e3 * float(np.median(times)), "best_ms": 1e3 * min(times)}
+            row = {"input": name, "attention": attention, "ms": 1e3 * float(np.median(times)),
+                   "best_ms": 1e3 * min(times)}
             rows.append(row)
             print(f"  {name:<24} {attention:<9} {row['ms']:9.1f} ms (best {row['best_ms']:.1f})")
     result = {"device": str(device), "variant": variant, "amp": amp, "rows": rows}
@@ -643,7 +644,6 @@ def loader(
             new_ds[index]
         fill_s = time.perf_counter() - started
         today_full = make_dataset(repeated, per_item)
-        original_augment = multicrop.augment
 
         def sampler() -> Any:
             return ModalityBatchSampler([it["modality"] for it in repeated], size, parts=parts, seed=0)
@@ -655,29 +655,44 @@ def loader(
             f"cache filled in {fill_s:.1f} s ({len(items)} items); main-process torch threads {_torch_threads()}",
             flush=True,
         )
-        rows = []
-        for workers in worker_counts:
-            for variant, with_energy in (("set A", True), ("set A without energy bands", False)):
-                multicrop.augment = original_augment if with_energy else without_energy
-                try:
-                    today = _epoch_items_per_second(today_full, sampler(), workers)
-                finally:
-                    multicrop.augment = original_augment
-                new = _epoch_items_per_second(new_ds, sampler(), workers, collate_fn=BatchedViewsCollate(
-                    batched[with_energy]))
-                rows.append({"num_workers": workers, "variant": variant, "today": today, "new": new,
-                             "ratio": new / today})
-                print(f"  num_workers {workers}, {variant}: today {today:.1f} items/s, new {new:.1f} items/s, "
-                      f"ratio {new / today:.2f}x", flush=True)
-        print()
-        print("| num_workers | augmentations | today (items/s) | new: cache + batched (items/s) | new / today |")
-        print("|---|---|---|---|---|")
-        for row in rows:
-            print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['new']:.1f} | "
-                  f"{row['ratio']:.2f}x |")
+        rows = [
+            row for workers in worker_counts for row in _energy_variant_rows(
+                workers, multicrop, without_energy, lambda w: _epoch_items_per_second(today_full, sampler(), w),
+                lambda w, energy: _epoch_items_per_second(new_ds, sampler(), w,
+                                                          collate_fn=BatchedViewsCollate(batched[energy])))
+        ]
+        _print_ratio_table(rows, "new: cache + batched (items/s)")
     return {"bundle": str(bundle_path), "items": len(repeated), "batch_size": size, "working_size": int(working_size),
             "cache_fill_s": fill_s, "rows": rows}
 
+
+
+def _energy_variant_rows(workers: int, multicrop: Any, without_energy: Any, today: Any, new: Any) -> list[dict]:
+    """Today's and the new path's items/s at ``workers`` DataLoader workers, with set A and without its energy bands
+    (today's path switched by swapping its multi-crop ``augment``, restored after): one printed row each."""
+    original = multicrop.augment
+    rows = []
+    for variant, with_energy in (("set A", True), ("set A without energy bands", False)):
+        multicrop.augment = original if with_energy else without_energy
+        try:
+            today_rate = today(workers)
+        finally:
+            multicrop.augment = original
+        new_rate = new(workers, with_energy)
+        rows.append({"num_workers": workers, "variant": variant, "today": today_rate, "new": new_rate,
+                     "ratio": new_rate / today_rate})
+        print(f"  num_workers {workers}, {variant}: today {today_rate:.1f} items/s, new {new_rate:.1f} items/s, "
+              f"ratio {new_rate / today_rate:.2f}x", flush=True)
+    return rows
+
+
+def _print_ratio_table(rows: list[dict], new_label: str) -> None:
+    print()
+    print(f"| num_workers | augmentations | today (items/s) | {new_label} | new / today |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['new']:.1f} | "
+              f"{row['ratio']:.2f}x |")
 
 def _loader_unimiss(parser: Any, bundle_path: Path, config_path: Path, tmp_path: Path, repeat: int,
                     batch_size: int | None, worker_counts: list[int], working_size: int, cache_dir: str | None) -> dict:
@@ -748,8 +763,8 @@ def _loader_unimiss(parser: Any, bundle_path: Path, config_path: Path, tmp_path:
           "| new / today |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['cached']:.1f} | {row['new']:.1f} "
-              f"| {row['ratio']:.2f}x |")
+        print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['cached']:.1f} | "
+              f"{row['new']:.1f} | {row['ratio']:.2f}x |")
     return {"bundle": str(bundle_path), "batch_size": sizes[2], "batch_size_3d": sizes[3],
             "working_size": working_size, "rows": rows}
 
@@ -810,25 +825,13 @@ def _loader_joint(parser: Any, bundle_path: Path, config_path: Path, repeat: int
           f"{groups}, scale {batched.scales[0]}); {len(items)} training items ({n_volumes} volumes cut into slices) x "
           f"{repeat} = {len(today_ds)} samples per epoch, batch {size}; working size {working_size}; volume caches "
           f"built in {fill_s:.1f} s (both paths); main-process torch threads {_torch_threads()}", flush=True)
-    rows = []
-    for workers in worker_counts:
-        for variant, with_energy in (("set A", True), ("set A without energy bands", False)):
-            multicrop.augment = original_augment if with_energy else without_energy
-            try:
-                today = _epoch_items_per_second(today_ds, sampler(today_ds), workers)
-            finally:
-                multicrop.augment = original_augment
-            new = _epoch_items_per_second(new_ds, sampler(new_ds), workers,
-                                          collate_fn=BatchedViewsCollate(batched if with_energy else batched_plain))
-            rows.append({"num_workers": workers, "variant": variant, "today": today, "new": new, "ratio": new / today})
-            print(f"  num_workers {workers}, {variant}: today {today:.1f} items/s, new {new:.1f} items/s, "
-                  f"ratio {new / today:.2f}x", flush=True)
-    print()
-    print("| num_workers | augmentations | today (items/s) | new: batched (items/s) | new / today |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['new']:.1f} | "
-              f"{row['ratio']:.2f}x |")
+    rows = [
+        row for workers in worker_counts for row in _energy_variant_rows(
+            workers, multicrop, without_energy, lambda w: _epoch_items_per_second(today_ds, sampler(today_ds), w),
+            lambda w, energy: _epoch_items_per_second(new_ds, sampler(new_ds), w, collate_fn=BatchedViewsCollate(
+                batched if energy else batched_plain)))
+    ]
+    _print_ratio_table(rows, "new: batched (items/s)")
     return {"bundle": str(bundle_path), "items": len(today_ds), "batch_size": size, "working_size": working_size,
             "cache_fill_s": fill_s, "rows": rows}
 
