@@ -666,7 +666,6 @@ def loader(
             "cache_fill_s": fill_s, "rows": rows}
 
 
-
 def _energy_variant_rows(workers: int, multicrop: Any, without_energy: Any, today: Any, new: Any) -> list[dict]:
     """Today's and the new path's items/s at ``workers`` DataLoader workers, with set A and without its energy bands
     (today's path switched by swapping its multi-crop ``augment``, restored after): one printed row each."""
@@ -693,6 +692,7 @@ def _print_ratio_table(rows: list[dict], new_label: str) -> None:
     for row in rows:
         print(f"| {row['num_workers']} | {row['variant']} | {row['today']:.1f} | {row['new']:.1f} | "
               f"{row['ratio']:.2f}x |")
+
 
 def _loader_unimiss(parser: Any, bundle_path: Path, config_path: Path, tmp_path: Path, repeat: int,
                     batch_size: int | None, worker_counts: list[int], working_size: int, cache_dir: str | None) -> dict:
