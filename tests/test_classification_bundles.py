@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BUNDLES, PYTHON, REPO, run_cmd
+from conftest import BUNDLES, PYTHON, REPO, run_bundle_in_process, run_cmd
 
 XRAY = BUNDLES / "xray_classification"
 CT = BUNDLES / "ct_volume_classification"
@@ -25,21 +25,6 @@ def _configs(bundle: Path, names: list[str]) -> list[str]:
     return [str(bundle / "configs" / n) for n in names]
 
 
-def _run(bundle: Path, names: list[str], demo_datalist: Path, out: Path, **overrides):
-    """``python -m monai.bundle run`` in this process (saves the interpreter start-up of a subprocess)."""
-    from monai.bundle import run
-
-    args = {
-        "bundle_root": str(bundle),
-        "dataset_dir": str(demo_datalist.parent),
-        "datalist": str(demo_datalist),
-        "output_dir": str(out),
-        "ckpt_dir": str(out / "ckpt"),
-    }
-    args.update(overrides)
-    run(config_file=_configs(bundle, names), meta_file=str(bundle / "configs" / "metadata.json"), **args)
-
-
 @pytest.fixture(scope="session")
 def resnet_encoder(demo_datalist, tmp_path_factory) -> Path:
     """A 2D ResNet encoder exported by tools/export_encoder.py from a tiny (1 epoch, kNN monitor off) smoke run of
@@ -47,7 +32,8 @@ def resnet_encoder(demo_datalist, tmp_path_factory) -> Path:
     import importlib.util
 
     root = tmp_path_factory.mktemp("swav_encoder")
-    _run(SWAV, ["train.json", "smoke.json"], demo_datalist, root, epochs=1, **{"knn#handlers": []})
+    run_bundle_in_process(SWAV, ["train.json", "smoke.json"], out=root, datalist=demo_datalist, meta=True, epochs=1,
+                          **{"knn#handlers": []})
     spec = importlib.util.spec_from_file_location("export_encoder_tool", REPO / "tools" / "export_encoder.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -95,14 +81,17 @@ def test_xray_scratch_train_evaluate_inference_and_torchscript(demo_datalist, tm
     from monai.bundle import ckpt_export
 
     names = ["normal", "nodule", "effusion"]
-    _run(XRAY, ["train.json", "smoke.json"], demo_datalist, tmp_path, finetune_mode="scratch")
+    run_bundle_in_process(XRAY, ["train.json", "smoke.json"], out=tmp_path, datalist=demo_datalist, meta=True,
+                          finetune_mode="scratch")
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert log and all(math.isfinite(r["loss"]) for r in log)
     assert len((tmp_path / "val_log.jsonl").read_text().splitlines()) == 2  # smoke: 2 epochs, validated each
     model_path = tmp_path / "models" / "model.pt"
-    _run(XRAY, ["train.json", "evaluate.json", "smoke.json"], demo_datalist, tmp_path, model_path=str(model_path))
+    run_bundle_in_process(XRAY, ["train.json", "evaluate.json", "smoke.json"], out=tmp_path, datalist=demo_datalist,
+                          meta=True, model_path=str(model_path))
     _check_reports(tmp_path, len(_labelled(demo_datalist, "test", 2, "XR")), names)
-    _run(XRAY, ["inference.json", "smoke.json"], demo_datalist, tmp_path / "infer", model_path=str(model_path))
+    run_bundle_in_process(XRAY, ["inference.json", "smoke.json"], out=tmp_path / "infer", datalist=demo_datalist,
+                          meta=True, model_path=str(model_path))
     _check_inference(tmp_path / "infer", demo_datalist, 2, "XR", names)
 
     ts = tmp_path / "model.ts"
@@ -125,8 +114,8 @@ def test_xray_scratch_train_evaluate_inference_and_torchscript(demo_datalist, tm
 def test_xray_from_pretrained_encoder_finetune_and_linear(demo_datalist, resnet_encoder, tmp_path, capfd):
     exported = torch.load(resnet_encoder, map_location="cpu", weights_only=True)
     linear = tmp_path / "linear"
-    _run(XRAY, ["train.json", "smoke.json"], demo_datalist, linear, finetune_mode="linear",
-         pretrained_path=str(resnet_encoder), label_fraction=0.5)
+    run_bundle_in_process(XRAY, ["train.json", "smoke.json"], out=linear, datalist=demo_datalist, meta=True,
+                          finetune_mode="linear", pretrained_path=str(resnet_encoder), label_fraction=0.5)
     assert f"loaded {len(exported)} tensors from" in capfd.readouterr().out
     model = _model(linear)
     for key, tensor in exported.items():  # loaded and frozen (BatchNorm statistics included)
@@ -137,13 +126,14 @@ def test_xray_from_pretrained_encoder_finetune_and_linear(demo_datalist, resnet_
     assert cached["features"].shape[0] == 12  # label_fraction 0.5 of the 24 smoke items, stratified (4 per class)
 
     finetune = tmp_path / "finetune"
-    _run(XRAY, ["train.json", "smoke.json"], demo_datalist, finetune, pretrained_path=str(resnet_encoder))
+    run_bundle_in_process(XRAY, ["train.json", "smoke.json"], out=finetune, datalist=demo_datalist, meta=True,
+                          pretrained_path=str(resnet_encoder))
     assert f"loaded {len(exported)} tensors from" in capfd.readouterr().out
     model = _model(finetune)
     changed = [k for k, t in exported.items() if t.is_floating_point() and not torch.equal(model[f"encoder.{k}"], t)]
     assert changed  # the encoder trained too (at encoder_lr_scale x lr)
-    _run(XRAY, ["train.json", "evaluate.json", "smoke.json"], demo_datalist, finetune,
-         model_path=str(finetune / "models" / "model.pt"))
+    run_bundle_in_process(XRAY, ["train.json", "evaluate.json", "smoke.json"], out=finetune, datalist=demo_datalist,
+                          meta=True, model_path=str(finetune / "models" / "model.pt"))
     _check_reports(finetune, len(_labelled(demo_datalist, "test", 2, "XR")), ["normal", "nodule", "effusion"])
 
 
@@ -166,11 +156,14 @@ def test_xray_two_process_finetune_from_pretrained(demo_datalist, resnet_encoder
 # ------------------------------------------------------------------------------------------------ 3D
 def test_ct_scratch_train_evaluate_inference(demo_datalist, tmp_path):
     names = ["normal", "nodule"]
-    _run(CT, ["train.json", "smoke.json"], demo_datalist, tmp_path, finetune_mode="scratch")
+    run_bundle_in_process(CT, ["train.json", "smoke.json"], out=tmp_path, datalist=demo_datalist, meta=True,
+                          finetune_mode="scratch")
     model_path = tmp_path / "models" / "model.pt"
-    _run(CT, ["train.json", "evaluate.json", "smoke.json"], demo_datalist, tmp_path, model_path=str(model_path))
+    run_bundle_in_process(CT, ["train.json", "evaluate.json", "smoke.json"], out=tmp_path, datalist=demo_datalist,
+                          meta=True, model_path=str(model_path))
     _check_reports(tmp_path, len(_labelled(demo_datalist, "test", 3, "CT")), names)
-    _run(CT, ["inference.json", "smoke.json"], demo_datalist, tmp_path / "infer", model_path=str(model_path))
+    run_bundle_in_process(CT, ["inference.json", "smoke.json"], out=tmp_path / "infer", datalist=demo_datalist,
+                          meta=True, model_path=str(model_path))
     _check_inference(tmp_path / "infer", demo_datalist, 3, "CT", names)
 
 
@@ -183,15 +176,16 @@ def test_ct_hybrid_with_slice_wise_pretrained_trunk_linear(demo_datalist, resnet
     exported = torch.load(resnet_encoder, map_location="cpu", weights_only=True)
     trunk = {"encoder_hybrid#block_inplanes": [8, 16, 32, 64]}  # the swav smoke ResNet's widths
     names = ["train.json", "hybrid.json", "smoke.json", "smoke_hybrid.json"]
-    _run(CT, names, demo_datalist, tmp_path, finetune_mode="linear", pretrained_path=str(resnet_encoder),
-         load_prefix="encoder.slice_encoder.backbone", slice_wise=True, **trunk)
+    run_bundle_in_process(CT, names, out=tmp_path, datalist=demo_datalist, meta=True, finetune_mode="linear",
+                          pretrained_path=str(resnet_encoder), load_prefix="encoder.slice_encoder.backbone",
+                          slice_wise=True, **trunk)
     assert f"loaded {len(exported)} tensors from" in capfd.readouterr().out
     model = _model(tmp_path)
     for key, tensor in exported.items():
         assert torch.equal(model[f"encoder.slice_encoder.backbone.{key}"], tensor), key
     model_path = tmp_path / "models" / "model.pt"
-    _run(CT, ["train.json", "hybrid.json", "evaluate.json", "smoke.json", "smoke_hybrid.json"], demo_datalist,
-         tmp_path, model_path=str(model_path), **trunk)
+    run_bundle_in_process(CT, ["train.json", "hybrid.json", "evaluate.json", "smoke.json", "smoke_hybrid.json"],
+                          out=tmp_path, datalist=demo_datalist, meta=True, model_path=str(model_path), **trunk)
     _check_reports(tmp_path, len(_labelled(demo_datalist, "test", 3, "CT")), ["normal", "nodule"])
 
     infer = _configs(CT, ["inference.json", "hybrid.json", "smoke.json", "smoke_hybrid.json"])

@@ -194,18 +194,14 @@ def test_command_line(tmp_path, capsys):
 
 def test_xray_classification_linear_probe_on_a_converted_dino_encoder(demo_datalist, tmp_path, capfd):
     """configs/vit.json: a converted DINO ViT-S/16 loads tensor for tensor into the classifier's encoder, frozen."""
-    from monai.bundle import run
-
-    from conftest import BUNDLES
+    from conftest import BUNDLES, run_bundle_in_process
 
     ckpt = tmp_path / "dino_deitsmall16_pretrain.pth"
     torch.save(reference_state_dict(vit_s16_shapes()), ckpt)
     weights, _, _ = convert_dino_checkpoint(ckpt, tmp_path / "encoder.pt")
     bundle, out = BUNDLES / "xray_classification", tmp_path / "run"
-    run(config_file=[str(bundle / "configs" / n) for n in ("train.json", "vit.json", "smoke.json")],
-        meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle),
-        dataset_dir=str(demo_datalist.parent), datalist=str(demo_datalist), output_dir=str(out),
-        ckpt_dir=str(out / "ckpt"), finetune_mode="linear", pretrained_path=str(weights), epochs=1)
+    run_bundle_in_process(bundle, ["train.json", "vit.json", "smoke.json"], out=out, datalist=demo_datalist, meta=True,
+                          finetune_mode="linear", pretrained_path=str(weights), epochs=1)
     assert "loaded 150 tensors from" in capfd.readouterr().out
     model = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     exported = torch.load(weights, map_location="cpu", weights_only=True)

@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from medssl.detection import ENCODER_PREFIX, DetectionTask, build_detector
 from medssl.weights import load_pretrained_encoder
 
-from conftest import BUNDLES, REPO
+from conftest import BUNDLES, REPO, run_bundle_in_process
 
 SWAV = BUNDLES / "ssl_swav_multimodal_pretrain"
 DETECTION = BUNDLES / "xray_lesion_detection"
@@ -89,17 +89,13 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, capfd):
     """The smoke run with an absurd learning rate: the network diverges after the warm-up's first steps (MONAI's heads
     raise on non-finite outputs; DetectionTask turns that into a NaN loss), the run stops, and the log names the
     last checkpoint written before it (the issue's 'NaN at lr 1e-3' guard)."""
-    from monai.bundle import run
-
     from medssl.data.detection_demo import build_detection_set
 
     data = tmp_path / "data"
     build_detection_set(data, seed=0)
     out = tmp_path / "run"
-    configs = [str(DETECTION / "configs" / name) for name in ("train.json", "smoke.json")]
-    run(config_file=configs, meta_file=str(DETECTION / "configs" / "metadata.json"), bundle_root=str(DETECTION),
-        dataset_dir=str(data), output_dir=str(out), ckpt_dir=str(out / "ckpt"), lr=1e30, save_every_iters=1,
-        clip_grad_norm=None)
+    run_bundle_in_process(DETECTION, ["train.json", "smoke.json"], out=out, meta=True, dataset_dir=str(data), lr=1e30,
+                          save_every_iters=1, clip_grad_norm=None)
     captured = capfd.readouterr()
     lines = [line for line in (captured.out + captured.err).splitlines() if "non-finite loss" in line]
     assert lines, "no non-finite loss was reported"

@@ -17,7 +17,7 @@ from medssl.engines.medcoss_stages import write_stage_encoder
 from medssl.networks import MultiModalClassifier, MultiModalUNETR, MultiModalViT, MultiModalViTEmbedder
 from medssl.weights.export import build_encoder_from_manifest
 
-from conftest import BUNDLES
+from conftest import BUNDLES, run_bundle_in_process
 
 # a stage encoder as the chain writes it, 16-pixel patches (the UNETR head's four x2 up-samplings)
 TINY = dict(vocab_size=50, dim=32, depth=4, heads=2, text_len=16, img_size_2d=64, patch_2d=16,
@@ -108,42 +108,37 @@ def test_medcoss_layer_builds_the_bundle_network(bundle, shape):
 
 
 def test_segmentation_2d_and_classification_3d_bundles_from_a_stage_encoder(demo_datalist, tmp_path, capsys):
-    from monai.bundle import run
-
     path, pretrained = _stage_encoder(tmp_path)
     b2d = BUNDLES / "xray_segmentation_2d"
     def items(section: str, keys: str = "'image', 'label', 'modality', 'dim'") -> str:
         return (f"$medssl.data.load_items(@datalist, {section}, @dataset_dir, dims=[2], modalities=@modalities, "
                 f"keys=[{keys}], labelled_only='mask', max_items=1)")
 
-    common = dict(bundle_root=str(b2d), dataset_dir=str(demo_datalist.parent), datalist=str(demo_datalist),
-                  pretrained_path=str(path))
+    common = dict(datalist=demo_datalist, pretrained_path=str(path))
     out = tmp_path / "seg"
-    run(config_file=_configs(b2d, "train.json", "medcoss.json", "smoke.json"), output_dir=str(out),
-        ckpt_dir=str(out / "ckpt"), epochs=1, finetune_mode="finetune",
-        **{"train#items": "$@train#all_items[:2]", "validate#items": items("'validation'")},
-        **common)
+    run_bundle_in_process(b2d, ["train.json", "medcoss.json", "smoke.json"], out=out, epochs=1,
+                          finetune_mode="finetune",
+                          **{"train#items": "$@train#all_items[:2]", "validate#items": items("'validation'")},
+                          **common)
     assert "text tokenizer" in capsys.readouterr().out
     model = out / "models" / "model_final.pt"
     state = torch.load(model, weights_only=True)
     assert any(k.startswith("encoder.encoder.blocks.3.") for k in state) and any(k.startswith("up0.") for k in state)
     # evaluation and inference rebuild the same architecture from the same --pretrained_path
-    run(config_file=_configs(b2d, "train.json", "medcoss.json", "smoke.json", "evaluate.json"),
-        output_dir=str(tmp_path / "eval"), model_path=str(model),
-        **{"validate#items": items("@section")}, **common)
+    run_bundle_in_process(b2d, ["train.json", "medcoss.json", "smoke.json", "evaluate.json"],
+                          output_dir=str(tmp_path / "eval"), model_path=str(model),
+                          **{"validate#items": items("@section")}, **common)
     assert (tmp_path / "eval" / "metrics_summary.json").is_file()
-    run(config_file=_configs(b2d, "inference.json", "medcoss.json"), output_dir=str(tmp_path / "infer"),
-        model_path=str(model), image_size=[64, 64], medcoss_layers=[1, 2, 3, 4], medcoss_feature_size=8,
-        items=items("@section", "'image', 'modality', 'dim'"),
-        **common)
+    run_bundle_in_process(b2d, ["inference.json", "medcoss.json"], output_dir=str(tmp_path / "infer"),
+                          model_path=str(model), image_size=[64, 64], medcoss_layers=[1, 2, 3, 4],
+                          medcoss_feature_size=8, items=items("@section", "'image', 'modality', 'dim'"), **common)
     assert len(list((tmp_path / "infer").glob("*_seg.nii.gz"))) == 1
 
     b3d = BUNDLES / "ct_volume_classification"
     out = tmp_path / "cls3d"
-    run(config_file=_configs(b3d, "train.json", "medcoss.json", "smoke.json"), bundle_root=str(b3d),
-        dataset_dir=str(demo_datalist.parent), datalist=str(demo_datalist), output_dir=str(out),
-        ckpt_dir=str(out / "ckpt"), epochs=1, finetune_mode="linear", pretrained_path=str(path), volume_size=[32, 32, 32],
-        max_train_items=8)
+    run_bundle_in_process(b3d, ["train.json", "medcoss.json", "smoke.json"], out=out, datalist=demo_datalist, epochs=1,
+                          finetune_mode="linear", pretrained_path=str(path), volume_size=[32, 32, 32],
+                          max_train_items=8)
     state = torch.load(out / "models" / "model_final.pt", weights_only=True)
     for key, value in pretrained.state_dict().items():  # linear mode: the stage encoder as it was loaded, frozen
         if key.startswith(("encoder.", "tokenizers.3d.", "cls_token")):

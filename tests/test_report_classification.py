@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import BUNDLES
+from conftest import BUNDLES, run_bundle_in_process
 
 BUNDLE = BUNDLES / "report_classification"
 ROLES = ["background", "objective", "methods", "results", "conclusions"]
@@ -75,24 +75,18 @@ def test_medcoss_stage_encoder_loads_into_the_classifier(tmp_path):
 def test_trained_network_evaluates_and_classifies_sentences_from_a_text_file(demo_datalist, tmp_path):
     """train -> evaluate -> inference through monai.bundle.run, in this process (the generic smoke run,
     test_bundle_runs.py, runs train.json as a command)."""
-    from monai.bundle import run
-
-    def configs(*names):
-        return [str(BUNDLE / "configs" / n) for n in names]
-
-    common = {"bundle_root": str(BUNDLE), "dataset_dir": str(demo_datalist.parent)}
-    run(config_file=configs("train.json", "smoke.json"), output_dir=str(tmp_path / "run"),
-        ckpt_dir=str(tmp_path / "run" / "ckpt"), **common)
+    data = str(demo_datalist.parent)  # the bundle's own datalist (datalist_sentences.json) in the demo folder
+    run_bundle_in_process(BUNDLE, ["train.json", "smoke.json"], out=tmp_path / "run", dataset_dir=data)
     models = tmp_path / "run" / "models"
     assert (models / "model.pt").is_file() and (models / "tokenizer" / "tokenizer.json").is_file()
-    run(config_file=configs("train.json", "smoke.json", "evaluate.json"), model_path=str(models / "model.pt"),
-        output_dir=str(tmp_path / "test"), **common)
+    run_bundle_in_process(BUNDLE, ["train.json", "smoke.json", "evaluate.json"], model_path=str(models / "model.pt"),
+                          output_dir=str(tmp_path / "test"), dataset_dir=data)
     summary = json.loads((tmp_path / "test" / "eval" / "metrics_summary.json").read_text())
     assert summary["num_cases"] == 300 and 0.0 <= summary["accuracy"] <= 1.0 and "f1_macro" in summary
     (tmp_path / "mine.txt").write_text("Patients were scanned twice.\nThe method is accurate.\n")
-    run(config_file=configs("inference.json", "smoke.json"), input=str(tmp_path / "mine.txt"),
-        model_path=str(models / "model.pt"), tokenizer_dir=str(models / "tokenizer"),
-        output_dir=str(tmp_path / "eval"), **common)
+    run_bundle_in_process(BUNDLE, ["inference.json", "smoke.json"], input=str(tmp_path / "mine.txt"),
+                          model_path=str(models / "model.pt"), tokenizer_dir=str(models / "tokenizer"),
+                          output_dir=str(tmp_path / "eval"), dataset_dir=data)
     rows = list(csv.DictReader((tmp_path / "eval" / "probabilities.csv").open()))
     assert [r["case"] for r in rows] == ["mine_00000", "mine_00001"]
     assert all(r["predicted"] in ROLES for r in rows)

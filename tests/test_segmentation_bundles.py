@@ -19,7 +19,7 @@ import torch
 from medssl.networks import MiT, ResNetBackbone
 from medssl.weights import MANIFEST_FORMAT, write_encoder_files
 
-from conftest import BUNDLES, PYTHON, run_cmd
+from conftest import BUNDLES, PYTHON, run_bundle_in_process, run_cmd
 
 B2D = BUNDLES / "xray_segmentation_2d"
 B3D = BUNDLES / "ct_mr_segmentation_3d"
@@ -30,14 +30,6 @@ TINY_MIT = {"spatial_dims": [2, 3], "decoder": True, "img_size_2d": 64, "img_siz
 
 def _configs(bundle: Path, *names: str) -> list[str]:
     return [str(bundle / "configs" / n) for n in names]
-
-
-def _run(bundle: Path, names: list[str], datalist: Path, **override):
-    """monai.bundle.run in-process with the common overrides (datalist, bundle_root)."""
-    from monai.bundle import run
-
-    run(config_file=_configs(bundle, *names), bundle_root=str(bundle), dataset_dir=str(datalist.parent),
-        datalist=str(datalist), **override)
 
 
 def _write_encoder(out: Path, module: torch.nn.Module, target: str, kwargs: dict, spatial_dims) -> Path:
@@ -131,8 +123,8 @@ def test_xray_2d_finetune_from_exported_resnet_encoder(demo_datalist, tmp_path, 
     trunk = ResNetBackbone(**TINY_TRUNK)
     encoder = _write_encoder(tmp_path / "encoder.pt", trunk, "medssl.networks.ResNetBackbone", TINY_TRUNK, 2)
     out = tmp_path / "train"
-    _run(B2D, ["train.json", "smoke.json"], demo_datalist,
-         **_train_overrides(out, 2, 1, 2, finetune_mode="finetune", pretrained_path=str(encoder)))
+    run_bundle_in_process(B2D, ["train.json", "smoke.json"], datalist=demo_datalist,
+                          **_train_overrides(out, 2, 1, 2, finetune_mode="finetune", pretrained_path=str(encoder)))
     printed = capsys.readouterr().out
     assert f"{len(trunk.state_dict())}" in printed and "encoder.pt" in printed  # the load report
     model = out / "models" / "model_final.pt"
@@ -140,24 +132,27 @@ def test_xray_2d_finetune_from_exported_resnet_encoder(demo_datalist, tmp_path, 
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log and all(math.isfinite(rec["loss"]) for rec in log)
 
-    _run(B2D, ["train.json", "smoke.json", "evaluate.json"], demo_datalist, **_eval_overrides(tmp_path / "eval", model, 2, 1))
+    run_bundle_in_process(B2D, ["train.json", "smoke.json", "evaluate.json"], datalist=demo_datalist,
+                          **_eval_overrides(tmp_path / "eval", model, 2, 1))
     _check_metrics(tmp_path / "eval", ["background", "lungs", "heart", "clavicles"], 1)
 
-    _run(B2D, ["inference.json"], demo_datalist, **_infer_overrides(tmp_path / "infer", model, 2, 2, SMOKE_2D),
-         modalities=["XR"])
+    run_bundle_in_process(B2D, ["inference.json"], datalist=demo_datalist,
+                          **_infer_overrides(tmp_path / "infer", model, 2, 2, SMOKE_2D), modalities=["XR"])
     _check_masks(tmp_path / "infer", demo_datalist, 2, 2, 4)
 
 
 def test_xray_2d_mit_from_scratch(demo_datalist, tmp_path):
     out = tmp_path / "train"
-    _run(B2D, ["train.json", "mit.json", "smoke.json"], demo_datalist, **_train_overrides(out, 2, 1, 2))
+    run_bundle_in_process(B2D, ["train.json", "mit.json", "smoke.json"], datalist=demo_datalist,
+                          **_train_overrides(out, 2, 1, 2))
     model = out / "models" / "model_final.pt"
     state = torch.load(model, weights_only=True)
     assert any(k.startswith("encoder.encoder.stem.2d.") for k in state) and not any(".3d." in k for k in state)
-    _run(B2D, ["train.json", "mit.json", "smoke.json", "evaluate.json"], demo_datalist,
-         **_eval_overrides(tmp_path / "eval", model, 2, 1))
+    run_bundle_in_process(B2D, ["train.json", "mit.json", "smoke.json", "evaluate.json"], datalist=demo_datalist,
+                          **_eval_overrides(tmp_path / "eval", model, 2, 1))
     _check_metrics(tmp_path / "eval", ["background", "lungs", "heart", "clavicles"], 1)
-    _run(B2D, ["inference.json", "mit.json"], demo_datalist, **_infer_overrides(tmp_path / "infer", model, 2, 1, SMOKE_2D))
+    run_bundle_in_process(B2D, ["inference.json", "mit.json"], datalist=demo_datalist,
+                          **_infer_overrides(tmp_path / "infer", model, 2, 1, SMOKE_2D))
     _check_masks(tmp_path / "infer", demo_datalist, 2, 1, 4)
 
 
@@ -170,8 +165,8 @@ def test_ct_mr_3d_slice_wise_linear_from_2d_encoder(demo_datalist, tmp_path):
             module.running_mean.uniform_(-0.1, 0.1)
     encoder = _write_encoder(tmp_path / "encoder.pt", trunk, "medssl.networks.ResNetBackbone", TINY_TRUNK, 2)
     out = tmp_path / "train"
-    _run(B3D, ["train.json", "smoke.json"], demo_datalist,
-         **_train_overrides(out, 2, 1, 3, finetune_mode="linear", pretrained_path=str(encoder)))
+    run_bundle_in_process(B3D, ["train.json", "smoke.json"], datalist=demo_datalist,
+                          **_train_overrides(out, 2, 1, 3, finetune_mode="linear", pretrained_path=str(encoder)))
     model = out / "models" / "model_final.pt"
     state = torch.load(model, weights_only=True)
     for key, value in trunk.state_dict().items():
@@ -179,9 +174,11 @@ def test_ct_mr_3d_slice_wise_linear_from_2d_encoder(demo_datalist, tmp_path):
     decoder = [k for k in state if k.startswith("decoder.")]
     assert decoder
 
-    _run(B3D, ["train.json", "smoke.json", "evaluate.json"], demo_datalist, **_eval_overrides(tmp_path / "eval", model, 3, 1))
+    run_bundle_in_process(B3D, ["train.json", "smoke.json", "evaluate.json"], datalist=demo_datalist,
+                          **_eval_overrides(tmp_path / "eval", model, 3, 1))
     _check_metrics(tmp_path / "eval", ["background", "organ", "lesion"], 1)
-    _run(B3D, ["inference.json"], demo_datalist, **_infer_overrides(tmp_path / "infer", model, 3, 1, SMOKE_3D))
+    run_bundle_in_process(B3D, ["inference.json"], datalist=demo_datalist,
+                          **_infer_overrides(tmp_path / "infer", model, 3, 1, SMOKE_3D))
     _check_masks(tmp_path / "infer", demo_datalist, 3, 1, 3)
 
 
@@ -189,16 +186,17 @@ def test_ct_mr_3d_mit_finetune_from_unimiss_encoder(demo_datalist, tmp_path, cap
     mit = MiT(**TINY_MIT)
     encoder = _write_encoder(tmp_path / "mit.pt", mit, "medssl.networks.MiT", TINY_MIT, [2, 3])
     out = tmp_path / "train"
-    _run(B3D, ["train.json", "mit.json", "smoke.json"], demo_datalist,
-         **_train_overrides(out, 2, 1, 3, finetune_mode="finetune", pretrained_path=str(encoder)))
+    run_bundle_in_process(B3D, ["train.json", "mit.json", "smoke.json"], datalist=demo_datalist,
+                          **_train_overrides(out, 2, 1, 3, finetune_mode="finetune", pretrained_path=str(encoder)))
     printed = capsys.readouterr().out
     assert "2D path" in printed  # the unused 2D path is reported as ignored
     model = out / "models" / "model_final.pt"
-    _run(B3D, ["train.json", "mit.json", "smoke.json", "evaluate.json"], demo_datalist,
-         **_eval_overrides(tmp_path / "eval", model, 3, 1))
+    run_bundle_in_process(B3D, ["train.json", "mit.json", "smoke.json", "evaluate.json"], datalist=demo_datalist,
+                          **_eval_overrides(tmp_path / "eval", model, 3, 1))
     rows = _check_metrics(tmp_path / "eval", ["background", "organ", "lesion"], 1)
     assert rows[0]["case"].endswith(".nii.gz") or Path(rows[0]["case"]).is_dir()
-    _run(B3D, ["inference.json", "mit.json"], demo_datalist, **_infer_overrides(tmp_path / "infer", model, 3, 1, SMOKE_3D))
+    run_bundle_in_process(B3D, ["inference.json", "mit.json"], datalist=demo_datalist,
+                          **_infer_overrides(tmp_path / "infer", model, 3, 1, SMOKE_3D))
     _check_masks(tmp_path / "infer", demo_datalist, 3, 1, 3)
 
 
