@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import monai.bundle
 import torch
 from monai.bundle import ConfigParser
 from torch.utils.data import DataLoader
@@ -20,7 +19,8 @@ from medssl.engines.trainer import AugmentOnDevice
 from medssl.transforms import EnergyBandAugmentd, RandGammad, RandLinearIntensityd
 from medssl.transforms.batched import BatchedMultiCrop, BatchedViewsCollate
 
-from conftest import BUNDLES, PYTHON, assert_resume_continues, bundle_train_log, run_cmd
+from conftest import (BUNDLES, PYTHON, assert_resume_continues, bundle_train_log, run_bundle_in_process, run_cmd,
+                      train_log_records)
 
 BUNDLE = BUNDLES / "ssl_joint_image_volume_pretrain"
 CONFIGS = ["train.json", "smoke.json", "batched_views.json"]
@@ -45,17 +45,9 @@ def _bundle_run(demo_datalist: Path, out: Path, *extra: str) -> list[dict]:
     batched_views.json in this process, one torch thread, 0 DataLoader workers (``extra``: ``--key value`` pairs,
     e.g. ``--resume true``): the records of its train_log.jsonl. 2 epochs of 5 iterations, checkpoints every 2."""
     overrides = {key.lstrip("-"): json.loads(value) for key, value in zip(extra[::2], extra[1::2])}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        monai.bundle.run(
-            config_file=[str(BUNDLE / "configs" / c) for c in CONFIGS], logging_file=False, bundle_root=str(BUNDLE),
-            dataset_dir=str(demo_datalist.parent), datalist=str(demo_datalist), output_dir=str(out),
-            ckpt_dir=str(out / "ckpt"), working_size=WORKING_SIZE, num_workers=0, **overrides,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    run_bundle_in_process(BUNDLE, CONFIGS, out=out, datalist=demo_datalist, threads=1, logging_file=False,
+                          working_size=WORKING_SIZE, num_workers=0, **overrides)
+    return train_log_records(out)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BUNDLES, PYTHON, REPO, run_cmd
+from conftest import BUNDLES, PYTHON, REPO, run_bundle_in_process, run_cmd
 
 BUNDLE = BUNDLES / "ssl_joint_image_volume_pretrain"
 
@@ -34,18 +34,8 @@ def _run(configs: list[str], demo_datalist: Path, out: Path, **overrides) -> Non
     """``python -m monai.bundle run`` in this process (``monai.bundle.run``, the function the command calls): the
     import cost is paid once, so the chain of stages stays fast; the command line itself is exercised by
     tests/test_bundle_runs.py and by the torchrun test below."""
-    from monai.bundle import run
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocess runs (conftest: OMP_NUM_THREADS=1); tiny nets on a shared machine
-    try:
-        run(
-            config_file=_configs(configs), meta_file=str(BUNDLE / "configs" / "metadata.json"),
-            bundle_root=str(BUNDLE), dataset_dir=str(demo_datalist.parent), datalist=str(demo_datalist),
-            output_dir=str(out), ckpt_dir=str(out / "ckpt"), **overrides,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    # one torch thread as the subprocess runs (conftest: OMP_NUM_THREADS=1); tiny nets on a shared machine
+    run_bundle_in_process(BUNDLE, configs, out=out, datalist=demo_datalist, meta=True, threads=1, **overrides)
     _check_outputs(out)
 
 
