@@ -71,3 +71,30 @@ def test_probe_errors(encoder_file, demo_datalist):
         tool.run_probe(encoder=str(encoder_file), datalist=str(demo_datalist), test_section="nosuch")
     with pytest.raises(ValueError, match="needs 2 values"):
         tool.run_probe(encoder=str(encoder_file), datalist=str(demo_datalist), image_size=[8, 8, 8])
+
+
+def test_recalibrate_bn_replaces_running_statistics_with_the_training_images(encoder_file, demo_datalist, tmp_path):
+    """--recalibrate-bn: the BatchNorm running statistics become the exact average over the probe's training images
+    (the first BatchNorm sees the stem convolution of those images), so stale statistics no longer matter."""
+    tool = _tool()
+    module, manifest, _ = tool.build_probe_encoder(str(encoder_file))
+    bn = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    stem = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    items = tool.load_items(str(demo_datalist), "training", None, dims=2, keys=["image", "modality", "dim", "label"],
+                            labelled_only="class")
+    from monai.transforms import Compose, Resized
+    transform = Compose(tool.loading_transforms(keys=["image"], channels=1) + [Resized(keys=["image"],
+                                                                                       spatial_size=[32, 32])])
+    bn.running_mean.fill_(5.0)
+    tool.recalibrate_batchnorm(module, items, transform, batch_size=3)
+    assert not module.training
+    with torch.no_grad():
+        images = torch.stack([torch.as_tensor(transform(dict(it))["image"]).float() for it in items])
+        expected = stem(images).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, expected, rtol=1e-4, atol=1e-5)
+    # the probe with the flag: the cache key records it, so a recalibrated encoder never reads plain embeddings
+    cache = str(tmp_path / "cache")
+    plain = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=cache)
+    recal = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=cache, recalibrate_bn="true")
+    assert not recal["train"].from_cache
+    assert not torch.allclose(plain["train"].features, recal["train"].features)

@@ -4,7 +4,7 @@ Usage:
     python tools/probe.py --encoder ENCODER.json --datalist DATALIST.json [--dataset-dir DIR] \\
         [--method knn|linear|both] [--label-fraction 1.0] [--seeds 5] [--k 20] [--image-size 224] \\
         [--train-section training] [--test-section test] [--dims 2] [--cache-dir DIR] [--max-c 100] \\
-        [--out results.json]
+        [--recalibrate-bn] [--out results.json]
     python tools/probe.py --encoder random:resnet50 ...     # the random-initialisation baseline (see below)
 
 What it does:
@@ -14,12 +14,15 @@ What it does:
 2. reads the class-labelled items of the two sections (``label`` an int class index) of the encoder's spatial dims,
    applies the medssl loading front (reader, channels, modality intensity preset) and resizes to ``--image-size``
    (default: the manifest's recorded input size, else 224 for 2D / 96x96x32 for 3D);
-3. embeds them once (``medssl.evaluation.cache``: a second run with the same encoder and data reads the cache);
-4. for each seed: keeps ``--label-fraction`` of the training items (stratified, seeded), fits the probe on them
+3. with ``--recalibrate-bn``, first recomputes every BatchNorm layer's running statistics on the training
+   section's images as the probe sees them (``torch.optim.swa_utils.update_bn``: an exact average over the items,
+   no augmentation), for encoders whose statistics were gathered on augmented pretraining views;
+4. embeds them once (``medssl.evaluation.cache``: a second run with the same encoder and data reads the cache);
+5. for each seed: keeps ``--label-fraction`` of the training items (stratified, seeded), fits the probe on them
    and scores the test items: kNN (cosine, temperature-weighted vote, k neighbours) and/or multinomial logistic
    regression on standardised features (scikit-learn, L2, C chosen by 3-fold cross-validation over 1e-3..1e2 when
    every class has 3 items, else C = 1);
-5. prints accuracy, macro AUC, macro F1 and kappa as mean ± 95 % CI over the seeds (Student t; 0 with one seed)
+6. prints accuracy, macro AUC, macro F1 and kappa as mean ± 95 % CI over the seeds (Student t; 0 with one seed)
    and writes them as JSON with ``--out``.
 
 With label fraction 1.0 the kNN probe has no randomness (every seed gives the same number); seeds matter for
@@ -40,6 +43,7 @@ import torch
 
 from monai.transforms import Compose, Resized
 
+from medssl.bundle.params import as_bool
 from medssl.cli import run
 from medssl.data.pipeline import load_items, loading_transforms
 from medssl.downstream.subsets import label_fraction_subset
@@ -95,6 +99,23 @@ def build_probe_encoder(encoder: str) -> tuple[torch.nn.Module, dict, str | None
     return module.eval(), manifest, encoder_fingerprint(manifest_path=manifest["_manifest_path"])
 
 
+def recalibrate_batchnorm(module: torch.nn.Module, items: list[dict], transform: Any, batch_size: int = 8,
+                          device: str | None = None) -> None:
+    """Recompute ``module``'s BatchNorm running statistics in place from ``items`` (through ``transform``), with
+    torch's ``update_bn`` (exact cumulative average); the module is left in eval mode."""
+    from torch.optim.swa_utils import update_bn
+
+    def image(item: dict) -> torch.Tensor:
+        return torch.as_tensor(transform(dict(item))["image"]).float()
+
+    step = int(batch_size)
+    batches = (torch.stack([image(item) for item in items[i:i + step]]) for i in range(0, len(items), step))
+    module.to(device or "cpu")
+    with torch.no_grad():
+        update_bn(batches, module, device=device)
+    module.eval()
+
+
 def _encoder_dims(module: torch.nn.Module, manifest: dict, dims: int | None) -> int:
     if dims is not None:
         return int(dims)
@@ -137,8 +158,9 @@ def embed_sections(
     batch_size: int = 8,
     max_items: int | None = None,
     device: str | None = None,
+    recalibrate_bn: bool = False,
 ) -> dict[str, Any]:
-    """Steps 1-3 of the module docstring: the encoder's embeddings of the two sections' class-labelled items, for
+    """Steps 1-4 of the module docstring: the encoder's embeddings of the two sections' class-labelled items, for
     :func:`score_probes` (which can then score several label fractions without embedding again)."""
     module, manifest, fingerprint = build_probe_encoder(str(encoder))
     spatial_dims = _encoder_dims(module, manifest, dims)
@@ -164,6 +186,9 @@ def embed_sections(
         classes = None
     num_classes = len(classes) if classes else 1 + max(int(it["label"]) for it in train_items + test_items)
     name = "random" if fingerprint is None else Path(manifest["_manifest_path"]).stem
+    if as_bool(recalibrate_bn, "--recalibrate-bn"):
+        recalibrate_batchnorm(module, train_items, transform, batch_size, device)
+        preprocessing["batchnorm"] = f"recalibrated on {train_section}"
     cache = cache_dir if fingerprint is not None else None  # a random encoder is never cached
     start = time.perf_counter()
     common = dict(cache_dir=cache, encoder_id=name, preprocessing=preprocessing, batch_size=batch_size,
