@@ -171,3 +171,17 @@ def test_resnet_norm_reaches_every_residual_block():
     assert sum(p.numel() for p in group.parameters()) == sum(p.numel() for p in ResNetBackbone(**kw).parameters())
     x = torch.rand(4, 1, 32, 32)
     torch.testing.assert_close(group(x)[:1], group(x[:1]))
+
+
+def test_resnet_instance_norm_builds_with_affine_weights():
+    """``norm="instance"`` (InstanceNorm without affine weights by default) used to crash in MONAI's ResNet, which
+    sets every norm layer's weight to 1: ResNetBackbone turns affine on, and says so when a spec turns it off."""
+    kw = dict(in_channels=1, layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64])
+    for norm in ("instance", ("instance", {"eps": 1e-3})):
+        net = ResNetBackbone(norm=norm, **kw)
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+        assert len(norms) > 5 and all(m.affine for m in norms)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        assert net(torch.rand(2, 1, 64, 64)).shape == (2, 256)
+    with pytest.raises(ValueError, match="affine"):
+        ResNetBackbone(norm=("instance", {"affine": False}), **kw)

@@ -122,6 +122,18 @@ class _MultiLevelFeatures:
         return torch.cat(parts, dim=1)
 
 
+def _norm_with_affine(norm: str | tuple) -> str | tuple:
+    """``norm`` with ``affine=True`` for instance norm unless given: MONAI's ResNet sets every norm layer's weight
+    to 1 at construction, which fails for a layer without one (InstanceNorm's default)."""
+    name, args = (norm, {}) if isinstance(norm, str) else (norm[0], dict(norm[1]) if len(norm) > 1 else {})
+    if str(name).lower() not in ("instance", "instance_nvfuser"):
+        return norm
+    if not args.get("affine", True):
+        raise ValueError(f"ResNetBackbone: norm {norm!r} has no affine weights, which MONAI's ResNet initialises; "
+                         "use affine=True")
+    return (name, {**args, "affine": True})
+
+
 class ResNetBackbone(_MultiLevelFeatures, ResNet):
     """MONAI ResNet trunk without classifier, returning pooled features (B, feature_dim).
 
@@ -164,6 +176,7 @@ class ResNetBackbone(_MultiLevelFeatures, ResNet):
     ) -> None:
         if width <= 0:
             raise ValueError(f"ResNetBackbone: width must be positive, got {width}")
+        norm = _norm_with_affine(norm)
         # MONAI's ResNet builds its residual blocks with BatchNorm whatever ``norm`` says (only the stem gets it):
         # read by _make_layer below, set before nn.Module.__init__ runs
         object.__setattr__(self, "_block_norm", norm)
