@@ -192,6 +192,23 @@ def test_errors_name_the_problem():
         UniMiSS(stub3d)
 
 
+
+def test_head_batchnorm_option_reaches_student_and_teacher():
+    """``use_bn`` (DINO's head option, off in UniMiSS) puts BatchNorm1d after the head's hidden layers of both networks;
+    the command line's strings are read as booleans ("false" is off)."""
+    def head_norms(method):
+        nets = (method.student, method.teacher)
+        return [sum(isinstance(m, nn.BatchNorm1d) for m in net.head.modules()) for net in nets]
+
+    assert head_norms(UniMiSS(TwoPathStub(), out_dim=5, hidden_dim=8, bottleneck_dim=4)) == [0, 0]
+    assert head_norms(UniMiSS(TwoPathStub(), out_dim=5, hidden_dim=8, bottleneck_dim=4, use_bn="false")) == [0, 0]
+    method = UniMiSS(TwoPathStub(), out_dim=5, hidden_dim=8, bottleneck_dim=4, use_bn="true")
+    assert head_norms(method) == [2, 2]
+    out = method({"crops": [torch.rand(4, 1, 6, 6), torch.rand(4, 1, 6, 6)]})
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="use_bn"):
+        UniMiSS(TwoPathStub(), out_dim=5, hidden_dim=8, bottleneck_dim=4, use_bn="maybe")
+
 def test_volume_slices_and_channel_repeat():
     vol = torch.arange(2 * 1 * 2 * 3 * 5, dtype=torch.float32).reshape(2, 1, 2, 3, 5)
     slices, m = volume_slices(vol)

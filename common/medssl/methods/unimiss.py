@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl.bundle.params import as_bool
 from medssl.losses.dino import DINOLoss
 from medssl.methods.base import SSLMethod, crops_from_batch
 from medssl.networks.dino_head import DINOHead
@@ -97,6 +98,7 @@ class UniMiSS(SSLMethod):
         out_dim: K, the DINO head's output size (65536).
         hidden_dim, bottleneck_dim, n_layers: the head's MLP (2048, 256, 3: 48 → 2048 → 2048 → 256).
         norm_last_layer: the head's last-layer weight-norm gain fixed at 1 (True, the reference).
+        use_bn: BatchNorm1d after each hidden Linear of the head (False, the reference; DINO's option for CNNs).
         student_temp, teacher_temp, center_momentum: τ_s (0.1), τ_t (0.04), ω (0.9) of :class:`DINOLoss`
             (``loss.teacher_temp`` can be scheduled).
         n_views: V, views per item (2).
@@ -121,6 +123,7 @@ class UniMiSS(SSLMethod):
         bottleneck_dim: int = 256,
         n_layers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
         student_temp: float = 0.1,
         teacher_temp: float = 0.04,
         center_momentum: float = 0.9,
@@ -147,7 +150,8 @@ class UniMiSS(SSLMethod):
                 "use slice_consistency=False for a 3D-only backbone"
             )
         head = DINOHead(
-            feature_dim, out_dim, hidden_dim, bottleneck_dim, n_layers=n_layers, norm_last_layer=norm_last_layer
+            feature_dim, out_dim, hidden_dim, bottleneck_dim, n_layers=n_layers, norm_last_layer=norm_last_layer,
+            use_bn=as_bool(use_bn, "use_bn"),
         )
         self.student = DistillationNetwork(backbone, head)
         self.teacher = copy.deepcopy(self.student)
