@@ -633,7 +633,7 @@ def loader(
             True: BatchedMultiCrop(**augment_kwargs, energy=copy.deepcopy(energy_t)),
             False: BatchedMultiCrop(**augment_kwargs),
         }
-        without_energy = Compose([t for t in set_a if t is not energy_t])
+        without_energy = _without_energy_bands(multicrop.augment)
 
         cache = Path(cache_dir) if cache_dir else tmp_path / "cache"
         front = Compose(loading_transforms(channels=channels, working_size=int(working_size))
@@ -664,6 +664,15 @@ def loader(
         _print_ratio_table(rows, "new: cache + batched (items/s)")
     return {"bundle": str(bundle_path), "items": len(repeated), "batch_size": size, "working_size": int(working_size),
             "cache_fill_s": fill_s, "rows": rows}
+
+
+def _without_energy_bands(augment: Any) -> Any:
+    """The loader benchmarks' second variant: a set-A ``Compose`` without its energy-band transform."""
+    from monai.transforms import Compose
+
+    from medssl.transforms import EnergyBandAugmentd
+
+    return Compose([t for t in getattr(augment, "transforms", []) if not isinstance(t, EnergyBandAugmentd)])
 
 
 def _energy_variant_rows(workers: int, multicrop: Any, without_energy: Any, today: Any, new: Any) -> list[dict]:
@@ -781,11 +790,9 @@ def _loader_joint(parser: Any, bundle_path: Path, config_path: Path, repeat: int
     rows per ``num_workers``: set A in full, and set A without the energy bands (both paths without them). No disk
     cache: both paths read the same in-memory volume cache, built (and timed) before the measurement."""
     from monai.bundle import ConfigParser
-    from monai.transforms import Compose
 
     from medssl.data import make_slice_batch_sampler
     from medssl.data.bundle_datasets import bundle_slice_dataset
-    from medssl.transforms import EnergyBandAugmentd
     from medssl.transforms.batched import BatchedViewsCollate
 
     overlay = bundle_path / "configs" / "batched_views.json"
@@ -803,8 +810,7 @@ def _loader_joint(parser: Any, bundle_path: Path, config_path: Path, repeat: int
                     "cache_rate": parser.get_parsed_content("cache_rate"), "index_key": "index"}
     multicrop = parser.get_parsed_content("train#multicrop")
     original_augment = multicrop.augment
-    without_energy = Compose([t for t in getattr(original_augment, "transforms", [])
-                              if not isinstance(t, EnergyBandAugmentd)])
+    without_energy = _without_energy_bands(original_augment)
     batched = batched_parser.get_parsed_content("batched_views")
     batched_plain = copy.copy(batched)
     batched_plain.energy = None
