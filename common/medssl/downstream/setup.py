@@ -207,6 +207,18 @@ def training_dataset(
     return make_dataset(items, transform, **dataset_kwargs)
 
 
+def _manifest_backbone(path: str | os.PathLike | None) -> tuple[Path, dict] | None:
+    """(manifest path, its ``backbone`` spec: ``_target_`` + ``kwargs``) of the manifest beside a local encoder file
+    (or the manifest itself); None for no path, a URL, or a file without a manifest."""
+    if no_pretrained(path) or "://" in str(path):
+        return None
+    local = Path(str(path))
+    manifest_path = local if local.suffix == ".json" else manifest_path_for(local)
+    if not manifest_path.is_file():
+        return None
+    return manifest_path, load_manifest(manifest_path)["backbone"]
+
+
 def encoder_network(model_path: str | os.PathLike | None = None, target: str = "medssl.networks.ResNetBackbone",
                     **kwargs: Any) -> nn.Module:
     """The network of an exported encoder (untrained; the weights are loaded by whoever asked for it: MONAI's
@@ -217,10 +229,9 @@ def encoder_network(model_path: str | os.PathLike | None = None, target: str = "
     ``kwargs`` are ignored, with a log line; otherwise ``target(**kwargs)`` (the bundle's default architecture). So a
     pretraining bundle's ``inference.json`` and ``ckpt_export`` work on an encoder of any backbone size.
     """
-    manifest_path = manifest_path_for(model_path) if model_path else None
-    if manifest_path is not None and manifest_path.is_file():
-        manifest = load_manifest(manifest_path)
-        spec = manifest["backbone"]
+    described = _manifest_backbone(model_path)
+    if described is not None:
+        manifest_path, spec = described
         logger.info(f"network: {spec['_target_']} as {manifest_path} describes it (the config's network_def values "
                     "are not used)")
         return locate(spec["_target_"], str(manifest_path))(**dict(spec.get("kwargs") or {}))
@@ -235,10 +246,9 @@ def multimodal_vit_encoder(
     architecture is the manifest's (the pretraining's width, depth, patch and position-table sizes), so the weights fit
     whatever settings the chain ran with; otherwise (no path, a URL, no manifest) ``kwargs``."""
     spec = dict(kwargs)
-    local = None if no_pretrained(pretrained_path) or "://" in str(pretrained_path) else Path(str(pretrained_path))
-    manifest_path = (local if local.suffix == ".json" else manifest_path_for(local)) if local else None
-    if manifest_path is not None and manifest_path.is_file():
-        backbone = load_manifest(manifest_path)["backbone"]
+    described = _manifest_backbone(pretrained_path)
+    if described is not None:
+        manifest_path, backbone = described
         if not str(backbone["_target_"]).endswith(("MultiModalViT", "MultiModalViTEmbedder")):
             raise ValueError(f"{manifest_path}: a {backbone['_target_']} encoder, not MedCoSS's MultiModalViT")
         spec = dict(backbone.get("kwargs") or {})
