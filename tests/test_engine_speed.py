@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import BUNDLES
 from medssl.engines import trainer as trainer_mod
 from medssl.engines.trainer import SSLTrainer, compile_backbone, has_conv2d, to_channels_last
 
@@ -272,3 +273,24 @@ def test_compiled_forward_is_used_in_training_mode_only(monkeypatch):
     module.eval()
     module(torch.randn(4, 3))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("bundle", ["ssl_swav_multimodal_pretrain", "ssl_unimiss_pretrain",
+                                    "ssl_joint_image_volume_pretrain", "ssl_medcoss_continual_pretrain"])
+def test_pretraining_bundles_expose_channels_last_and_compile(bundle):
+    """Each pretraining bundle's ``channels_last`` (null = on with CUDA) and ``compile`` keys reach its SSLTrainer, with
+    the command line's strings read as the trainer reads them (``--compile true``, ``--channels_last none``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+    assert parser["channels_last"] is None and parser["compile"] is False
+    for given, expected in (("true", True), ("false", False)):
+        parser["compile"] = given
+        assert parser.get_parsed_content("train#trainer#compile") is expected
+    for given, expected in (("none", None), ("auto", None), ("true", True), ("false", False), (None, None)):
+        parser["channels_last"] = given
+        value = parser.get_parsed_content("train#trainer#channels_last")
+        assert trainer_mod._optional_bool(value, "channels_last") is expected
+    with pytest.raises(ValueError, match="channels_last"):
+        trainer_mod._optional_bool("sometimes", "channels_last")

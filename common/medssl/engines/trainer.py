@@ -297,8 +297,11 @@ def sync_batchnorm_layers(
 
 
 def _optional_bool(value: Any, key: str) -> bool | None:
-    """None stays None (= the device's default); anything else through :func:`medssl.bundle.as_bool`."""
-    return None if value is None else as_bool(value, key)
+    """None (also the command line's "none" / "null" / "auto") stays None (= the device's default); anything else
+    through :func:`medssl.bundle.as_bool`."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "auto")):
+        return None
+    return as_bool(value, key)
 
 
 class SSLTrainer(Trainer):
