@@ -5,6 +5,8 @@
     python tools/benchmark.py step [--bundle DIR] [--config train.json] [--override auto] [--dataset-dir D]
         [--datalist F] [--iters 20] [--warmup 2] [--num-workers 0] [--trainer-id train#trainer] [--threads N]
     python tools/benchmark.py mit [--variant small] [--batch-2d 2] [--batch-3d 1] [--size-2d 224] [--size-3d 96,96,16]
+    python tools/benchmark.py swav-step [--arch resnet50] [--batch-size 128] [--large 224] [--small 96] [--n-large 2]
+        [--n-small 6] [--in-channels 3] [--modes plain,eager,channels_last,compiled] [--iters 10] [--warmup 3]
     python tools/benchmark.py loader [--bundle DIR] [--config train.json] [--dataset-dir D] [--datalist F]
         [--repeat 4] [--batch-size 32] [--num-workers 0,2] [--working-size 128] [--threads 1] [--cache-dir C]
     python tools/benchmark.py all [any option of energy and step]    (step part: --num-workers 0,2 by default)
@@ -27,6 +29,12 @@ step — where a training step of a bundle goes: builds the bundle's training wo
     (``medssl.data.demo.build_demo_dataset``) built in a temporary folder unless ``--dataset-dir`` is given;
     ``--override auto`` = the bundle's ``configs/demo.json`` if it has one, else its ``configs/smoke.json``, else none
     (``--override none`` for the plain ``config``; several files as ``--override a.json,b.json``).
+
+swav-step — the SwAV training step on a synthetic multi-crop batch (Table I's 2 × 224 + 6 × 96 crops by default),
+    images per second: medssl's step (``medssl.methods.SwAV`` + ``ResNetBackbone``, as ``SSLTrainer`` runs it) eager,
+    with ``channels_last`` and compiled, against a plain-PyTorch step of the reference loop (facebookresearch/swav:
+    ResNet-50 + head + prototypes, Sinkhorn, swapped loss) written in this file, in the same run; bf16 autocast on a
+    GPU. ``--arch tiny`` is a small ResNet for a check on a CPU.
 
 loader — items per second of a pretraining bundle's data path with its full ``config`` (no override: Table I's crops),
     today's per-item path against the new one, side by side for each ``num_workers`` (0 and 2 by default), on the
@@ -514,6 +522,231 @@ def mit(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# swav-step
+# --------------------------------------------------------------------------------------------------------------------
+
+# trunk: residual blocks per stage, base widths (bottleneck blocks, expansion 4)
+SWAV_ARCHS = {"resnet50": ((3, 4, 6, 3), (64, 128, 256, 512)), "tiny": ((1, 1, 1, 1), (8, 16, 32, 64))}
+
+
+def _plain_swav_model(layers: Sequence[int], widths: Sequence[int], in_channels: int, hidden_dim: int, feat_dim: int,
+                      n_prototypes: int) -> Any:
+    """The reference's network written out in plain PyTorch (torchvision is not a dependency): a torchvision-layout
+    bottleneck ResNet (7×7 stem, max-pool, stride in the 3×3 convolution), global average pooling, the projection
+    head Linear-BN-ReLU-Linear and the prototypes as a bias-free Linear."""
+    import torch.nn as nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin: int, planes: int, stride: int) -> None:
+            super().__init__()
+            cout = planes * 4
+            self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+            self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+            self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.shortcut = None
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            identity = x if self.shortcut is None else self.shortcut(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            return self.relu(self.bn3(self.conv3(out)) + identity)
+
+    modules = [nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
+               nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    cin = widths[0]
+    for stage, (blocks, planes) in enumerate(zip(layers, widths)):
+        for block in range(blocks):
+            modules.append(Bottleneck(cin, planes, 2 if stage > 0 and block == 0 else 1))
+            cin = planes * 4
+    model = nn.Module()
+    model.trunk = nn.Sequential(*modules, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.head = nn.Sequential(nn.Linear(cin, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                               nn.Linear(hidden_dim, feat_dim))
+    model.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)
+    return model
+
+
+def _plain_sinkhorn(scores: Any, epsilon: float, iters: int) -> Any:
+    """The reference's Sinkhorn-Knopp on one process: Q = exp(scores / ε)ᵀ, normalised, ``iters`` row / column
+    rounds, columns summing to 1 (codes (B, K))."""
+    import torch
+
+    q = torch.exp(scores / epsilon).t()
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
+def _plain_swapped_loss(scores: Any, batch: int, n_crops: int, temperature: float, epsilon: float, iters: int,
+                        crops_for_assign: Sequence[int] = (0, 1)) -> Any:
+    """The reference's swapped prediction on view-major scores (n_crops·B, K): for each assignment crop, its
+    Sinkhorn codes against the softmax(scores / τ) of every other crop, cross-entropy averaged over those crops and
+    then over the assignment crops."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = 0.0
+    for crop in crops_for_assign:
+        with torch.no_grad():
+            codes = _plain_sinkhorn(scores[batch * crop: batch * (crop + 1)].detach(), epsilon, iters)
+        others = [v for v in range(n_crops) if v != crop]
+        for view in others:
+            log_p = F.log_softmax(scores[batch * view: batch * (view + 1)] / temperature, dim=1)
+            loss = loss - torch.mean(torch.sum(codes * log_p, dim=1)) / len(others)
+    return loss / len(crops_for_assign)
+
+
+def _plain_swav_step(model: Any, crops: list, optimizer: Any, amp_dtype: Any, temperature: float, epsilon: float,
+                     iters: int, crops_for_assign: Sequence[int] = (0, 1)) -> Any:
+    """One step of the reference training loop (facebookresearch/swav ``main_swav.py``, without LARC and the
+    queue): normalise the prototypes, run the crops through the trunk grouped by resolution, Sinkhorn codes of the
+    assignment crops, the swapped cross-entropy over every other crop, backward, SGD step. Returns the loss."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
+    device_type = crops[0].device.type
+    batch = crops[0].shape[0]
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        features, start = [], 0
+        while start < len(crops):  # consecutive crops of one resolution in one trunk call
+            end = start
+            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+                end += 1
+            features.append(model.trunk(torch.cat(crops[start:end])))
+            start = end
+        embeddings = F.normalize(model.head(torch.cat(features)), dim=1)
+        scores = model.prototypes(embeddings).float()
+    loss = _plain_swapped_loss(scores, batch, len(crops), temperature, epsilon, iters, crops_for_assign)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def swav_step(
+    arch: str = "resnet50",
+    batch_size: int = 128,
+    large: int = 224,
+    small: int = 96,
+    n_large: int = 2,
+    n_small: int = 6,
+    in_channels: int = 3,
+    modes: Any = ("plain", "eager", "channels_last", "compiled"),
+    iters: int = 10,
+    warmup: int = 3,
+    amp: bool | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """The SwAV training step on a synthetic multi-crop batch, in images (items) per second: medssl's step
+    (``medssl.methods.SwAV`` on ``ResNetBackbone``, what ``SSLTrainer`` runs) eager, with ``channels_last``
+    (parameters and crops in NHWC) and compiled (``channels_last`` + ``compile_backbone``), against the plain-PyTorch
+    step of the reference loop written in this file (``plain``: :func:`_plain_swav_step`), in the same run on the
+    same batch, with the same sizes: head 2048 → 128, 3,000 prototypes, τ 0.1, ε 0.05, 3 Sinkhorn iterations, SGD
+    with momentum. On a GPU every step runs under bf16 autocast (``amp`` default: on with CUDA). ``arch`` is
+    ``resnet50`` or ``tiny`` (1 block per stage, widths 8-64: for a check on a CPU).
+
+    Returns ``{"device", "arch", "amp", "batch_size", "rows": [{"mode", "ms", "best_ms", "images_per_s",
+    "vs_plain"}...]}`` (also printed): the median of ``iters`` timed steps after ``warmup`` steps (compiling happens
+    in the warm-up)."""
+    import torch
+
+    from medssl.engines.speed import _params_channels_last, compile_backbone, to_channels_last
+    from medssl.methods import SwAV
+    from medssl.networks import ResNetBackbone
+
+    if arch not in SWAV_ARCHS:
+        raise ValueError(f"swav-step: arch must be one of {sorted(SWAV_ARCHS)}, got {arch!r}")
+    modes = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
+    known = ("plain", "eager", "channels_last", "compiled")
+    if not modes or any(m not in known for m in modes):
+        raise ValueError(f"swav-step: modes must be among {', '.join(known)}, got {modes!r}")
+    if int(batch_size) < 2 or int(n_large) < 2 or int(iters) < 1:
+        raise ValueError(f"swav-step: batch_size={batch_size} (>= 2), n_large={n_large} (>= 2), iters={iters} (>= 1)")
+    if threads:
+        torch.set_num_threads(int(threads))
+    layers, widths = SWAV_ARCHS[arch]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda" if amp is None else bool(amp)
+    amp_dtype = torch.bfloat16 if amp else None
+    sizes = [int(large)] * int(n_large) + [int(small)] * int(n_small)
+    generator = torch.Generator().manual_seed(seed)
+    crops = [torch.randn(int(batch_size), int(in_channels), s, s, generator=generator).to(device) for s in sizes]
+    head = {"hidden_dim": 2048, "feat_dim": 128, "n_prototypes": 3000}
+    loss_args = {"temperature": 0.1, "epsilon": 0.05}
+
+    def build(mode: str) -> tuple[Any, Callable[[], Any]]:
+        torch.manual_seed(seed)
+        if mode == "plain":
+            model = _plain_swav_model(layers, widths, int(in_channels), **head).to(device)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            return model, lambda: _plain_swav_step(model, crops, optimizer, amp_dtype, iters=3, **loss_args)
+        backbone = ResNetBackbone(spatial_dims=2, in_channels=int(in_channels), layers=list(layers),
+                                  block_inplanes=list(widths))
+        method = SwAV(backbone, sinkhorn_iters=3, **head, **loss_args).to(device)
+        batch = {"crops": crops}
+        if mode in ("channels_last", "compiled"):
+            _params_channels_last(method)
+            batch = to_channels_last(batch)
+        if mode == "compiled":
+            compile_backbone(method.backbone)
+        optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
+
+        def step() -> Any:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp):
+                loss = method(batch)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        return method, step
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    print(f"SwAV step, {arch}, batch {batch_size} x ({n_large} x {large}^2 + {n_small} x {small}^2) x {in_channels} "
+          f"channel(s) on {device} (amp bf16: {amp}, torch threads {torch.get_num_threads()})")
+    rows = []
+    for mode in modes:
+        model, step = build(mode)
+        model.train()
+        for _ in range(max(1, int(warmup))):
+            loss = step()
+        sync()
+        times = []
+        for _ in range(int(iters)):
+            start = time.perf_counter()
+            loss = step()
+            sync()
+            times.append(time.perf_counter() - start)
+        ms = 1e3 * float(np.median(times))
+        rows.append({"mode": mode, "ms": ms, "best_ms": 1e3 * min(times), "images_per_s": int(batch_size) / ms * 1e3,
+                     "loss": float(loss)})
+        del model, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    plain_ms = next((r["ms"] for r in rows if r["mode"] == "plain"), None)
+    for row in rows:
+        row["vs_plain"] = plain_ms / row["ms"] if plain_ms else None
+        ratio = f"{row['vs_plain']:.2f}x the plain step" if plain_ms else ""
+        print(f"  {row['mode']:<14}{row['ms']:9.1f} ms/step (best {row['best_ms']:.1f}) "
+              f"{row['images_per_s']:9.1f} images/s  {ratio}")
+    return {"device": str(device), "arch": arch, "amp": amp, "batch_size": int(batch_size), "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # loader
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -882,7 +1115,8 @@ def all_benchmarks(
     return {"energy": energy_result, "step": step_result}
 
 
-COMMANDS = {"energy": energy, "step": step, "mit": mit, "loader": loader, "all": all_benchmarks}
+COMMANDS = {"energy": energy, "step": step, "mit": mit, "swav-step": swav_step, "loader": loader,
+            "all": all_benchmarks}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
