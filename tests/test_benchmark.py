@@ -257,3 +257,15 @@ def test_mit_benchmark_compares_sdpa_with_explicit_attention_on_2d_and_3d(capsys
     ]
     assert all(r["ms"] > 0 for r in result["rows"]) and result["speedup_2d"] > 0 and result["speedup_3d"] > 0
     assert "SDPA is" in out and "MiT-tiny forward + backward" in out
+
+
+def test_step_without_knn_monitors_skips_the_bundles_knn(demo_datalist, tmp_path, capsys):
+    """``--knn false`` empties a pretraining bundle's knn#handlers: no kNN embedding before or after the measured
+    iterations (with them, the SwAV smoke run prints its random-init -> pretrained kNN summary at the end)."""
+    tool = _load_tool()
+    result = tool.main(["step", "--bundle", str(REPO / "bundles" / "ssl_swav_multimodal_pretrain"), "--override",
+                        "smoke.json", "--dataset-dir", str(demo_datalist.parent), "--iters", "1", "--warmup", "1",
+                        "--num-workers", "0", "--knn", "false"])
+    out = capsys.readouterr().out
+    assert result["runs"][0]["summary"]["iterations"] == 1
+    assert "1 iterations measured after 1 warm-up" in out and "kNN accuracy" not in out

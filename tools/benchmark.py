@@ -4,6 +4,7 @@
     python tools/benchmark.py energy [--size 512] [--repeats 5] [--channels 1] [--mode reflect] [--goal 3]
     python tools/benchmark.py step [--bundle DIR] [--config train.json] [--override auto] [--dataset-dir D]
         [--datalist F] [--iters 20] [--warmup 2] [--num-workers 0] [--trainer-id train#trainer] [--threads N]
+        [--knn false]
     python tools/benchmark.py mit [--variant small] [--batch-2d 2] [--batch-3d 1] [--size-2d 224] [--size-3d 96,96,16]
     python tools/benchmark.py swav-step [--arch resnet50] [--batch-size 128] [--large 224] [--small 96] [--n-large 2]
         [--n-small 6] [--in-channels 3] [--modes plain,eager,channels_last,compiled] [--iters 10] [--warmup 3]
@@ -75,6 +76,7 @@ from typing import Any
 
 import numpy as np
 
+from medssl.bundle.params import as_bool
 from medssl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,10 +299,13 @@ def run_bundle_steps(
     warmup: int,
     num_workers: int | None,
     trainer_id: str = "train#trainer",
+    knn: bool = True,
 ):
     """Run ``warmup + iters`` iterations of a bundle's training workflow with a StepTimeProfiler attached to the
-    trainer ``trainer_id``; returns ``(profiler, trainer)``."""
-    from monai.bundle import ConfigWorkflow
+    trainer ``trainer_id``; returns ``(profiler, trainer)``. ``knn=False`` empties the bundle's ``knn#handlers``
+    (when it has them): its kNN monitors embed the whole datalist at the start and the end, outside the measured
+    iterations."""
+    from monai.bundle import ConfigParser, ConfigWorkflow
 
     from medssl.engines.profiling import StepTimeProfiler
 
@@ -315,6 +320,11 @@ def run_bundle_steps(
     }
     if num_workers is not None:
         overrides["num_workers"] = int(num_workers)
+    if not knn:
+        probe = ConfigParser()
+        probe.read_config([str(c) for c in configs])
+        if "knn#handlers" in probe:
+            overrides["knn#handlers"] = []
     meta_file = bundle / "configs" / "metadata.json"
     workflow = ConfigWorkflow(
         config_file=[str(c) for c in configs],
@@ -352,6 +362,7 @@ def step(
     num_workers: Any = 0,
     trainer_id: str = "train#trainer",
     threads: int | None = None,
+    knn: bool = True,
 ) -> dict:
     """Training-step breakdown (data wait vs compute) of a bundle's training on the demo data (or ``dataset_dir``).
 
@@ -369,6 +380,8 @@ def step(
         trainer_id: config id of the trainer.
         threads: ``torch.set_num_threads`` for the training process first (default: torch's own choice, printed);
             on a machine shared with other jobs, fewer threads than cores can be much faster.
+        knn: keep the bundle's kNN monitors (``--knn false``: off; they embed the whole datalist at the start and
+            the end of each run, outside the measured iterations, which on a large datalist takes minutes).
 
     Returns:
         ``{"bundle", "configs", "device", "runs": [{"num_workers", "summary"}, ...]}`` (also printed).
@@ -420,6 +433,7 @@ def step(
                 warmup,
                 workers,
                 trainer_id,
+                knn=as_bool(knn, "--knn"),
             )
             device = str(getattr(trainer.state, "device", None) or getattr(trainer, "device", "?"))
             loader = getattr(trainer, "data_loader", None)

@@ -53,14 +53,14 @@ if [ "$QUICK" = 1 ]; then
     check tests_cuda 600 python3 -m pytest -q -x tests/test_engine_speed.py
     check swav_step 300 python3 tools/benchmark.py swav-step --arch tiny --batch-size 4 --large 32 --small 16 \
         --n-small 2 --iters 1 --warmup 1 --modes plain,eager,channels_last
-    STEP=(--iters 2 --warmup 1 --num-workers 0)
+    STEP=(--iters 2 --warmup 1 --num-workers 0 --knn false)
     SIZES=(--override smoke.json)
 else
     check demo_data 240 python3 tools/demo_data.py --out "$DATA" --workers 8
     check tests_cuda 300 python3 -m pytest -q -x tests/test_engine_speed.py tests/test_engine.py \
         tests/test_energy_bands.py tests/test_views.py tests/test_batched_augment.py tests/test_swav_batched_views.py
     check swav_step 420 python3 tools/benchmark.py swav-step --batch-size 128
-    STEP=(--iters 30 --warmup 5 --num-workers 8,16)
+    STEP=(--iters 30 --warmup 5 --num-workers 8,16 --knn false)
     SIZES=(--override none)
 fi
 LEARN2D="$DATA/datalist_learn_2d.json"
