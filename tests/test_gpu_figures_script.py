@@ -26,7 +26,7 @@ def test_script_is_valid_bash_and_only_runs_the_named_checks(tmp_path, demo_data
     assert "torch" in summary and "exit" not in summary
 
 
-@pytest.mark.slow  # about 6 minutes: every check of the script in its QUICK sizes
+@pytest.mark.slow  # about 2 minutes: every check of the script in its QUICK sizes, the demo data built first
 def test_every_check_passes_in_quick_mode(tmp_path, demo_datalist):
     summary = _run(tmp_path, tmp_path / "demo")
     names = ["demo_data", "tests_cuda", "swav_step", "step_swav", "step_swav_batched", "step_unimiss",
