@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
+from monai.networks.layers.utils import split_args
 from monai.networks.nets import ResNet
 
 __all__ = ["ResNetBackbone", "resnet50_2d", "DenseNet3D"]
@@ -125,7 +126,7 @@ class _MultiLevelFeatures:
 def _norm_with_affine(norm: str | tuple) -> str | tuple:
     """``norm`` with ``affine=True`` for instance norm unless given: MONAI's ResNet sets every norm layer's weight
     to 1 at construction, which fails for a layer without one (InstanceNorm's default)."""
-    name, args = (norm, {}) if isinstance(norm, str) else (norm[0], dict(norm[1]) if len(norm) > 1 else {})
+    name, args = split_args(norm)
     if str(name).lower() not in ("instance", "instance_nvfuser"):
         return norm
     if not args.get("affine", True):
