@@ -395,3 +395,12 @@ def test_batched_energy_bands_pass_the_residuals_largest_value(mode):
         peak = np.abs(energy_bands(x[b].numpy(), mode=mode)[0]).max()
         assert 0.0 < peak < float(x[b].abs().max())  # strictly inside the bracket: the crop's own peak would differ
         torch.testing.assert_close(out[b], x[b] * (1.0 + peak), atol=2e-6, rtol=1e-5)
+
+
+def test_a_group_of_zero_crops_is_dropped_with_its_scale_range():
+    t = BatchedMultiCrop(crops=[(2, 12), (0, 6)], scales=[(0.9, 1.0), (0.05, 0.1)])
+    assert t.groups == [(2, 12)] and t.scales == [(0.9, 1.0)]
+    crops = t(torch.rand(3, 1, 32, 32), [1, 2, 3])
+    assert [tuple(c.shape) for c in crops] == [(3, 1, 12, 12)] * 2
+    with pytest.raises(ValueError, match="with a crop"):
+        BatchedMultiCrop(crops=[(0, 12)])

@@ -307,3 +307,15 @@ def test_the_old_paper_numbered_names_still_work_and_warn():
         transforms.seed002_augmentations(2)
     with pytest.warns(DeprecationWarning):
         assert transforms.SEED002_SCALE_RANGE == MULTICROP_SCALE_RANGE
+
+
+def test_a_group_of_zero_crops_is_dropped_with_its_scale_range():
+    """SwAV's 2-crop setting (``n_small_crops`` 0): the empty group and its scale range go, the others stay."""
+    transform = multicrop_views(2, sizes=[16, 8], counts=[2, 0], scales=[(0.9, 1.0), (0.05, 0.1)], augment=Compose([]))
+    assert transform.groups_for(2) == [(2, (16, 16), (0.9, 1.0))]
+    transform.set_random_state(0)
+    assert [tuple(c.shape) for c in transform(sample(image2d((1, 40, 36))))["crops"]] == [(1, 16, 16)] * 2
+    with pytest.raises(ValueError, match="every count is 0"):
+        MultiCropd(crops=((0, 8), (0, 4)))
+    with pytest.raises(ValueError, match=r"count must be an int >= 0, got -1"):
+        MultiCropd(crops=((2, 8), (-1, 4)))

@@ -392,16 +392,19 @@ class BatchedMultiCrop:
         mode: str = "bilinear",
         energy: EnergyBandAugmentd | None = None,
     ) -> None:
-        self.groups = [(int(count), size) for count, size in crops]
-        if not self.groups or any(count < 1 for count, _ in self.groups):
-            raise ValueError(f"BatchedMultiCrop: crops must be a non-empty list of (count >= 1, size), got {crops!r}")
+        groups = [(int(count), size) for count, size in crops]
+        if not any(count > 0 for count, _ in groups) or any(count < 0 for count, _ in groups):
+            raise ValueError(f"BatchedMultiCrop: crops must be a list of (count >= 0, size) with a crop, got {crops!r}")
         if scales is None or (isinstance(scales, Sequence) and len(scales) == 2 and all(
                 isinstance(v, numbers.Real) for v in scales)):
-            per_group = [scales] * len(self.groups)
+            per_group = [scales] * len(groups)
         else:
             per_group = list(scales)
-            if len(per_group) != len(self.groups):
+            if len(per_group) != len(groups):
                 raise ValueError(f"BatchedMultiCrop: scales needs one entry per crop group, got {scales!r}")
+        # a group of 0 crops (e.g. SwAV's 2-crop setting, n_small_crops 0) is dropped with its scale range
+        self.groups = [group for group in groups if group[0] > 0]
+        per_group = [scale for group, scale in zip(groups, per_group) if group[0] > 0]
         self.scales = [None if s is None else _check_pair("scales", s, 0.0) for s in per_group]
         for s in self.scales:
             if s is not None and s[1] > 1.0:

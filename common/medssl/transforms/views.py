@@ -248,8 +248,10 @@ class MultiCropd(Randomizable, MapTransform):
             if not isinstance(group, Sequence) or len(group) != 2:
                 raise ValueError(f"MultiCropd: {where}[{i}] must be (count, size), got {group!r}")
             count, size = group
-            if not isinstance(count, numbers.Integral) or count < 1:
-                raise ValueError(f"MultiCropd: {where}[{i}] count must be a positive int, got {count!r}")
+            if not isinstance(count, numbers.Integral) or count < 0:
+                raise ValueError(f"MultiCropd: {where}[{i}] count must be an int >= 0, got {count!r}")
+            if count == 0:  # an empty group (e.g. SwAV's 2-crop setting, n_small_crops 0) is dropped with its scale
+                continue
             if dim is not None:
                 size = expand_crop_size(size, dim)
             elif isinstance(size, numbers.Integral):
@@ -259,6 +261,8 @@ class MultiCropd(Randomizable, MapTransform):
             else:
                 size = expand_crop_size(size, len(size))
             parsed.append((int(count), size, _check_scale(scale, f"scales[{i}]")))
+        if not parsed:
+            raise ValueError(f"MultiCropd: {where} has no crops (every count is 0), got {groups!r}")
         return parsed
 
     def groups_for(self, spatial_dims: int) -> list[tuple[int, tuple[int, ...], ScaleRange]]:
