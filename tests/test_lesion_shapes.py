@@ -73,6 +73,10 @@ def test_command_line_and_one_line_errors(tmp_path):
     proc = run_cmd([PYTHON, str(TOOLS / "lesion_shapes.py"), "--out", str(tmp_path / "s"), "--per_class", "1,1,0"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(json.loads((tmp_path / "s" / "datalist.json").read_text())["validation"]) == 3
+    bad = run_cmd([PYTHON, str(TOOLS / "lesion_shapes.py"), "--out", str(tmp_path / "x"), "--preset", "medium"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: lesion_shapes: --preset must be one of ['easy', 'hard'], got 'medium' (--debug shows the traceback)"
+    ], bad.stderr
     with pytest.raises(ValueError, match="preset must be one of"):
         TOOL.build(str(tmp_path / "x"), "medium")
     with pytest.raises(ValueError, match="needs 3 counts"):

@@ -2,14 +2,14 @@
 only fitting ``tools/demo_data.py``'s images?
 
 Usage:
-    python tools/lesion_shapes.py --out DIR [--preset easy|hard] [--seed 0] [--per-class 300,100,100]
+    python tools/lesion_shapes.py --out DIR [--preset easy|hard] [--seed 0] [--per_class 300,100,100]
 
 Each 128 x 128 grey PNG holds one lesion on a smooth textured background with a random intensity gradient and
 noise; the class is the lesion's shape: ``disc``, ``square`` or ``triangle`` (labels 0, 1, 2; random size,
 rotation, position, polarity and contrast). ``easy``: lesion radius 16-30 px, contrast 0.25-0.45, background
 texture std 0.03-0.08; ``hard``: radius 9-20 px, contrast 0.15-0.35, texture 0.05-0.12. Every image is modality
 ``--modality`` (XR). ``DIR/datalist.json`` (medssl's datalist format, sections training / validation / test, per
-class the counts of ``--per-class``) points at ``DIR/img/*.png``. The same seed gives byte-identical files.
+class the counts of ``--per_class``) points at ``DIR/img/*.png``. The same seed gives byte-identical files.
 
 Chance is 1/3. The demo generator's classes (nodules, effusion, exudates, ...) are anatomical; these are not, and
 no default of medssl was tuned on them: the bundles' docs report what their demo settings reach here.
@@ -21,10 +21,11 @@ import json
 import math
 from pathlib import Path
 
-import fire
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from medssl.cli import run
 
 CLASSES = ("disc", "square", "triangle")
 SIZE = 128
@@ -69,7 +70,7 @@ def build(out: str, preset: str = "easy", seed: int = 0, per_class: str | tuple 
     """Write the images and ``datalist.json`` under ``out``; returns the datalist's path."""
     counts = [int(c) for c in (per_class.split(",") if isinstance(per_class, str) else per_class)]
     if len(counts) != 3 or any(c < 0 for c in counts):
-        raise ValueError(f"lesion_shapes: --per-class needs 3 counts >= 0 (training, validation, test), got {per_class!r}")
+        raise ValueError(f"lesion_shapes: --per_class needs 3 counts >= 0 (training, validation, test), got {per_class!r}")
     if preset not in PRESETS:
         raise ValueError(f"lesion_shapes: --preset must be one of {sorted(PRESETS)}, got {preset!r}")
     rng = np.random.default_rng([int(seed), sorted(PRESETS).index(preset)])
@@ -102,4 +103,4 @@ def main(out: str, preset: str = "easy", seed: int = 0, per_class: str = "300,10
 
 
 if __name__ == "__main__":
-    fire.Fire(main, name="lesion_shapes.py")
+    run(main, name="lesion_shapes.py")
