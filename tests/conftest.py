@@ -60,6 +60,18 @@ def run_cmd(cmd: list[str], cwd: Path | None = None, timeout: float = 600, **env
 PYTHON = sys.executable
 
 
+def load_tool(filename: str, module_name: str):
+    """Import ``tools/<filename>`` as a module registered under ``module_name`` (dataclasses and worker processes
+    look it up by name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, TOOLS / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests are deselected (not skipped) on machines without CUDA, so a CPU run reports no skips."""
     import torch

@@ -4,26 +4,18 @@ its classes differ by the lesion's shape."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PYTHON, TOOLS, run_cmd
+from conftest import PYTHON, TOOLS, run_cmd, load_tool
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("lesion_shapes_tool", TOOLS / "lesion_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-TOOL = _tool()
+TOOL = load_tool("lesion_shapes.py", "lesion_shapes_tool")
 
 
 def _hashes(root):

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,20 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PYTHON, TOOLS, run_cmd
+from conftest import PYTHON, TOOLS, run_cmd, load_tool
 
 SPLIT_SIZES = {"train": 5, "val": 2, "test": 3}
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("prepare_medmnist_tool", TOOLS / "prepare_medmnist.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and the worker processes look the module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
-TOOL = _tool()
+TOOL = load_tool("prepare_medmnist.py", "prepare_medmnist_tool")
 
 
 def write_npz(path: Path, item_shape: tuple, n_classes: int = 2, multi_label: int = 0, seed: int = 0,

@@ -12,18 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BUNDLES, TOOLS
+from conftest import BUNDLES, TOOLS, load_tool
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("show_views_tool", TOOLS / "show_views.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-TOOL = _tool()
+TOOL = load_tool("show_views.py", "show_views_tool")
 
 
 def _png(path) -> np.ndarray:
