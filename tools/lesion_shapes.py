@@ -35,13 +35,17 @@ PRESETS = {  # lesion radius (px), lesion contrast, background texture std
 }
 
 
+def _check_preset(preset: str) -> str:
+    if preset not in PRESETS:
+        raise ValueError(f"lesion_shapes: --preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    return preset
+
+
 def lesion_image(rng: np.random.Generator, class_index: int, preset: str = "easy") -> np.ndarray:
     """One (128, 128) uint8 image whose lesion has the shape ``CLASSES[class_index]``."""
-    if preset not in PRESETS:
-        raise ValueError(f"lesion_shapes: preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if not 0 <= class_index < len(CLASSES):
         raise ValueError(f"lesion_shapes: class_index {class_index} outside 0..{len(CLASSES) - 1}")
-    p = PRESETS[preset]
+    p = PRESETS[_check_preset(preset)]
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
     texture = ndimage.gaussian_filter(rng.normal(size=(SIZE, SIZE)), rng.uniform(6, 14))
     texture *= rng.uniform(*p["texture"]) / (texture.std() + 1e-6)
@@ -71,9 +75,7 @@ def build(out: str, preset: str = "easy", seed: int = 0, per_class: str | tuple 
     counts = [int(c) for c in (per_class.split(",") if isinstance(per_class, str) else per_class)]
     if len(counts) != 3 or any(c < 0 for c in counts):
         raise ValueError(f"lesion_shapes: --per_class needs 3 counts >= 0 (training, validation, test), got {per_class!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"lesion_shapes: --preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    rng = np.random.default_rng([int(seed), sorted(PRESETS).index(preset)])
+    rng = np.random.default_rng([int(seed), sorted(PRESETS).index(_check_preset(preset))])
     root = Path(out)
     (root / "img").mkdir(parents=True, exist_ok=True)
     datalist = {
