@@ -36,7 +36,8 @@ def _documented_batched_quick_start() -> tuple[list[str], dict]:
     import ast
     import shlex
 
-    line = next(ln for ln in (BUNDLE / "docs" / "README.md").read_text().splitlines() if "--batched_views#energy" in ln)
+    line = next(ln for ln in (BUNDLE / "docs" / "README.md").read_text().splitlines()
+                if ln.strip().startswith("python -m monai.bundle run") and "--batched_views#energy" in ln)
     args = shlex.split(line.strip())
     files = ast.literal_eval(args[args.index("--config_file") + 1])
     overrides = {}
