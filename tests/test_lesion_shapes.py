@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PYTHON, TOOLS, run_cmd, load_tool
-
-
+from conftest import PYTHON, TOOLS, load_tool, run_cmd
 
 
 TOOL = load_tool("lesion_shapes.py", "lesion_shapes_tool")

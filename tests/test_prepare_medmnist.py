@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PYTHON, TOOLS, run_cmd, load_tool
+from conftest import PYTHON, TOOLS, load_tool, run_cmd
 
 SPLIT_SIZES = {"train": 5, "val": 2, "test": 3}
 

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import BUNDLES, TOOLS, load_tool
-
-
+from conftest import BUNDLES, load_tool
 
 
 TOOL = load_tool("show_views.py", "show_views_tool")
@@ -104,10 +100,7 @@ def test_one_line_errors(demo_datalist, tmp_path, args, words):
 def test_recipe_overlays_on_converted_medmnist(tmp_path):
     """recipes/medmnist.md's config overlays build every pretraining pipeline, at 64 pixels, on the union that
     tools/prepare_medmnist.py writes (synthetic files in the MedMNIST+ 64-pixel format)."""
-    spec = importlib.util.spec_from_file_location("prepare_medmnist_for_views", TOOLS / "prepare_medmnist.py")
-    prepare = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = prepare
-    spec.loader.exec_module(prepare)
+    prepare = load_tool("prepare_medmnist.py", "prepare_medmnist_for_views")
     rng = np.random.default_rng(0)
     for name, shape, classes in (("pathmnist_64", (64, 64, 3), 9), ("organmnist3d_64", (64, 64, 64), 11)):
         arrays = {}
