@@ -3,20 +3,16 @@ the overrides that give a downstream bundle an exported encoder's architecture, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLES, TOOLS
+from conftest import BUNDLES, load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("compare_tool", TOOLS / "compare_pretraining.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("compare_pretraining.py", "compare_tool")
 
 
 RESNET = {"backbone": {"_target_": "medssl.networks.ResNetBackbone",
@@ -103,3 +99,59 @@ def test_detection_column_builds_the_exported_architecture_and_shows_in_the_tabl
     assert table.splitlines()[0].endswith("| detection mAP@0.5 (test) | beats random (linear 10 %, CIs apart) |")
     assert "| 0.500 ± 0.030 | 0.680 | **yes** |" in table and "| 0.400 ± 0.020 | 0.610 | (baseline) |" in table
     assert "| 0.300 ± 0.010 | — | n/a |" in table
+
+
+def test_joint_3d_encoder_chains_stages_2_and_3_on_the_volumes_from_stage_1(tmp_path, monkeypatch):
+    """The joint method's 3D row: stage 1 on the 2D items, then stages 2 and 3 on the 3D items, each from the
+    previous stage's checkpoint, and the volume encoder (f_intra + f_inter) exported; finished stages are skipped."""
+    tool = _tool()
+    runs, exports = [], []
+
+    def fake_bundle_run(bundle, configs, overrides, log):
+        runs.append((configs[1], overrides))
+        ckpt = tmp_path / overrides["ckpt_dir"]
+        ckpt.mkdir(parents=True)
+        (ckpt / "checkpoint_final.pt").write_bytes(b"")
+
+    def fake_run(cmd, log):
+        exports.append(cmd)
+        manifest = (tmp_path / cmd[cmd.index("--out") + 1]).with_suffix(".json")
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text("{}")
+
+    monkeypatch.setattr(tool, "_bundle_run", fake_bundle_run)
+    monkeypatch.setattr(tool, "_run", fake_run)
+    data, work = tmp_path / "demo", tmp_path / "work"
+    manifest_2d = tool.pretrain_and_export("joint", data, work, seed=1, dims=2)
+    manifest_3d = tool.pretrain_and_export("joint", data, work, seed=1, dims=3)
+    assert manifest_2d.name == "joint_seed1.json" and manifest_3d.name == "joint_seed1_3d.json"
+    assert [c for c, _ in runs] == ["configs/train_stage1.json", "configs/train_stage2.json",
+                                    "configs/train_stage3.json"]  # stage 1 ran once, for both rows
+    (_, s1), (_, s2), (_, s3) = runs
+    assert s1["datalist"] == str(data / "datalist_learn_2d.json") and "pretrained_path" not in s1
+    assert s2["datalist"] == s3["datalist"] == str(data / "datalist_learn_3d.json")
+    assert s2["pretrained_path"] == s1["ckpt_dir"] and s3["pretrained_path"] == s2["ckpt_dir"]
+    assert all(o["seed"] == 1 and o["resume"] is False for _, o in runs)
+    last = exports[-1]
+    assert last[last.index("--checkpoint") + 1] == s3["ckpt_dir"]
+    assert last[last.index("--encoder-id") + 1] == "encoder" and last[last.index("--encoder-key") + 1] == "backbone"
+    assert "--encoder-id" not in exports[0]  # the 2D row exports stage 1's trunk, as before
+    # a rerun finds the encoders; a lost export re-exports without pretraining again
+    assert tool.pretrain_and_export("joint", data, work, seed=1, dims=3) == manifest_3d and len(runs) == 3
+    manifest_3d.unlink()
+    tool.pretrain_and_export("joint", data, work, seed=1, dims=3)
+    assert len(runs) == 3 and len(exports) == 3
+    # the other methods probe one encoder on each of their dims
+    assert tool.pretrain_and_export("unimiss", data, work, seed=0, dims=3).name == "unimiss_seed0.json"
+
+
+def test_joint_stage_3_records_the_volume_size_the_probe_resizes_to():
+    parser = ConfigParser()
+    configs = BUNDLES / "ssl_joint_image_volume_pretrain" / "configs"
+    parser.read_config([str(configs / f) for f in ("train.json", "train_stage3.json", "demo.json")])
+    spec = parser.get_parsed_content("preprocessing_spec")
+    assert spec["input_size_3d"] == [48, 48, 16] and spec["input_size"] == 48
+    from probe import _input_size
+
+    assert _input_size({"preprocessing": spec}, 3, None) == [48, 48, 16]
+    assert _input_size({"preprocessing": spec}, 2, None) == [48, 48]

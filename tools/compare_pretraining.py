@@ -15,7 +15,9 @@ comparison resumes):
    (``--pretrain-seeds``), and exports the encoder with ``tools/export_encoder.py``:
    ``swav`` and ``deepcluster`` (``ssl_swav_multimodal_pretrain``, + ``deepcluster_v2.json``) on the 2D items;
    ``unimiss`` (``ssl_unimiss_pretrain``) on the 2D and 3D items, one dimension-free MiT probed on both;
-   ``joint`` stage 1 (``ssl_joint_image_volume_pretrain``: the 2D slice trunk) on the 2D items;
+   ``joint`` (``ssl_joint_image_volume_pretrain``) stage 1 on the 2D items, probed in 2D (the slice trunk), then
+   stages 2 and 3 on the 3D items from the stage-1 checkpoint, probed in 3D (f_intra + f_inter: the volume
+   embedding);
 3. probes every encoder and a randomly initialised encoder of the same architecture ("random") on the frozen
    features of its own dimensionality (``tools/probe.py``): kNN and logistic regression trained on a stratified
    ``--fractions`` share of the labelled training items (1 %, 10 %, 100 %), scored on the test section, over
@@ -83,7 +85,15 @@ METHODS: dict[str, dict[str, Any]] = {
         "configs": ["configs/train.json", "configs/train_stage1.json", "configs/demo.json"],
         "datalist": "datalist_learn_2d.json",
         "encoder_key": "backbone",
-        "dims": [2],
+        "dims": [2, 3],
+        # the 3D encoder: stages 2 and 3 on the volumes, each from the previous stage's checkpoint (stage 1 above)
+        "chain_3d": {
+            "datalist": "datalist_learn_3d.json",
+            "stages": [["configs/train.json", "configs/train_stage2.json", "configs/demo.json"],
+                       ["configs/train.json", "configs/train_stage3.json", "configs/demo.json"]],
+            "encoder_id": "encoder",  # f_intra + f_inter: a volume -> its embedding
+            "encoder_key": "backbone",
+        },
     },
 }
 LEARN_DATALIST = "datalist_learn.json"  # every learnability item: the probes' labels
@@ -116,26 +126,48 @@ def _bundle_run(bundle: Path, configs: list[str], overrides: dict[str, Any], log
     _run(cmd, log)
 
 
-def pretrain_and_export(name: str, dataset_dir: Path, work: Path, seed: int = 0) -> Path:
-    """Pretrain ``name`` with its demo budget and pretraining ``seed``, export the encoder; returns the manifest."""
-    spec = METHODS[name]
-    bundle = BUNDLES / spec["bundle"]
-    tag = f"{name}_seed{seed}"
-    out_dir = work / "pretrain" / tag
-    manifest = work / "encoders" / f"{tag}.json"
-    if manifest.is_file():
-        print(f"[{tag}] encoder exists: {manifest}")
-        return manifest
+def _pretrain(bundle: Path, configs: list[str], datalist: Path, out_dir: Path, seed: int, log: Path,
+              extra: dict[str, Any]) -> Path:
+    """One ``monai.bundle run`` of a pretraining bundle into ``out_dir`` unless its final checkpoint exists (an
+    interrupted run resumes); returns its ckpt_dir."""
     ckpt_dir = out_dir / "ckpt"
     if not (ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint_final*"))):
         resume = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
-        overrides = {"dataset_dir": str(dataset_dir), "datalist": str(dataset_dir / spec["datalist"]),
-                     "output_dir": str(out_dir), "ckpt_dir": str(ckpt_dir), "resume": resume, "seed": seed,
-                     **spec.get("overrides", {})}
-        _bundle_run(bundle, spec["configs"], overrides, work / "logs" / f"pretrain_{tag}.log")
-    _run([sys.executable, str(REPO / "tools" / "export_encoder.py"), "--bundle", str(bundle), "--checkpoint",
-          str(ckpt_dir), "--out", str(manifest.with_suffix(".pt")), "--encoder-key", spec["encoder_key"]],
-         work / "logs" / f"export_{tag}.log")
+        overrides = {"dataset_dir": str(datalist.parent), "datalist": str(datalist), "output_dir": str(out_dir),
+                     "ckpt_dir": str(ckpt_dir), "resume": resume, "seed": seed, **extra}
+        _bundle_run(bundle, configs, overrides, log)
+    return ckpt_dir
+
+
+def _export(bundle: Path, ckpt_dir: Path, manifest: Path, encoder_key: str, log: Path, encoder_id: str | None = None):
+    cmd = [sys.executable, str(REPO / "tools" / "export_encoder.py"), "--bundle", str(bundle), "--checkpoint",
+           str(ckpt_dir), "--out", str(manifest.with_suffix(".pt")), "--encoder-key", encoder_key]
+    _run(cmd + (["--encoder-id", encoder_id] if encoder_id else []), log)
+
+
+def pretrain_and_export(name: str, dataset_dir: Path, work: Path, seed: int = 0, dims: int = 2) -> Path:
+    """Pretrain ``name`` with its demo budget and pretraining ``seed``, export the encoder probed on ``dims``-D items;
+    returns the manifest. A method with a ``chain_3d`` (the joint method) gets its 3D encoder from further stages
+    that start from the first stage's checkpoint."""
+    spec = METHODS[name]
+    bundle = BUNDLES / spec["bundle"]
+    chain = spec.get("chain_3d") if dims == 3 else None
+    tag = f"{name}_seed{seed}"
+    manifest = work / "encoders" / f"{tag}{'_3d' if chain else ''}.json"
+    if manifest.is_file():
+        print(f"[{tag}] encoder exists: {manifest}")
+        return manifest
+    ckpt_dir = _pretrain(bundle, spec["configs"], dataset_dir / spec["datalist"], work / "pretrain" / tag, seed,
+                         work / "logs" / f"pretrain_{tag}.log", spec.get("overrides", {}))
+    if chain is None:
+        _export(bundle, ckpt_dir, manifest, spec["encoder_key"], work / "logs" / f"export_{tag}.log")
+        return manifest
+    for stage, configs in enumerate(chain["stages"], start=2):
+        stage_tag = f"{tag}_stage{stage}"
+        ckpt_dir = _pretrain(bundle, configs, dataset_dir / chain["datalist"], work / "pretrain" / stage_tag, seed,
+                             work / "logs" / f"pretrain_{stage_tag}.log", {"pretrained_path": str(ckpt_dir)})
+    _export(bundle, ckpt_dir, manifest, chain["encoder_key"], work / "logs" / f"export_{tag}_3d.log",
+            chain["encoder_id"])
     return manifest
 
 
@@ -257,9 +289,9 @@ def compare(
     rows: list[dict[str, Any]] = []
     done_random: set[tuple[str, int]] = set()  # (architecture, dims) of the random baselines already probed
     for method in methods:
-        manifests = [pretrain_and_export(method, dataset, work, seed) for seed in range(int(pretrain_seeds))]
-        arch = json.dumps(json.loads(manifests[0].read_text())["backbone"], sort_keys=True)
         for dims in METHODS[method]["dims"]:
+            manifests = [pretrain_and_export(method, dataset, work, seed, dims) for seed in range(int(pretrain_seeds))]
+            arch = json.dumps(json.loads(manifests[0].read_text())["backbone"], sort_keys=True)
             encoders = [(method, [str(m) for m in manifests], False)]
             if (arch, dims) not in done_random:
                 done_random.add((arch, dims))

@@ -71,7 +71,8 @@ def _input_size(manifest: dict, dims: int, image_size: Any) -> list[int]:
     else:
         pre = manifest.get("preprocessing")
         pre = pre if isinstance(pre, dict) else {}
-        # the recorded input size: "input_size", or per path "input_size_2d" / "input_size_3d" (UniMiSS)
+        # the recorded input size: "input_size", or per path "input_size_2d" / "input_size_3d" (UniMiSS; the joint
+        # method's stages 2-3 record the volume size next to the 2D slice size)
         value = pre.get(f"input_size_{dims}d", pre.get("input_size"))
         if isinstance(value, (int, list)):
             size = [int(v) for v in (value if isinstance(value, list) else [value])]
