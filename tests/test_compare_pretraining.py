@@ -131,6 +131,7 @@ def test_joint_3d_encoder_chains_stages_2_and_3_on_the_volumes_from_stage_1(tmp_
     assert s1["datalist"] == str(data / "datalist_learn_2d.json") and "pretrained_path" not in s1
     assert s2["datalist"] == s3["datalist"] == str(data / "datalist_learn_3d.json")
     assert s2["pretrained_path"] == s1["ckpt_dir"] and s3["pretrained_path"] == s2["ckpt_dir"]
+    assert s2["epochs"] == 5 and s3["epochs"] == 10 and "epochs" not in s1  # stage 1 keeps demo.json's budget
     assert all(o["seed"] == 1 and o["resume"] is False for _, o in runs)
     last = exports[-1]
     assert last[last.index("--checkpoint") + 1] == s3["ckpt_dir"]

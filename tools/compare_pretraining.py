@@ -16,8 +16,8 @@ comparison resumes):
    ``swav`` and ``deepcluster`` (``ssl_swav_multimodal_pretrain``, + ``deepcluster_v2.json``) on the 2D items;
    ``unimiss`` (``ssl_unimiss_pretrain``) on the 2D and 3D items, one dimension-free MiT probed on both;
    ``joint`` (``ssl_joint_image_volume_pretrain``) stage 1 on the 2D items, probed in 2D (the slice trunk), then
-   stages 2 and 3 on the 3D items from the stage-1 checkpoint, probed in 3D (f_intra + f_inter: the volume
-   embedding);
+   stages 2 and 3 on the 3D items from the stage-1 checkpoint (5 and 10 epochs: about demo.json's step counts
+   on the small demo set), probed in 3D (f_intra + f_inter: the volume embedding);
 3. probes every encoder and a randomly initialised encoder of the same architecture ("random") on the frozen
    features of its own dimensionality (``tools/probe.py``): kNN and logistic regression trained on a stratified
    ``--fractions`` share of the labelled training items (1 %, 10 %, 100 %), scored on the test section, over
@@ -91,6 +91,9 @@ METHODS: dict[str, dict[str, Any]] = {
             "datalist": "datalist_learn_3d.json",
             "stages": [["configs/train.json", "configs/train_stage2.json", "configs/demo.json"],
                        ["configs/train.json", "configs/train_stage3.json", "configs/demo.json"]],
+            # demo.json's 20 / 30 epochs are 80 / 120 steps on the small demo set's 27 volumes; on the 300 learnability
+            # volumes 5 / 10 epochs (185 / 370 steps) keep the step counts within 3x of those and the stages at ~6 min
+            "overrides": [{"epochs": 5}, {"epochs": 10, "knn_every_n_epochs": 5}],
             "encoder_id": "encoder",  # f_intra + f_inter: a volume -> its embedding
             "encoder_key": "backbone",
         },
@@ -162,10 +165,10 @@ def pretrain_and_export(name: str, dataset_dir: Path, work: Path, seed: int = 0,
     if chain is None:
         _export(bundle, ckpt_dir, manifest, spec["encoder_key"], work / "logs" / f"export_{tag}.log")
         return manifest
-    for stage, configs in enumerate(chain["stages"], start=2):
+    for stage, (configs, extra) in enumerate(zip(chain["stages"], chain["overrides"]), start=2):
         stage_tag = f"{tag}_stage{stage}"
         ckpt_dir = _pretrain(bundle, configs, dataset_dir / chain["datalist"], work / "pretrain" / stage_tag, seed,
-                             work / "logs" / f"pretrain_{stage_tag}.log", {"pretrained_path": str(ckpt_dir)})
+                             work / "logs" / f"pretrain_{stage_tag}.log", {**extra, "pretrained_path": str(ckpt_dir)})
     _export(bundle, ckpt_dir, manifest, chain["encoder_key"], work / "logs" / f"export_{tag}_3d.log",
             chain["encoder_id"])
     return manifest
