@@ -98,3 +98,18 @@ def test_recalibrate_bn_replaces_running_statistics_with_the_training_images(enc
     recal = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=cache, recalibrate_bn="true")
     assert not recal["train"].from_cache
     assert not torch.allclose(plain["train"].features, recal["train"].features)
+    # a cache hit needs no recalibration: the second run reads both sections without touching the statistics
+    calls = []
+    real = tool.recalibrate_batchnorm
+    tool.recalibrate_batchnorm = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        again = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=cache,
+                                    recalibrate_bn="true")
+        assert again["train"].from_cache and again["test"].from_cache and not calls
+        torch.testing.assert_close(again["test"].features, recal["test"].features)
+        fresh = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=str(tmp_path / "c2"),
+                                    recalibrate_bn="true")  # both sections computed: recalibrated once
+        assert len(calls) == 1 and not fresh["test"].from_cache
+        torch.testing.assert_close(fresh["test"].features, recal["test"].features)
+    finally:
+        tool.recalibrate_batchnorm = real

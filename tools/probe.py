@@ -187,13 +187,20 @@ def embed_sections(
         classes = None
     num_classes = len(classes) if classes else 1 + max(int(it["label"]) for it in train_items + test_items)
     name = "random" if fingerprint is None else Path(manifest["_manifest_path"]).stem
-    if as_bool(recalibrate_bn, "--recalibrate-bn"):
-        recalibrate_batchnorm(module, train_items, transform, batch_size, device)
+    recalibrate = as_bool(recalibrate_bn, "--recalibrate-bn")
+    if recalibrate:
         preprocessing["batchnorm"] = f"recalibrated on {train_section}"
+
+    def before_compute() -> None:  # recalibrates once, and only when an embedding is not in the cache
+        nonlocal recalibrate
+        if recalibrate:
+            recalibrate_batchnorm(module, train_items, transform, batch_size, device)
+            recalibrate = False
+
     cache = cache_dir if fingerprint is not None else None  # a random encoder is never cached
     start = time.perf_counter()
     common = dict(cache_dir=cache, encoder_id=name, preprocessing=preprocessing, batch_size=batch_size,
-                  device=device, fingerprint=fingerprint)
+                  device=device, fingerprint=fingerprint, before_compute=before_compute)
     train = cached_embeddings(module, train_items, transform, **common)
     test = cached_embeddings(module, test_items, transform, **common)
     print(f"embedded {len(train_items)} {train_section} + {len(test_items)} {test_section} items "

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,7 @@ def cached_embeddings(
     fingerprint: str | None = None,
     label_key: str | None = "label",
     amp: bool | str = False,
+    before_compute: Callable[[], None] | None = None,
 ) -> EmbeddingSet:
     """Embed ``items`` with the frozen ``encoder`` once; later calls with the same inputs read the cache.
 
@@ -154,6 +155,8 @@ def cached_embeddings(
         fingerprint: the encoder's fingerprint when already known (e.g. from its manifest); default: hashed from
             its state dict.
         label_key: item key of the labels kept with the embeddings (None: none).
+        before_compute: called once the cache has missed, before embedding (e.g. recalibrating BatchNorm statistics,
+            which a cache hit makes unnecessary).
 
     Every rank of a distributed run gets all N embeddings; only rank 0 writes the cache file.
     """
@@ -174,6 +177,8 @@ def cached_embeddings(
             if data is not None:
                 logger.info(f"embeddings of {len(items)} items by {encoder_id}: read from cache {path}")
                 return EmbeddingSet(data["features"], data.get("labels"), keys, modalities, True, path)
+    if before_compute is not None:
+        before_compute()
     dataset = Dataset(data=[{**it, "index": i} for i, it in enumerate(items)], transform=transform)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     features, labels, _ = extract_features(
