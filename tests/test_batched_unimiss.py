@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import AdjustContrast, Flip, GaussianSmooth, ScaleIntensity, ScaleIntensityFixedMean
 from scipy import stats
 
-from conftest import BUNDLES, PYTHON, assert_resume_continues, bundle_train_log, run_cmd
+from conftest import BUNDLES, PYTHON, assert_resume_continues, bundle_train_log, load_tool, run_cmd
 
 from medssl.transforms.batched_unimiss import (
     BatchedUniMiSSViews,
@@ -358,13 +358,9 @@ def test_batched_views_resume_exactly(demo_datalist, tmp_path):
 def test_loader_benchmark_measures_the_unimiss_bundle_per_dimension(demo_datalist, tmp_path, capsys):
     """tools/benchmark.py loader on UniMiSS's full train.json: one row per dimension, three paths, the ratio printed
     (figures are not asserted: speed is a benchmark figure)."""
-    import importlib.util
 
-    from conftest import TOOLS
 
-    spec = importlib.util.spec_from_file_location("medssl_benchmark_tool_unimiss", TOOLS / "benchmark.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("benchmark.py", "medssl_benchmark_tool_unimiss")
     result = tool.loader(bundle=str(BUNDLES / "ssl_unimiss_pretrain"), dataset_dir=str(demo_datalist.parent),
                          datalist=str(demo_datalist), repeat=1, batch_size=8, num_workers=0, working_size=64,
                          cache_dir=str(tmp_path / "cache"))

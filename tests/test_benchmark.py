@@ -5,7 +5,6 @@ the benchmark commands are checked to run and print their figures next to their 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 
@@ -16,7 +15,7 @@ from ignite.engine import Engine, Events
 
 from medssl.engines.profiling import StepTimeProfiler, batch_size_of
 
-from conftest import PYTHON, REPO, TOOLS, run_cmd
+from conftest import PYTHON, REPO, TOOLS, load_tool, run_cmd
 
 TOY_BUNDLE = REPO / "tests" / "fixtures" / "bundles" / "toy_ssl_pretrain"
 
@@ -26,10 +25,7 @@ HANDLER_SLEEP = 0.05  # per iteration, in an ITERATION_COMPLETED handler attache
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("medssl_benchmark_tool", TOOLS / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark.py", "medssl_benchmark_tool")
 
 
 class SleepyDataset(torch.utils.data.Dataset):
@@ -245,11 +241,7 @@ def test_cli_without_a_command_runs_both_benchmarks(demo_datalist):
 
 
 def test_mit_benchmark_compares_sdpa_with_explicit_attention_on_2d_and_3d(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("benchmark.py", "benchmark_tool")
     result = tool.mit(variant="tiny", batch_2d=1, batch_3d=1, size_2d=64, size_3d=(64, 64, 16), repeats=1)
     out = capsys.readouterr().out
     assert [(r["input"][:2], r["attention"]) for r in result["rows"]] == [

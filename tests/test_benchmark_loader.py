@@ -3,16 +3,12 @@ items/s side by side with their ratio (figures are not asserted: speed is a benc
 
 from __future__ import annotations
 
-import importlib.util
 
-from conftest import REPO, TOOLS
+from conftest import REPO, load_tool
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("medssl_benchmark_tool_loader", TOOLS / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark.py", "medssl_benchmark_tool_loader")
 
 
 def test_loader_prints_both_paths_and_the_ratio(demo_datalist, tmp_path, capsys):

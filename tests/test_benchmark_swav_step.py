@@ -4,21 +4,17 @@ its ratio to the plain step (figures are not asserted: speed is a benchmark figu
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import TOOLS
+from conftest import load_tool
 from medssl.losses.sinkhorn import sinkhorn_knopp
 from medssl.losses.swav import SwAVLoss
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("medssl_benchmark_tool_swav_step", TOOLS / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark.py", "medssl_benchmark_tool_swav_step")
 
 
 def test_plain_reference_computes_the_same_codes_and_loss_as_medssl():

@@ -10,7 +10,7 @@ import pytest
 import medssl
 from medssl.bundle import OFFICIAL_SCHEMA_URL, TRAIN_TOP_LEVEL_KEYS, find_bundles, verify_bundle
 
-from conftest import BUNDLES, REPO
+from conftest import BUNDLES, REPO, load_tool
 
 # the real bundles plus the test fixture (so the contract test runs before the first method bundle exists)
 ALL_BUNDLES = find_bundles(BUNDLES) + find_bundles(REPO / "tests" / "fixtures" / "bundles")
@@ -127,16 +127,13 @@ def _edit(bundle: Path, config: str, fn) -> None:
 def test_check_bundle_tool_exit_codes(tmp_path, capsys):
     """The tool's command through medssl.cli.run in this process (as its __main__ does): no exit for good bundles,
     exit status 1 and the fault named for a bad one."""
-    import importlib.util
 
     from medssl.cli import run
 
     good = _make_bundle(tmp_path, "good_bundle")
     bad = _make_bundle(tmp_path, "bad_bundle")
     (bad / "LICENSE").unlink()
-    spec = importlib.util.spec_from_file_location("check_bundle_tool", REPO / "tools" / "check_bundle.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("check_bundle.py", "check_bundle_tool")
     run(tool.main, argv=[str(good)])
     assert "1 bundle(s) OK, 0 with problems" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:

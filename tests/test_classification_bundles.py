@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BUNDLES, PYTHON, REPO, run_bundle_in_process, run_cmd
+from conftest import BUNDLES, PYTHON, load_tool, run_bundle_in_process, run_cmd
 
 XRAY = BUNDLES / "xray_classification"
 CT = BUNDLES / "ct_volume_classification"
@@ -29,14 +29,11 @@ def _configs(bundle: Path, names: list[str]) -> list[str]:
 def resnet_encoder(demo_datalist, tmp_path_factory) -> Path:
     """A 2D ResNet encoder exported by tools/export_encoder.py from a tiny (1 epoch, kNN monitor off) smoke run of
     ssl_swav_multimodal_pretrain; both in this process."""
-    import importlib.util
 
     root = tmp_path_factory.mktemp("swav_encoder")
     run_bundle_in_process(SWAV, ["train.json", "smoke.json"], out=root, datalist=demo_datalist, meta=True, epochs=1,
                           **{"knn#handlers": []})
-    spec = importlib.util.spec_from_file_location("export_encoder_tool", REPO / "tools" / "export_encoder.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("export_encoder.py", "export_encoder_tool")
     out = root / "encoder.pt"
     tool.main(bundle=str(SWAV), checkpoint=str(root / "ckpt"), out=str(out),
               config=["configs/train.json", "configs/smoke.json"])

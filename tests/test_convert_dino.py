@@ -5,7 +5,6 @@ a training checkpoint's head kept apart, and class-token features equal to a pla
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOOLS
+from conftest import load_tool
 from medssl.evaluation.dvme_protocol import EncoderSpec, build_encoder
 from medssl.networks import ViTBackbone, vit_base, vit_small
 from medssl.weights.convert_dino import convert_dino_checkpoint
@@ -182,9 +181,7 @@ def test_vit_backbone_3d_and_input_checks():
 
 
 def test_command_line(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("convert_weights_tool", TOOLS / "convert_weights.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_weights.py", "convert_weights_tool")
     ckpt = tmp_path / "dino_deitsmall16_pretrain.pth"
     torch.save(reference_state_dict(vit_s16_shapes()), ckpt)
     tool.main(["dino", str(ckpt), "--out", str(tmp_path / "encoder.pt")])

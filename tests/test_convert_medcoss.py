@@ -5,7 +5,6 @@ a plain reference forward written here from the reference's formulas, for text, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOOLS
+from conftest import load_tool
 from medssl.downstream import multimodal_vit_encoder, prepare_network
 from medssl.engines.medcoss_stages import start_encoder
 from medssl.networks import MultiModalClassifier, MultiModalViT, MultiModalViTEmbedder
@@ -223,9 +222,7 @@ def test_3d_tokens_equal_the_reference_on_the_depth_last_volume(tiny):
 
 
 def test_command_line_writes_a_file_the_embedder_loads(tiny, capsys):
-    spec = importlib.util.spec_from_file_location("convert_weights_tool", TOOLS / "convert_weights.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_weights.py", "convert_weights_tool")
     out = tiny["tmp"] / "cli" / "encoder.pt"
     tool.main(["medcoss", str(tiny["ckpt"]), "--out", str(out), "--heads", "4", "--img_size_2d", "[24,8]",
                "--img_size_3d", "[24,8,4]"])

@@ -4,7 +4,6 @@ the head and prototypes kept apart, and features equal to a plain reference forw
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOOLS
+from conftest import load_tool
 from medssl.networks import ResNetBackbone
 from medssl.weights.convert_swav import convert_swav_checkpoint
 from medssl.weights.export import build_encoder_from_manifest
@@ -138,9 +137,7 @@ def test_wrong_family_and_cut_checkpoints_are_one_line_errors(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("convert_weights_tool", TOOLS / "convert_weights.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_weights.py", "convert_weights_tool")
     ckpt = _save_training_checkpoint(reference_state_dict(KEYS["swav_resnet50_with_head_3000"]), tmp_path / "c.pth")
     tool.main(["swav", str(ckpt), "--out", str(tmp_path / "encoder.pt")])
     out = capsys.readouterr().out

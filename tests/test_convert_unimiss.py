@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 
 import pytest
 import torch
 
-from conftest import REPO, TOOLS
+from conftest import REPO, load_tool
 from medssl.networks.mit import mit_small, mit_tiny
 from medssl.weights.convert_unimiss import (
     convert_unimiss_checkpoint,
@@ -269,10 +268,7 @@ def test_untrusted_pickles_are_refused_unless_trusted(tmp_path):
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_weights_tool", TOOLS / "convert_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_weights.py", "convert_weights_tool")
 
 
 def test_command_line_tool(tmp_path, capsys):

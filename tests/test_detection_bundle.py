@@ -5,7 +5,6 @@ The smoke / two-process / verify_net_in_out runs of the bundle are in tests/test
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from monai.bundle import ConfigParser
 from medssl.detection import ENCODER_PREFIX, DetectionTask, build_detector
 from medssl.weights import load_pretrained_encoder
 
-from conftest import BUNDLES, REPO, run_bundle_in_process
+from conftest import BUNDLES, load_tool, run_bundle_in_process
 
 SWAV = BUNDLES / "ssl_swav_multimodal_pretrain"
 DETECTION = BUNDLES / "xray_lesion_detection"
@@ -34,9 +33,7 @@ def swav_resnet50_encoder(tmp_path_factory) -> tuple[Path, dict]:
     backbone = parser.get_parsed_content("backbone", instantiate=True)
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     torch.save({"method": state, "iteration": 1, "epoch": 1}, root / "checkpoint_final.pt")
-    spec = importlib.util.spec_from_file_location("export_encoder_tool", REPO / "tools" / "export_encoder.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("export_encoder.py", "export_encoder_tool")
     out = root / "encoder.pt"
     tool.main(bundle=str(SWAV), checkpoint=str(root / "checkpoint_final.pt"), out=str(out),
               config=["configs/train.json"])

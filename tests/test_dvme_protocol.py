@@ -21,7 +21,6 @@ from medssl.evaluation.dvme_protocol import (
     fold_samples,
     parse_encoder_specs,
     parse_regimes,
-    results_table,
 )
 from medssl.networks import DVME
 

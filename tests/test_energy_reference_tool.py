@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, TOOLS, run_cmd
+from conftest import PYTHON, TOOLS, load_tool, run_cmd
 from PIL import Image
 
 from medssl.data.datalist import load_datalist
@@ -20,10 +19,7 @@ from medssl.transforms.energy import EnergyBandAugmentd, band_energies, energy_b
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("energy_reference_tool", TOOLS / "energy_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("energy_reference.py", "energy_reference_tool")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine
 
-from conftest import TOOLS
+from conftest import TOOLS, load_tool
 from medssl.engines.checkpoint import CheckpointHandler, checkpoint_name
 from medssl.networks import DenseNet3D, ResNetBackbone
 from medssl.utils.io import file_sha256
@@ -90,10 +89,7 @@ def _fake_bundle(root, backbone_config=RESNET_CONFIG):
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("export_encoder_tool", TOOLS / "export_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("export_encoder.py", "export_encoder_tool")
 
 
 def test_tool_round_trip_rebuilds_identical_encoder(tmp_path, capsys):

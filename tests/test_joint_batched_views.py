@@ -190,18 +190,15 @@ def test_two_process_batched_views_run_equals_one_process_run(demo_datalist, tmp
 def test_loader_benchmark_measures_the_joint_bundle(demo_datalist, tmp_path, capsys):
     """tools/benchmark.py loader on the joint bundle's full train.json (stage 1, Table I crops) over 4 2D images and
     1 volume: both paths per variant, the ratio printed (figures are not asserted: speed is a benchmark figure)."""
-    import importlib.util
 
-    from conftest import TOOLS
+    from conftest import load_tool
 
     datalist = json.loads(demo_datalist.read_text())
     images = [it for it in datalist["training"] if it.get("dim") == 2][:4]
     volumes = [it for it in datalist["training"] if it.get("dim") == 3][:1]
     small = tmp_path / "datalist_small.json"
     small.write_text(json.dumps({**datalist, "training": images + volumes}))
-    spec = importlib.util.spec_from_file_location("medssl_benchmark_tool_joint", TOOLS / "benchmark.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("benchmark.py", "medssl_benchmark_tool_joint")
     result = tool.loader(bundle=str(BUNDLE), dataset_dir=str(demo_datalist.parent), datalist=str(small), repeat=1,
                          batch_size=8, num_workers=0, working_size=64)
     out = capsys.readouterr().out

@@ -5,7 +5,6 @@ f_intra + f_inter and of f_intra's trunk, and the same chain under torchrun (slo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BUNDLES, PYTHON, REPO, run_bundle_in_process, run_cmd
+from conftest import BUNDLES, PYTHON, load_tool, run_bundle_in_process, run_cmd
 
 BUNDLE = BUNDLES / "ssl_joint_image_volume_pretrain"
 
@@ -223,9 +222,7 @@ def test_export_volume_encoder_and_trunk(swav_chain, tmp_path):
     from medssl.weights import build_encoder_from_manifest
 
     root = swav_chain
-    spec = importlib.util.spec_from_file_location("export_encoder_tool", REPO / "tools" / "export_encoder.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("export_encoder.py", "export_encoder_tool")
     configs = "configs/train.json,configs/train_stage3.json,configs/smoke.json"
     for name, encoder_id, encoder_key in (("volume", "encoder", "backbone"),
                                           ("trunk", "trunk", "backbone.slice_encoder.backbone")):
@@ -259,9 +256,7 @@ def test_exported_stage3_encoder_loads_into_downstream_networks(swav_chain, tmp_
     from medssl.weights import load_manifest, load_pretrained_encoder
     from medssl.weights.export import _instantiate
 
-    spec = importlib.util.spec_from_file_location("export_encoder_tool", REPO / "tools" / "export_encoder.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("export_encoder.py", "export_encoder_tool")
     tool.main(str(BUNDLE), str(swav_chain / "stage3" / "ckpt"), str(tmp_path / "volume.pt"),
               config="configs/train.json,configs/train_stage3.json,configs/smoke.json", encoder_id="encoder")
     manifest = load_manifest(tmp_path / "volume.json")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -10,7 +9,7 @@ import fire
 import pytest
 import torch
 
-from conftest import TOOLS
+from conftest import load_tool
 from medssl.networks import ResNetBackbone
 from medssl.weights import write_encoder_files
 
@@ -18,10 +17,7 @@ KWARGS = {"spatial_dims": 2, "in_channels": 1, "layers": [1, 1, 1, 1], "block": 
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("probe_tool", TOOLS / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("probe.py", "probe_tool")
 
 
 @pytest.fixture(scope="module")

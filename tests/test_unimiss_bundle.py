@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLES, PYTHON, run_cmd, write_unlabelled_datalist
+from conftest import BUNDLES, PYTHON, load_tool, run_cmd, write_unlabelled_datalist
 
 BUNDLE = BUNDLES / "ssl_unimiss_pretrain"
 CONFIGS = BUNDLE / "configs"
@@ -100,16 +100,12 @@ def test_train_config_holds_the_seed_numbers():
 def test_exported_teacher_loads_into_a_2d_downstream_mit(smoke_run, tmp_path):
     """tools/export_encoder.py on the smoke run, then the downstream loader: every tensor of a one-path (2D) MiT
     classifier encoder is matched; the 3D path and the decoder are listed as ignored."""
-    import importlib.util
 
-    from conftest import TOOLS
     from medssl.networks.classification import EncoderClassifier
     from medssl.networks.mit import mit_tiny
     from medssl.weights import load_pretrained_encoder
 
-    spec = importlib.util.spec_from_file_location("export_encoder_tool", TOOLS / "export_encoder.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("export_encoder.py", "export_encoder_tool")
     tool.main(str(BUNDLE), str(smoke_run / "ckpt"), str(tmp_path / "mit.pt"),
               config="configs/train.json,configs/smoke.json", encoder_key="teacher.backbone")
     smoke = json.loads((CONFIGS / "smoke.json").read_text())

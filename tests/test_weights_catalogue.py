@@ -4,7 +4,6 @@ published, cached once, one-line errors naming the URL), and --pretrained_path N
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TOOLS
+from conftest import TOOLS, load_tool
 from medssl.networks import ResNetBackbone
 from medssl.utils.io import file_sha256
 from medssl.weights import catalogue
@@ -22,10 +21,7 @@ from medssl.weights.loading import load_pretrained_encoder, resolve_pretrained_p
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("medssl_weights_tool", TOOLS / "weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("weights.py", "medssl_weights_tool")
 
 
 weights_tool = _tool()
