@@ -152,7 +152,6 @@ def test_joint_stage_3_records_the_volume_size_the_probe_resizes_to():
     parser.read_config([str(configs / f) for f in ("train.json", "train_stage3.json", "demo.json")])
     spec = parser.get_parsed_content("preprocessing_spec")
     assert spec["input_size_3d"] == [48, 48, 16] and spec["input_size"] == 48
-    from probe import _input_size
-
-    assert _input_size({"preprocessing": spec}, 3, None) == [48, 48, 16]
-    assert _input_size({"preprocessing": spec}, 2, None) == [48, 48]
+    probe = load_tool("probe.py", "probe_tool")
+    assert probe._input_size({"preprocessing": spec}, 3, None) == [48, 48, 16]
+    assert probe._input_size({"preprocessing": spec}, 2, None) == [48, 48]

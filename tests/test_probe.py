@@ -69,7 +69,8 @@ def test_probe_errors(encoder_file, demo_datalist):
         tool.run_probe(encoder=str(encoder_file), datalist=str(demo_datalist), image_size=[8, 8, 8])
 
 
-def test_recalibrate_bn_replaces_running_statistics_with_the_training_images(encoder_file, demo_datalist, tmp_path):
+def test_recalibrate_bn_replaces_running_statistics_with_the_training_images(encoder_file, demo_datalist, tmp_path,
+                                                                              monkeypatch):
     """--recalibrate-bn: the BatchNorm running statistics become the exact average over the probe's training images
     (the first BatchNorm sees the stem convolution of those images), so stale statistics no longer matter."""
     tool = _tool()
@@ -97,15 +98,11 @@ def test_recalibrate_bn_replaces_running_statistics_with_the_training_images(enc
     # a cache hit needs no recalibration: the second run reads both sections without touching the statistics
     calls = []
     real = tool.recalibrate_batchnorm
-    tool.recalibrate_batchnorm = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
-    try:
-        again = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=cache,
-                                    recalibrate_bn="true")
-        assert again["train"].from_cache and again["test"].from_cache and not calls
-        torch.testing.assert_close(again["test"].features, recal["test"].features)
-        fresh = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=str(tmp_path / "c2"),
-                                    recalibrate_bn="true")  # both sections computed: recalibrated once
-        assert len(calls) == 1 and not fresh["test"].from_cache
-        torch.testing.assert_close(fresh["test"].features, recal["test"].features)
-    finally:
-        tool.recalibrate_batchnorm = real
+    monkeypatch.setattr(tool, "recalibrate_batchnorm", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    again = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=cache, recalibrate_bn="true")
+    assert again["train"].from_cache and again["test"].from_cache and not calls
+    torch.testing.assert_close(again["test"].features, recal["test"].features)
+    fresh = tool.embed_sections(str(encoder_file), str(demo_datalist), dims=2, cache_dir=str(tmp_path / "c2"),
+                                recalibrate_bn="true")  # both sections computed: recalibrated once
+    assert len(calls) == 1 and not fresh["test"].from_cache
+    torch.testing.assert_close(fresh["test"].features, recal["test"].features)
