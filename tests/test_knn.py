@@ -328,7 +328,7 @@ def test_knn_monitor_handler_epochs_metrics_and_jsonl(tmp_path, caplog):
     assert [json.loads(line)["epoch"] for line in (out2 / "knn.jsonl").read_text().splitlines()] == [3]
 
 
-def test_knn_monitor_baseline_of_another_encoder_writes_only_epoch_0(tmp_path, capsys):
+def test_knn_monitor_baseline_of_another_encoder_writes_only_epoch_0(tmp_path, capsys, caplog):
     """at_end=False, every_n_epochs=0, at_start=True: a baseline encoder (e.g. a random copy) gives the epoch-0 record
     of the knn.jsonl that the trained encoder's monitor completes; the summary reads them as random -> pretrained."""
     method, baseline = ToyMethodWithBackbone(), ToyMethodWithBackbone()
@@ -340,9 +340,12 @@ def test_knn_monitor_baseline_of_another_encoder_writes_only_epoch_0(tmp_path, c
     engine = _tiny_engine(method, 2)
     random_copy.attach(engine)
     trained.attach(engine)
-    engine.run(range(2), max_epochs=2)
+    with caplog.at_level("INFO", logger="medssl.evaluation.knn"):
+        engine.run(range(2), max_epochs=2)
     lines = [json.loads(line) for line in (tmp_path / "knn.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["metric"]) for r in lines] == [(0, "knn_acc_random_init"), (2, "knn_acc")]
+    # the start line names the random copy (a stage run from pretrained weights must not read as their score)
+    assert "at start (knn_acc_random_init): kNN accuracy (k=5) = " in caplog.text
     assert len(random_copy.history) == 1 and random_copy._resolved is baseline.backbone
     summary = print_knn_summary(tmp_path)
     assert (summary["random_init_acc"], summary["pretrained_acc"]) == (lines[0]["acc"], lines[1]["acc"])

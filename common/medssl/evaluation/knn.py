@@ -430,7 +430,8 @@ class KNNMonitorHandler:
         if not suffix:
             self._last_epoch = epoch
         if is_main_process():
-            when = "initial encoder" if suffix else f"epoch {epoch}"
+            # at start, the metric's name says which encoder: knn_acc_init (the model itself) or a baseline's
+            when = f"at start ({metric})" if suffix else f"epoch {epoch}"
             logger.info(
                 f"{when}: kNN accuracy (k={result['k']}) = {result['acc']:.4f} on {result['n_val']} validation items "
                 f"({result['n_train']} training items, {result['seconds']:.1f} s)"
